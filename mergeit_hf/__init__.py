@@ -1,0 +1,46 @@
+"""mergeit-hf: MergeIT (Cai et al., arXiv 2503.00034) as Hugging Face ``datasets`` stages."""
+
+from mergeit_hf.clustering import TopicClusters, add_clusters, fit_topic_clusters
+from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
+from mergeit_hf.embedding import Embedder, embed_batch
+from mergeit_hf.errors import (
+    ConfigError,
+    EndpointError,
+    InputError,
+    MergeItError,
+    QualityScoringError,
+    TemplateError,
+)
+from mergeit_hf.loading import LoadReport, load_rows
+from mergeit_hf.pairing import find_pairs, pairs_against_tau
+from mergeit_hf.selection import SelectionPlan, add_selection, is_selected, plan_selection
+from mergeit_hf.stage1 import Stage1Result, run_stage1
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EMBEDDING_MODEL",
+    "ConfigError",
+    "Embedder",
+    "EndpointError",
+    "InputError",
+    "LoadReport",
+    "MergeItConfig",
+    "MergeItError",
+    "QualityScoringError",
+    "SelectionPlan",
+    "Stage1Result",
+    "TemplateError",
+    "TopicClusters",
+    "__version__",
+    "add_clusters",
+    "add_selection",
+    "embed_batch",
+    "find_pairs",
+    "fit_topic_clusters",
+    "is_selected",
+    "load_rows",
+    "pairs_against_tau",
+    "plan_selection",
+    "run_stage1",
+]

@@ -1,0 +1,7 @@
+"""``python -m mergeit_hf`` is the ``mergeit`` command."""
+
+import sys
+
+from mergeit_hf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""The final dataset with provenance on every row, and the fate of every input row.
+
+Final rows: accepted merges, both originals of each rejected or failed pair, and the selected rows
+that found no pair (as the authors' scripts keep them). ``accounting`` says for each input row whether
+it was dropped at validation, not selected, merged into row X, or kept as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from datasets import Dataset, Features, Sequence, Value
+
+from mergeit_hf.loading import LoadReport
+
+PROVENANCE_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "instruction": Value("string"),
+        "input": Value("string"),
+        "output": Value("string"),
+        "origin": Value("string"),
+        "source_ids": Sequence(Value("string")),
+        "cluster_id": Value("int32"),
+        "pair_id": Value("string"),
+        "similarity": Value("float32"),
+        "merge_status": Value("string"),
+        "merge_reason": Value("string"),
+        "quality_merged": Value("float64"),
+        "quality_a": Value("float64"),
+        "quality_b": Value("float64"),
+        "alpha": Value("float64"),
+        "merge_model": Value("string"),
+        "merge_template": Value("string"),
+        "merge_template_sha256": Value("string"),
+        "quality_template_sha256": Value("string"),
+        "generation_params": Value("string"),
+        "created_at": Value("string"),
+        "mergeit_version": Value("string"),
+    }
+)
+ACCOUNTING_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "source_index": Value("int64"),
+        "fate": Value("string"),
+        "detail": Value("string"),
+        "output_id": Value("string"),
+    }
+)
+FATES = ("dropped", "not selected", "merged", "kept: merge rejected", "kept: merge failed", "kept: merge skipped",
+         "kept: unpaired")  # fmt: skip
+_MERGE_COLUMNS = ("merge_model", "merge_template", "merge_template_sha256", "quality_template_sha256",
+                  "generation_params", "mergeit_version")  # fmt: skip
+
+
+_PAIR_DECISION_COLUMNS = ("pair_id", "similarity", "merge_status", "merge_reason", "quality_merged", "quality_a",
+                          "quality_b", "alpha", *_MERGE_COLUMNS)  # fmt: skip
+
+
+def merged_row_id(pair_id: str) -> str:
+    return "merged-" + hashlib.sha256(pair_id.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Assembly:
+    """The final dataset, the per-input-row accounting, and counts that explain them."""
+
+    final: Dataset
+    accounting: Dataset
+
+    @property
+    def fate_counts(self) -> dict[str, int]:
+        return dict(Counter(self.accounting["fate"]))
+
+    @property
+    def origin_counts(self) -> dict[str, int]:
+        return dict(Counter(self.final["origin"]))
+
+
+def assemble(
+    selected: Dataset,
+    all_rows: Dataset,
+    merged_pairs: Dataset,
+    report: LoadReport,
+    *,
+    version: str,
+    created_at: str | None = None,
+) -> Assembly:
+    """Build the final dataset and the accounting of every input row.
+
+    selected: stage 1 rows kept by facility location; all_rows: every valid row (``selected`` column);
+    merged_pairs: the pairs dataset after stage 2 (``merge_status`` and the merged fields).
+    """
+    created_at = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows: list[dict] = []
+    fate: dict[str, tuple[str, str, str | None]] = {}
+    paired: set[str] = set()
+    by_id = {row["id"]: row for row in selected.select_columns(["id", "instruction", "input", "output",
+                                                                "cluster_id"])}  # fmt: skip
+    for pair in merged_pairs:
+        paired.update((pair["a_id"], pair["b_id"]))
+        if pair["merge_status"] == "accepted":
+            rows.append(_merged_row(pair))
+            for side in ("a_id", "b_id"):
+                fate[pair[side]] = ("merged", pair["merge_reason"], rows[-1]["id"])
+            continue
+        kind = f"kept: merge {pair['merge_status']}"  # rejected, failed or skipped
+        for side in ("a_id", "b_id"):
+            row = _original_row(by_id[pair[side]], created_at, version)
+            # The pair's whole decision travels with both originals: scores, gate, model, template.
+            row.update({name: pair[name] for name in _PAIR_DECISION_COLUMNS})
+            rows.append(row)
+            fate[pair[side]] = (kind, pair["merge_reason"], row["id"])
+    for row_id, row in by_id.items():
+        if row_id not in paired:
+            rows.append(_original_row(row, created_at, version))
+            fate[row_id] = ("kept: unpaired", "no partner with similarity >= tau in its cluster", row_id)
+    rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
+    final = Dataset.from_list(rows, features=PROVENANCE_FEATURES)
+    return Assembly(final, _accounting(all_rows, report, fate))
+
+
+def _merged_row(pair: dict) -> dict:
+    row = {name: None for name in PROVENANCE_FEATURES}
+    row.update(
+        id=merged_row_id(pair["pair_id"]),
+        instruction=pair["merged_instruction"],
+        input=pair["merged_input"],
+        output=pair["merged_output"],
+        origin="merged",
+        source_ids=[pair["a_id"], pair["b_id"]],
+        cluster_id=pair["cluster_id"],
+        pair_id=pair["pair_id"],
+        similarity=pair["similarity"],
+        merge_status="accepted",
+        merge_reason=pair["merge_reason"],
+        quality_merged=pair["quality_merged"],
+        quality_a=pair["quality_a"],
+        quality_b=pair["quality_b"],
+        alpha=pair["alpha"],
+        created_at=pair["merged_at"],
+        **{name: pair[name] for name in _MERGE_COLUMNS},
+    )
+    return row
+
+
+def _original_row(source: dict, created_at: str, version: str) -> dict:
+    row = {name: None for name in PROVENANCE_FEATURES}
+    row.update(
+        id=source["id"],
+        instruction=source["instruction"],
+        input=source["input"],
+        output=source["output"],
+        origin="original",
+        source_ids=[source["id"]],
+        cluster_id=source["cluster_id"],
+        merge_status="unpaired",
+        created_at=created_at,
+        mergeit_version=version,
+    )
+    return row
+
+
+def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, tuple[str, str, str | None]]) -> Dataset:
+    columns: dict[str, list] = {name: [] for name in ACCOUNTING_FEATURES}
+
+    def add(row_id: str | None, source_index: int, kind: str, detail: str, output_id: str | None) -> None:
+        for name, value in zip(ACCOUNTING_FEATURES, (row_id, source_index, kind, detail, output_id), strict=True):
+            columns[name].append(value)
+
+    for dropped in report.dropped:
+        add(dropped.id, dropped.source_index, "dropped", f"{dropped.reason} {dropped.detail}".strip(), None)
+    for row_id, source_index, selected in zip(all_rows["id"], all_rows["source_index"], all_rows["selected"],
+                                              strict=True):  # fmt: skip
+        if not selected:
+            add(row_id, source_index, "not selected", "facility location kept other rows of its topic", None)
+        else:
+            add(row_id, source_index, *fate[row_id])
+    accounting = Dataset.from_dict(columns, features=ACCOUNTING_FEATURES)
+    return accounting.sort("source_index")

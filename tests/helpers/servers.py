@@ -1,0 +1,130 @@
+"""Real servers for the tests: llama.cpp's OpenAI-compatible server, and a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from aiohttp import ClientSession, ClientTimeout, web
+
+from mergeit_hf.backends import local_model_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LlamaServer:
+    """``python -m llama_cpp.server`` with the SmolLM2 GGUF on a free loopback port."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    @classmethod
+    def start(cls, log_dir: Path, timeout_s: float = 120) -> LlamaServer:
+        port = free_port()
+        log = log_dir / f"llama-server-{port}.log"
+        command = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(local_model_path()),
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+            "--logits_all", "True",  # chat-completion logprobs need every position's logits
+            "--interrupt_requests", "False",  # else a new request cancels the one being generated
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        server = cls(process, f"http://127.0.0.1:{port}", log)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{server.url}/v1/models", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                time.sleep(0.3)
+        server.stop()
+        raise RuntimeError(f"llama.cpp server did not answer within {timeout_s}s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass
+class FaultProxy:
+    """An HTTP proxy in front of a real server that answers some requests with faults.
+
+    ``faults`` is consumed one per chat-completion request: "429" (with Retry-After: 1), "503", "424",
+    "drop" (close the connection without an answer), "slow" (wait ``slow_s`` before forwarding), or
+    "ok". When the list is empty, requests pass through. ``forwarded`` counts the chat requests the real
+    server received; ``seen`` counts every fault served.
+    """
+
+    upstream: str
+    faults: list[str] = field(default_factory=list)
+    slow_s: float = 3.0
+    forwarded: int = 0
+    seen: Counter = field(default_factory=Counter)
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    def start(self) -> FaultProxy:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(port, ready), daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def _serve(self, port: int, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", port).start())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        is_chat = request.path.endswith("/chat/completions")
+        fault = self.faults.pop(0) if (is_chat and self.faults) else "ok"
+        self.seen[fault] += 1
+        if fault in {"429", "503", "424"}:
+            headers = {"Retry-After": "1"} if fault == "429" else {}
+            return web.json_response({"error": "Model is overloaded"}, status=int(fault), headers=headers)
+        if fault == "drop":
+            request.transport.close()
+            raise ConnectionResetError("dropped on purpose")
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+        async with ClientSession(timeout=ClientTimeout(total=600)) as session:
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in {"host", "content-length"}}
+            async with session.request(request.method, self.upstream + request.path_qs, data=body,
+                                       headers=headers) as upstream:  # fmt: skip
+                payload = await upstream.read()
+                if is_chat and upstream.status == 200:
+                    self.forwarded += 1
+                return web.Response(body=payload, status=upstream.status,
+                                    content_type=upstream.content_type)  # fmt: skip
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)

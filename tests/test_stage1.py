@@ -1,0 +1,153 @@
+"""Stage 1 on real data with the real all-MiniLM-L6-v2 weights."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from datasets import Dataset, load_from_disk
+from datasets.fingerprint import Hasher
+
+import mergeit_hf
+from mergeit_hf import MergeItConfig, embed_batch, run_stage1
+from mergeit_hf.clustering import fit_topic_clusters
+from mergeit_hf.pairing import match_cluster
+from mergeit_hf.selection import _facility_location, allocate_budget, plan_selection
+
+
+def test_embedding_is_normalised_float32(roleplay_stage1):
+    vectors = np.asarray(roleplay_stage1.rows.with_format("numpy")["embedding"])
+    assert vectors.dtype == np.float32 and vectors.shape[1] == 384
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_pairs_lie_inside_one_cluster_above_tau(roleplay_stage1, small_config):
+    selected = roleplay_stage1.selected
+    index = {row_id: i for i, row_id in enumerate(selected["id"])}
+    vectors = np.asarray(selected.with_format("numpy")["embedding"])
+    clusters = selected["cluster_id"]
+    assert roleplay_stage1.n_pairs > 10
+    for pair in roleplay_stage1.pairs:
+        a, b = index[pair["a_id"]], index[pair["b_id"]]
+        assert clusters[a] == clusters[b] == pair["cluster_id"]
+        assert float(vectors[a] @ vectors[b]) == pytest.approx(pair["similarity"], abs=1e-5)
+        assert pair["similarity"] >= small_config.tau
+        assert pair["a_instruction"] == selected[a]["instruction"]
+
+
+def test_no_row_is_in_two_pairs(roleplay_stage1):
+    sides = Counter(list(roleplay_stage1.pairs["a_id"]) + list(roleplay_stage1.pairs["b_id"]))
+    assert max(sides.values()) == 1
+
+
+def test_greedy_matching_takes_the_most_similar_first():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    matches = match_cluster(vectors, tau=0.2)
+    similarity = vectors @ vectors.T
+    used: set[int] = set()
+    for i, j, score in matches:  # each match is the best pair among rows still free
+        free = [k for k in range(40) if k not in used]
+        best = max(similarity[p, q] for p in free for q in free if p < q)
+        assert score == pytest.approx(best, abs=1e-6)
+        used |= {i, j}
+    leftovers = [k for k in range(40) if k not in used]
+    assert all(similarity[p, q] < 0.2 for p in leftovers for q in leftovers if p < q)
+
+
+def test_selection_has_the_budgeted_size(roleplay_stage1):
+    assert roleplay_stage1.n_selected == round(0.5 * roleplay_stage1.n_rows)
+    rows = roleplay_stage1.rows
+    plan = plan_selection(rows, MergeItConfig(selection_budget=37, n_clusters=12))
+    assert plan.n_selected == 37
+    sizes = Counter(rows["cluster_id"])
+    for cluster, quota in plan.quota_by_cluster.items():
+        assert quota <= sizes[cluster]
+
+
+def test_authors_preset_keeps_a_fixed_count_per_cluster(roleplay_stage1):
+    plan = plan_selection(roleplay_stage1.rows, MergeItConfig.authors_scripts(per_cluster_budget=5))
+    sizes = Counter(roleplay_stage1.rows["cluster_id"])
+    assert plan.quota_by_cluster == {c: min(5, n) for c, n in sizes.items()}
+    assert plan.n_selected == sum(min(5, n) for n in sizes.values())
+
+
+def test_budget_split_by_size_is_exact():
+    quotas = allocate_budget({0: 50, 1: 30, 2: 15, 3: 5}, 0.19, None)
+    assert sum(quotas.values()) == 19 and quotas[0] >= quotas[1] >= quotas[2] >= quotas[3]
+    assert allocate_budget({0: 3, 1: 2}, 1000, None) == {0: 3, 1: 2}
+
+
+def test_selection_ranks_are_the_greedy_order(roleplay_stage1):
+    rows = roleplay_stage1.rows
+    ranks = [r for r, keep in zip(rows["selection_rank"], rows["selected"], strict=True) if keep]
+    assert min(ranks) == 0 and all(r >= 0 for r in ranks)
+    assert all(r == -1 for r, keep in zip(rows["selection_rank"], rows["selected"], strict=True) if not keep)
+
+
+def test_sparse_graph_selection_for_huge_clusters(roleplay_stage1):
+    vectors = np.asarray(roleplay_stage1.rows.with_format("numpy")["embedding"])
+    chosen = _facility_location(vectors, 50, seed=0, dense_limit=100)
+    assert len(chosen) == len(set(chosen)) == 50
+
+
+def test_fixed_seed_gives_identical_output(roleplay_rows, roleplay_stage1, small_config):
+    again = run_stage1(roleplay_rows, small_config)
+    assert again.rows["cluster_id"] == roleplay_stage1.rows["cluster_id"]
+    assert again.selected["id"] == roleplay_stage1.selected["id"]
+    assert again.pairs.to_list() == roleplay_stage1.pairs.to_list()
+
+
+def test_streamed_minibatch_kmeans_above_threshold(roleplay_stage1):
+    config = MergeItConfig(n_clusters=12, minibatch_kmeans_above=100, seed=3)
+    first = fit_topic_clusters(roleplay_stage1.rows, config)
+    second = fit_topic_clusters(roleplay_stage1.rows, config)
+    assert first.method == "minibatch_kmeans" and first.n_clusters == 12
+    assert np.array_equal(first.centroids, second.centroids)
+
+
+def test_never_more_clusters_than_rows(roleplay_stage1):
+    few = roleplay_stage1.rows.select(range(9))
+    assert fit_topic_clusters(few, MergeItConfig()).n_clusters == 9
+
+
+def test_functions_hash_identically_across_processes(roleplay_stage1):
+    """datasets fingerprints map functions; the same stage must hash the same in a new process."""
+    code = (
+        "from datasets.fingerprint import Hasher; import mergeit_hf; "
+        "print(Hasher.hash(mergeit_hf.embed_batch)); print(Hasher.hash(mergeit_hf.Embedder(batch_size=8)))"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.split() == [Hasher.hash(embed_batch), Hasher.hash(mergeit_hf.Embedder(batch_size=8))]
+    assert Hasher.hash(roleplay_stage1.topics) == Hasher.hash(roleplay_stage1.topics)
+    assert Hasher.hash(roleplay_stage1.plan) == Hasher.hash(roleplay_stage1.plan)
+
+
+def test_second_identical_map_is_a_cache_hit(tmp_path, roleplay_rows, caplog):
+    roleplay_rows.select(range(64)).save_to_disk(str(tmp_path / "rows"))
+    on_disk = load_from_disk(str(tmp_path / "rows"))
+    with caplog.at_level(logging.WARNING):
+        first = on_disk.map(embed_batch, batched=True)
+        second = on_disk.map(embed_batch, batched=True)
+    assert first.cache_files and first.cache_files == second.cache_files
+    assert "couldn't be hashed" not in caplog.text and "hashed properly" not in caplog.text
+
+
+def test_num_proc_two_gives_the_same_embeddings(roleplay_rows):
+    rows = roleplay_rows.select(range(48))
+    single = np.asarray(rows.map(embed_batch, batched=True, batch_size=8).with_format("numpy")["embedding"])
+    multi = rows.map(embed_batch, batched=True, batch_size=8, num_proc=2)
+    assert np.allclose(single, np.asarray(multi.with_format("numpy")["embedding"]), atol=1e-5)
+
+
+def test_unbatched_map_and_missing_columns():
+    rows = Dataset.from_dict({"instruction": ["Name a prime number."], "input": [""]})
+    one = rows.map(embed_batch)
+    assert len(one[0]["embedding"]) == 384
+    with pytest.raises(KeyError, match="embedding needs column"):
+        Dataset.from_dict({"prompt": ["x"]}).map(embed_batch, batched=True)
