@@ -82,20 +82,28 @@ def retry_after_seconds(exc: BaseException) -> float | None:
         return None  # an HTTP date; the exponential backoff applies instead
 
 
+#: Connection-level failures, by class name, because the client's HTTP stack differs between
+#: huggingface_hub releases (httpx2 in 2.x, httpx in 1.x, aiohttp before): dropped or refused
+#: connections, protocol errors mid-answer, and timeouts.
+_TRANSPORT_ERROR_NAMES = frozenset(
+    {"TransportError", "TimeoutException", "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError"}
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
         return status in RETRYABLE_STATUS
-    return isinstance(exc, httpx.TransportError | asyncio.TimeoutError | TimeoutError) or (
-        type(exc).__name__ == "InferenceTimeoutError"
-    )
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
+        return True
+    return any(cls.__name__ in _TRANSPORT_ERROR_NAMES for cls in type(exc).__mro__)
 
 
 class _WaitHonouringRetryAfter:
     """Exponential backoff with jitter, or the server's ``Retry-After`` when it is longer."""
 
     def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
-        self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
+        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum)
 
     def __call__(self, retry_state: Any) -> float:
         backoff = self._backoff(retry_state)
@@ -130,6 +138,13 @@ class EndpointBackend:
 
     async def probe(self) -> None:
         """Fail fast on an unreachable endpoint; read model id and concurrency from ``/info``."""
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise EndpointError(
+                f"HF_HUB_OFFLINE is set, and huggingface_hub then refuses every InferenceClient call, even to "
+                f"{self.url}. Unset it for stage 2 (the embedding model loads offline without it)."
+            )
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, headers=headers) as http:
             try:

@@ -137,6 +137,7 @@ class _Run:
     quality_template: PromptTemplate
     config: MergeItConfig
     stats: MergeStats
+    in_flight: dict[str, asyncio.Future] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -331,18 +332,26 @@ def _count_score(run: _Run, score: QualityScore) -> None:
 async def _complete(
     run: _Run, template: PromptTemplate, messages: list[dict[str, str]], params: dict[str, Any]
 ) -> tuple[ChatReply, str]:
-    payload = {
-        "model": run.backend.model_id,
-        "template_sha256": template.sha256,
-        "messages": messages,
-        "params": params,
-    }
+    """One request, answered from the cache, from an identical request already in flight, or sent."""
+    payload = {"model": run.backend.model_id, "template_sha256": template.sha256, "messages": messages,
+               "params": params}  # fmt: skip
     key = payload_hash(payload)
     cached = run.cache.get(key)
     if cached is not None:
         return ChatReply.from_dict(cached), cached["completed_at"]
-    async with run.semaphore:
-        reply = await run.backend.chat(messages, params)
+    if key not in run.in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
+        run.in_flight[key] = asyncio.ensure_future(_send(run, key, payload, messages, params))
+    return await asyncio.shield(run.in_flight[key])
+
+
+async def _send(
+    run: _Run, key: str, payload: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any]
+) -> tuple[ChatReply, str]:
+    try:
+        async with run.semaphore:
+            reply = await run.backend.chat(messages, params)
+    finally:
+        run.in_flight.pop(key, None)
     run.stats.requests_sent += 1
     completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run.cache.put(key, payload, {**reply.to_dict(), "completed_at": completed_at})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -46,7 +45,10 @@ def roleplay_stage1(roleplay_rows, small_config):
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
-    os.environ.pop("HF_HUB_OFFLINE", None)  # it would also block the client's calls to localhost
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        pytest.fail("HF_HUB_OFFLINE is set: it blocks InferenceClient calls to localhost too; unset it")
     server = LlamaServer.start(tmp_path_factory.mktemp("llama"))
     yield server
     server.stop()

@@ -77,7 +77,10 @@ class FaultProxy:
     upstream: str
     faults: list[str] = field(default_factory=list)
     slow_s: float = 3.0
+    info: dict | None = None  # served at /info like TGI does; None passes /info through (llama.cpp: 404)
     forwarded: int = 0
+    bodies: list[bytes] = field(default_factory=list)  # every chat request the real server answered
+    active: int = 0  # chat requests being answered right now
     seen: Counter = field(default_factory=Counter)
     url: str = ""
     _loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +106,8 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if request.path == "/info" and self.info is not None:
+            return web.json_response(self.info)
         is_chat = request.path.endswith("/chat/completions")
         fault = self.faults.pop(0) if (is_chat and self.faults) else "ok"
         self.seen[fault] += 1
@@ -114,13 +119,21 @@ class FaultProxy:
             raise ConnectionResetError("dropped on purpose")
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
-        async with ClientSession(timeout=ClientTimeout(total=600)) as session:
+        self.active += is_chat
+        try:
+            return await self._forward(request, body, is_chat)
+        finally:
+            self.active -= is_chat
+
+    async def _forward(self, request: web.Request, body: bytes, is_chat: bool) -> web.Response:
+        async with ClientSession(timeout=ClientTimeout(total=600)) as session:  # noqa: SIM117
             headers = {k: v for k, v in request.headers.items() if k.lower() not in {"host", "content-length"}}
             async with session.request(request.method, self.upstream + request.path_qs, data=body,
                                        headers=headers) as upstream:  # fmt: skip
                 payload = await upstream.read()
                 if is_chat and upstream.status == 200:
                     self.forwarded += 1
+                    self.bodies.append(body)
                 return web.Response(body=payload, status=upstream.status,
                                     content_type=upstream.content_type)  # fmt: skip
 

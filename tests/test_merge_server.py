@@ -1,0 +1,159 @@
+"""Stage 2 against a real llama.cpp server (python -m llama_cpp.server with the SmolLM2 GGUF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from datasets.fingerprint import Hasher
+
+import mergeit_hf
+from mergeit_hf import EndpointError, MergeItConfig, QualityScoringError
+from mergeit_hf.merging import Merger
+from tests.helpers.servers import free_port
+
+pytestmark = pytest.mark.server
+STATUSES = {"accepted", "rejected", "failed"}
+FAST = MergeItConfig(max_new_tokens=160, top_logprobs=1000, max_missing_score_fraction=1.0, request_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def pairs(roleplay_stage1):
+    return roleplay_stage1.pairs.select(range(3))
+
+
+def _check_outcomes(merged, n_pairs, must_merge=True):
+    assert len(merged) == n_pairs
+    if must_merge:
+        assert set(merged["merge_status"]) & {"accepted", "rejected"}, list(merged["merge_reason"])
+    for row in merged:
+        assert row["merge_status"] in STATUSES and row["merge_reason"]
+        if row["merge_status"] != "failed":
+            assert all(isinstance(row[q], float) for q in ("quality_merged", "quality_a", "quality_b"))
+            assert row["merged_instruction"] and row["merged_output"]
+
+
+def test_batched_and_unbatched_map_agree(pairs, llama_server, tmp_path):
+    merger = Merger(endpoint=llama_server.url, config=FAST, cache_dir=str(tmp_path))
+    batched = pairs.map(merger, batched=True)
+    _check_outcomes(batched, len(pairs))
+    model_id = batched[0]["merge_model"]
+    assert model_id.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert batched[0]["merge_template"] == "merge.jinja" and len(batched[0]["merge_template_sha256"]) == 64
+    assert json.loads(batched[0]["generation_params"])["response_format"]["schema"]["required"] == [
+        "instruction", "input", "output"]  # fmt: skip
+    unbatched = pairs.map(merger)  # the design card's plain ds.map(merge_batch): same answers, from the cache
+    assert unbatched["merge_status"] == batched["merge_status"]
+    assert unbatched["merged_output"] == batched["merged_output"]
+
+
+def test_module_merge_batch_reads_the_endpoint_from_the_environment(pairs, llama_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGEIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MERGEIT_ENDPOINT", llama_server.url)
+    hash_with_server = Hasher.hash(mergeit_hf.merge_batch)
+    merged = pairs.select(range(1)).map(mergeit_hf.merge_batch)
+    assert merged[0]["merge_status"] in STATUSES
+    monkeypatch.setenv("MERGEIT_ENDPOINT", "http://127.0.0.1:1")
+    assert Hasher.hash(mergeit_hf.merge_batch) != hash_with_server  # never reuse another endpoint's results
+
+
+def test_merger_hashes_identically_in_a_new_process():
+    merger = Merger(endpoint="http://127.0.0.1:8080", config=FAST)
+    code = ("from datasets.fingerprint import Hasher; from mergeit_hf import MergeItConfig; "
+            "from mergeit_hf.merging import Merger; "
+            f"print(Hasher.hash(Merger(endpoint='http://127.0.0.1:8080', config=MergeItConfig(**{FAST.to_dict()!r}))))")  # fmt: skip
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == Hasher.hash(merger)
+
+
+def test_faults_are_retried_and_every_pair_ends_with_a_status(pairs, fault_proxy, tmp_path):
+    fault_proxy.faults = ["429", "503", "drop", "424", "slow", "429"]
+    fault_proxy.slow_s = 12.0  # longer than the timeout below, which is longer than any real answer here
+    config = MergeItConfig(**{**FAST.to_dict(), "request_timeout_s": 8.0, "concurrency": 1, "request_retries": 8})
+    started = time.monotonic()
+    merged = pairs.map(Merger(endpoint=fault_proxy.url, config=config, cache_dir=str(tmp_path)), batched=True)
+    _check_outcomes(merged, len(pairs))
+    assert not fault_proxy.faults, "every planned fault was served"
+    assert {"429", "503", "drop", "424", "slow"} <= set(fault_proxy.seen)
+    assert not [r for r in merged["merge_reason"] if r.startswith("endpoint error")]  # all were retried
+    assert time.monotonic() - started >= 2.0  # the two 429 answers asked for Retry-After: 1
+
+
+def test_an_endpoint_that_keeps_failing_fails_pairs_with_a_reason(pairs, fault_proxy, tmp_path):
+    fault_proxy.faults = ["503"] * 200
+    config = MergeItConfig(**{**FAST.to_dict(), "request_retries": 2})
+    merged = pairs.map(Merger(endpoint=fault_proxy.url, config=config, cache_dir=str(tmp_path)), batched=True)
+    assert merged["merge_status"] == ["failed"] * len(pairs)
+    assert all("HTTP 503" in reason and fault_proxy.url in reason for reason in merged["merge_reason"])
+
+
+def test_concurrency_and_model_id_come_from_info(fault_proxy):
+    fault_proxy.info = {"model_id": "hkust-nlp/deita-quality-scorer", "max_concurrent_requests": 3}
+    backend = Merger(endpoint=fault_proxy.url).make_backend()
+    mergeit_hf.merging.run_sync(backend.probe())
+    assert (backend.model_id, backend.default_concurrency) == ("hkust-nlp/deita-quality-scorer", 3)
+
+
+def test_unreachable_endpoint_fails_fast_naming_the_url_not_the_token(pairs, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")  # read at call time, never stored
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(EndpointError) as error:
+        pairs.map(Merger(endpoint=url, cache_dir=str(tmp_path)), batched=True)
+    assert time.monotonic() - started < 15
+    assert url in str(error.value) and "hf_secret_token_123" not in str(error.value)
+
+
+def test_missing_digit_scores_stop_the_run(roleplay_stage1, llama_server, tmp_path):
+    config = MergeItConfig(max_new_tokens=64, top_logprobs=1, max_missing_score_fraction=0.0)
+    with pytest.raises(QualityScoringError, match="lacked some of the digits"):
+        roleplay_stage1.pairs.select(range(6)).map(
+            Merger(endpoint=llama_server.url, config=config, cache_dir=str(tmp_path)), batched=True
+        )
+
+
+def _cached(cache_dir) -> int:
+    with sqlite3.connect(cache_dir / "requests.sqlite3") as db:
+        return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+
+def test_sigkill_half_way_then_resume_resends_nothing_completed(roleplay_stage1, fault_proxy, tmp_path):
+    pairs_path = tmp_path / "pairs.parquet"
+    roleplay_stage1.pairs.select(range(4)).to_parquet(str(pairs_path))
+    script = [sys.executable, "-m", "tests.helpers.merge_script", str(pairs_path), fault_proxy.url]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cache, out = tmp_path / "cache", tmp_path / "resumed.json"
+    run = subprocess.Popen([*script, str(cache), str(out)], env=env)
+    deadline = time.monotonic() + 300
+    while fault_proxy.forwarded < 5 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not out.exists(), "killed before it finished"
+    completed_before_kill = _cached(cache)
+    assert completed_before_kill >= 4
+    while fault_proxy.active:  # the server still answers what the killed run had in flight: not run 2's
+        time.sleep(0.05)
+
+    fault_proxy.forwarded, fault_proxy.bodies = 0, []
+    subprocess.run([*script, str(cache), str(out)], env=env, check=True, timeout=600)
+    assert fault_proxy.forwarded == _cached(cache) - completed_before_kill  # nothing completed was re-sent
+
+    clean = tmp_path / "clean.json"
+    subprocess.run([*script, str(tmp_path / "clean-cache"), str(clean)], env=env, check=True, timeout=600)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "merged_at"} for r in rows]  # noqa: E731
+    assert strip(json.loads(out.read_text())) == strip(json.loads(clean.read_text()))
+
+
+def test_offline_mode_is_reported_instead_of_failing_every_pair(pairs, llama_server, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(EndpointError, match="HF_HUB_OFFLINE"):
+        pairs.map(Merger(endpoint=llama_server.url, cache_dir=str(tmp_path)), batched=True)
