@@ -62,9 +62,6 @@ class RunRecord:
         pairs = self.counts.get("pairs", 0)
         return self.counts.get("merges accepted", 0) / pairs if pairs else 0.0
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True), encoding="utf-8")
-
     @classmethod
     def load(cls, path: Path) -> RunRecord:
         return cls(**json.loads(path.read_text(encoding="utf-8")))

@@ -35,7 +35,7 @@ from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.quality import QualityScore, expected_score, gate_explanation, passes_gate
 from mergeit_hf.request_cache import RequestCache, payload_hash
 
-MergeStatus = Literal["accepted", "rejected", "failed"]
+MergeStatus = Literal["accepted", "rejected", "failed", "skipped"]
 MERGE_FIELDS = ("instruction", "input", "output")
 MERGE_SCHEMA: dict[str, Any] = {
     "type": "object",

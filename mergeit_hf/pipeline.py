@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from mergeit_hf.assemble import Assembly, assemble
 from mergeit_hf.card import RunRecord, build_card
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
-from mergeit_hf.merging import Merger, default_cache_dir, merge_params, outcome_columns
+from mergeit_hf.merging import Merger, MergeOutcome, default_cache_dir, outcome_columns
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.publish import push_to_hub, write_repo_folder
 from mergeit_hf.request_cache import RequestCache
@@ -87,17 +86,10 @@ def _with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: 
     from datasets import concatenate_datasets
 
     templates = (PromptTemplate.load(config.merge_template), PromptTemplate.load(config.quality_template))
-    columns = outcome_columns([], "", config, templates)
-    n = len(rest)
-    skipped = {name: [None] * n for name in columns}
-    skipped.update(
-        merged_instruction=[""] * n, merged_input=[""] * n, merged_output=[""] * n,
-        merge_status=["skipped"] * n, merge_reason=[f"not merged: this run was limited to {limit} pairs"] * n,
-        quality_scores_incomplete=[0] * n, merge_attempts=[0] * n, alpha=[config.alpha] * n,
-        generation_params=[json.dumps(merge_params(config, 0), sort_keys=True)] * n,
-    )  # fmt: skip
-    extra = rest.map(lambda _, i: {k: v[i] for k, v in skipped.items()}, with_indices=True)
-    return concatenate_datasets([merged, extra.cast(merged.features)])
+    reason = f"not merged: this run was limited to {limit} pairs"
+    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), "", config, templates)
+    skipped = Dataset.from_dict({**rest.to_dict(), **columns})
+    return concatenate_datasets([merged, skipped.cast(merged.features)])
 
 
 def run_pipeline(
@@ -197,8 +189,16 @@ def render_card_again(folder: str | Path) -> DatasetCard:
 
         raise InputError(f"{folder} holds no mergeit/run.json: is it the --output folder of `mergeit run`?")
     record = RunRecord.load(record_path)
-    final = Dataset.from_parquet(sorted(str(p) for p in (folder / "data").glob("train-*.parquet")))
-    pairs = Dataset.from_parquet(str(folder / "mergeit" / "pairs.parquet"))
+    final = _read_parquet(sorted((folder / "data").glob("train-*.parquet")))
+    pairs = _read_parquet([folder / "mergeit" / "pairs.parquet"])
     card = build_card(record, final, pairs)
     (folder / "README.md").write_text(str(card), encoding="utf-8")
     return card
+
+
+def _read_parquet(paths: list[Path]) -> Dataset:
+    # pyarrow, not Dataset.from_parquet: the latter refuses a file with zero rows (a run without pairs).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return Dataset(pa.concat_tables([pq.read_table(path) for path in paths]))

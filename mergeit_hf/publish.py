@@ -51,7 +51,8 @@ def write_repo_folder(
         written.append(relative)
     if run_record is not None:
         relative = Path(EXTRAS_FOLDER) / "run.json"
-        (folder / relative).write_text(json.dumps(run_record, indent=2, sort_keys=True), encoding="utf-8")
+        # No sort_keys: the counts keep the pipeline's order when the card is rendered again.
+        (folder / relative).write_text(json.dumps(run_record, indent=2), encoding="utf-8")
         written.append(relative)
     return written
 
