@@ -14,9 +14,9 @@ from mergeit_hf.errors import (
 from mergeit_hf.loading import LoadReport, load_rows
 from mergeit_hf.merging import Merger, MergeStats, merge_batch
 from mergeit_hf.pairing import find_pairs, pairs_against_tau
-from mergeit_hf.selection import SelectionPlan, add_selection, is_selected, plan_selection
 from mergeit_hf.pipeline import PipelineResult, run_pipeline
 from mergeit_hf.publish import push_to_hub, write_repo_folder
+from mergeit_hf.selection import SelectionPlan, add_selection, is_selected, plan_selection
 from mergeit_hf.stage1 import Stage1Result, run_stage1
 
 __version__ = "0.1.0"

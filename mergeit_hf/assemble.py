@@ -51,14 +51,36 @@ ACCOUNTING_FEATURES = Features(
         "output_id": Value("string"),
     }
 )
-FATES = ("dropped", "not selected", "merged", "kept: merge rejected", "kept: merge failed", "kept: merge skipped",
-         "kept: unpaired")  # fmt: skip
-_MERGE_COLUMNS = ("merge_model", "merge_template", "merge_template_sha256", "quality_template_sha256",
-                  "generation_params", "mergeit_version")  # fmt: skip
+FATES = (
+    "dropped",
+    "not selected",
+    "merged",
+    "kept: merge rejected",
+    "kept: merge failed",
+    "kept: merge skipped",
+    "kept: unpaired",
+)
+_MERGE_COLUMNS = (
+    "merge_model",
+    "merge_template",
+    "merge_template_sha256",
+    "quality_template_sha256",
+    "generation_params",
+    "mergeit_version",
+)
 
 
-_PAIR_DECISION_COLUMNS = ("pair_id", "similarity", "merge_status", "merge_reason", "quality_merged", "quality_a",
-                          "quality_b", "alpha", *_MERGE_COLUMNS)  # fmt: skip
+_PAIR_DECISION_COLUMNS = (
+    "pair_id",
+    "similarity",
+    "merge_status",
+    "merge_reason",
+    "quality_merged",
+    "quality_a",
+    "quality_b",
+    "alpha",
+    *_MERGE_COLUMNS,
+)
 
 
 def merged_row_id(pair_id: str) -> str:
@@ -99,8 +121,7 @@ def assemble(
     rows: list[dict] = []
     fate: dict[str, tuple[str, str, str | None]] = {}
     paired: set[str] = set()
-    by_id = {row["id"]: row for row in selected.select_columns(["id", "instruction", "input", "output",
-                                                                "cluster_id"])}  # fmt: skip
+    by_id = {row["id"]: row for row in selected.select_columns(["id", "instruction", "input", "output", "cluster_id"])}
     for pair in merged_pairs:
         paired.update((pair["a_id"], pair["b_id"]))
         if pair["merge_status"] == "accepted":
@@ -174,8 +195,9 @@ def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, tuple[str
 
     for dropped in report.dropped:
         add(dropped.id, dropped.source_index, "dropped", f"{dropped.reason} {dropped.detail}".strip(), None)
-    for row_id, source_index, selected in zip(all_rows["id"], all_rows["source_index"], all_rows["selected"],
-                                              strict=True):  # fmt: skip
+    for row_id, source_index, selected in zip(
+        all_rows["id"], all_rows["source_index"], all_rows["selected"], strict=True
+    ):
         if not selected:
             add(row_id, source_index, "not selected", "facility location kept other rows of its topic", None)
         else:

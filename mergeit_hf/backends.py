@@ -86,7 +86,13 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 #: huggingface_hub releases (httpx2 in 2.x, httpx in 1.x, aiohttp before): dropped or refused
 #: connections, protocol errors mid-answer, and timeouts.
 _TRANSPORT_ERROR_NAMES = frozenset(
-    {"TransportError", "TimeoutException", "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError"}
+    {
+        "TransportError",
+        "TimeoutException",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+    }
 )
 
 
@@ -160,9 +166,7 @@ class EndpointBackend:
                 return
             models = await http.get(f"{self.url}/v1/models")
             if models.status_code in (401, 403):
-                raise EndpointError(
-                    f"the LLM endpoint {self.url} refused the token (HTTP {models.status_code})"
-                )
+                raise EndpointError(f"the LLM endpoint {self.url} refused the token (HTTP {models.status_code})")
             if models.status_code == 200:
                 data = models.json().get("data") or [{}]
                 self.model_id = str(data[0].get("id") or self.url)
@@ -210,9 +214,7 @@ def _reply_from_output(output: Any) -> ChatReply:
     if entries:
         first = entries[0]
         alternatives = list(getattr(first, "top_logprobs", None) or [])
-        tops = tuple((alt.token, float(alt.logprob)) for alt in alternatives) or (
-            (first.token, float(first.logprob)),
-        )
+        tops = tuple((alt.token, float(alt.logprob)) for alt in alternatives) or ((first.token, float(first.logprob)),)
     return ChatReply(content, tops, getattr(choice, "finish_reason", None))
 
 

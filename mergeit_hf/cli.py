@@ -23,10 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
     run.add_argument("--config", type=Path, help="YAML or JSON file of MergeItConfig parameters")
     run.add_argument("--preset", choices=["paper", "authors_scripts"], default=None, help="start from a preset")
-    run.add_argument("--format", dest="input_format", default="auto",
-                     choices=["auto", "alpaca", "sharegpt", "seed_tasks"])  # fmt: skip
-    run.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
-                     help="map instruction/input/output to your column names, e.g. --column output=response")  # fmt: skip
+    run.add_argument(
+        "--format", dest="input_format", default="auto", choices=["auto", "alpaca", "sharegpt", "seed_tasks"]
+    )
+    run.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="FIELD=NAME",
+        help="map instruction/input/output to your column names, e.g. --column output=response",
+    )
     run.add_argument("--push-to-hub", metavar="REPO", help="publish to this Hub dataset repo")
     run.add_argument("--private", action="store_true", help="create the Hub repo as private")
     run.add_argument("--cache-dir", help="request cache folder (default: MERGEIT_CACHE or ~/.cache/mergeit-hf)")
@@ -89,16 +95,26 @@ def _run(args: argparse.Namespace) -> int:
         print(report.summary())
         print(stage1.summary())
         pairs = stage1.n_pairs if args.max_pairs is None else min(args.max_pairs, stage1.n_pairs)
-        print(f"dry run: {pairs} pairs to merge → {pairs * 4} LLM calls (1 merge + 3 quality scores per pair), "
-              f"up to {pairs * (4 + config.parse_retries)} with parse retries; none made")  # fmt: skip
+        print(
+            f"dry run: {pairs} pairs to merge → {pairs * 4} LLM calls (1 merge + 3 quality scores per pair), "
+            f"up to {pairs * (4 + config.parse_retries)} with parse retries; none made"
+        )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
     print(f"LLM: {endpoint or 'embedded llama.cpp model (no endpoint given)'}", file=sys.stderr)
     result = pipeline.run_pipeline(
-        args.input, config, endpoint=endpoint, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        column_map=column_map, input_format=args.input_format, max_pairs=args.max_pairs, license=args.license,
-        pretty_name=args.pretty_name, general_size=args.general_size,
-    )  # fmt: skip
+        args.input,
+        config,
+        endpoint=endpoint,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        column_map=column_map,
+        input_format=args.input_format,
+        max_pairs=args.max_pairs,
+        license=args.license,
+        pretty_name=args.pretty_name,
+        general_size=args.general_size,
+    )
     print(result.report.summary())
     written = pipeline.save(result, args.output)
     if args.push_to_hub:

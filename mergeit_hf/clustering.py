@@ -33,9 +33,7 @@ class TopicClusters:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if "embedding" not in batch:
-            raise KeyError(
-                "clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first"
-            )
+            raise KeyError("clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first")
         vectors = np.asarray(batch["embedding"], dtype=np.float32)
         if vectors.ndim == 1:
             return {"cluster_id": int(self.assign(vectors[None, :])[0])}

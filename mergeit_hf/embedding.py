@@ -79,9 +79,7 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         _single_thread_if_forked()
         model = load_model(self.model, self.device)
-        vectors = model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
+        vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
         return vectors.astype(np.float32, copy=False)
 
 

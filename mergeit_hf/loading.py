@@ -312,17 +312,13 @@ def _validate(candidates: Iterator, report: LoadReport) -> dict[str, list]:
         for name in ROW_FIELDS:
             value = values.get(name)
             if value is not None and not isinstance(value, str):
-                type_problems.append(
-                    f"record {source_index} field {name!r} holds {type(value).__name__} {value!r:.40}"
-                )
+                type_problems.append(f"record {source_index} field {name!r} holds {type(value).__name__} {value!r:.40}")
             text[name] = value.strip() if isinstance(value, str) else ""
         if type_problems:
             continue
         row_id = given_id or content_id(text["instruction"], text["input"], text["output"])
         if given_id is not None and given_id in seen_ids:
-            raise InputError(
-                f"{report.source}: id {given_id!r} appears more than once (record {source_index})"
-            )
+            raise InputError(f"{report.source}: id {given_id!r} appears more than once (record {source_index})")
         if not _keep(source_index, row_id, text, first_seen, report):
             continue
         seen_ids.add(row_id)

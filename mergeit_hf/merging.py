@@ -180,9 +180,7 @@ class Merger:
         return columns if batched else {name: values[0] for name, values in columns.items()}
 
     def _templates(self) -> tuple[PromptTemplate, PromptTemplate]:
-        return PromptTemplate.load(self.config.merge_template), PromptTemplate.load(
-            self.config.quality_template
-        )
+        return PromptTemplate.load(self.config.merge_template), PromptTemplate.load(self.config.quality_template)
 
     def make_backend(self) -> ChatBackend:
         endpoint = self.resolved_endpoint
@@ -209,9 +207,7 @@ class Merger:
                 self.config,
                 MergeStats(),
             )
-            progress = tqdm(
-                total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress
-            )
+            progress = tqdm(total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs))
             progress.close()
             run.stats.cache_hits = cache.hits
@@ -251,9 +247,7 @@ async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
     return MergeOutcome(status, reason, merged, qm, qa, qb, attempts, incomplete, completed_at)
 
 
-def _failed(
-    reason: str, score_a: Any, score_b: Any, attempts: int, merged: dict | None = None
-) -> MergeOutcome:
+def _failed(reason: str, score_a: Any, score_b: Any, attempts: int, merged: dict | None = None) -> MergeOutcome:
     value = lambda s: s.value if isinstance(s, QualityScore) else None  # noqa: E731
     return MergeOutcome("failed", reason, merged, None, value(score_a), value(score_b), attempts)
 
@@ -317,10 +311,7 @@ def _count_score(run: _Run, score: QualityScore) -> None:
     stats.scores += 1
     stats.scores_incomplete += not score.complete
     stats.scores_unavailable += not score.available
-    if (
-        stats.scores >= _MIN_SCORES_BEFORE_STOPPING
-        and stats.incomplete_fraction > config.max_missing_score_fraction
-    ):
+    if stats.scores >= _MIN_SCORES_BEFORE_STOPPING and stats.incomplete_fraction > config.max_missing_score_fraction:
         raise QualityScoringError(
             f"{stats.scores_incomplete} of {stats.scores} quality scores lacked some of the digits 1-6 among the "
             f"top {config.top_logprobs} logprobs ({stats.incomplete_fraction:.0%} > "
@@ -333,8 +324,12 @@ async def _complete(
     run: _Run, template: PromptTemplate, messages: list[dict[str, str]], params: dict[str, Any]
 ) -> tuple[ChatReply, str]:
     """One request, answered from the cache, from an identical request already in flight, or sent."""
-    payload = {"model": run.backend.model_id, "template_sha256": template.sha256, "messages": messages,
-               "params": params}  # fmt: skip
+    payload = {
+        "model": run.backend.model_id,
+        "template_sha256": template.sha256,
+        "messages": messages,
+        "params": params,
+    }
     key = payload_hash(payload)
     cached = run.cache.get(key)
     if cached is not None:

@@ -17,7 +17,7 @@ from mergeit_hf.assemble import Assembly, assemble
 from mergeit_hf.card import RunRecord, build_card
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
-from mergeit_hf.merging import Merger, MergeOutcome, default_cache_dir, outcome_columns
+from mergeit_hf.merging import MergeOutcome, Merger, default_cache_dir, outcome_columns
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.publish import push_to_hub, write_repo_folder
 from mergeit_hf.request_cache import RequestCache
@@ -62,9 +62,7 @@ def plan(
     return report, run_stage1(rows, config)
 
 
-def merge_stage(
-    pairs: Dataset, merger: Merger, max_pairs: int | None = None, **map_kwargs: Any
-) -> tuple[Dataset, int]:
+def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None, **map_kwargs: Any) -> tuple[Dataset, int]:
     """Run stage 2 over the pairs; pairs past ``max_pairs`` are kept unmerged with status ``skipped``.
 
     Returns the merged pairs and how many requests were actually sent (the rest came from the cache).
@@ -78,11 +76,12 @@ def merge_stage(
     sent = len(cache) - cached_before if cache.enabled else -1
     cache.close()
     if limit < len(pairs):
-        merged = _with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
+        merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
     return merged, sent
 
 
-def _with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
+def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
+    """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
     from datasets import concatenate_datasets
 
     templates = (PromptTemplate.load(config.merge_template), PromptTemplate.load(config.quality_template))
@@ -102,22 +101,41 @@ def run_pipeline(
     column_map: Mapping[str, str] | None = None,
     input_format: InputFormat = "auto",
     max_pairs: int | None = None,
-    license: str | None = None,
-    pretty_name: str | None = None,
-    general_size: int | None = None,
+    **card_fields: Any,
 ) -> PipelineResult:
-    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model."""
-    from mergeit_hf import __version__
+    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model.
 
+    ``card_fields``: license, pretty_name, general_size (see ``RunRecord``).
+    """
     config = config or MergeItConfig()
     report, stage1 = plan(source, config, column_map=column_map, input_format=input_format)
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache)
     merged_pairs, sent = merge_stage(stage1.pairs, merger, max_pairs)
+    return finish_run(
+        source, report, stage1, merged_pairs, sent, endpoint_given=bool(merger.resolved_endpoint), **card_fields
+    )
+
+
+def finish_run(
+    source: str | Path | Dataset,
+    report: LoadReport,
+    stage1: Stage1Result,
+    merged_pairs: Dataset,
+    requests_sent: int,
+    *,
+    endpoint_given: bool = False,
+    license: str | None = None,
+    pretty_name: str | None = None,
+    general_size: int | None = None,
+) -> PipelineResult:
+    """Assemble the final rows, the accounting, the run record and the card from both stages' results."""
+    from mergeit_hf import __version__
+
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     assembly = assemble(stage1.selected, stage1.rows, merged_pairs, report, version=__version__, created_at=created_at)
     record = RunRecord(
         source=str(source) if not isinstance(source, Dataset) else "<in-memory Dataset>",
-        config=config.to_dict(),
+        config=stage1.config.to_dict(),
         merge_model=_merge_model(merged_pairs),
         created_at=created_at,
         version=__version__,
@@ -125,14 +143,14 @@ def run_pipeline(
         drop_reasons=report.drop_counts,
         unreadable=report.unreadable_detail if not report.complete else "",
         scores_incomplete=int(sum(merged_pairs["quality_scores_incomplete"])) if len(merged_pairs) else 0,
-        endpoint_hint="URL" if merger.resolved_endpoint else None,
+        endpoint_hint="URL" if endpoint_given else None,
         license=license,
         pretty_name=pretty_name,
         source_datasets=_hub_source(source),
         general_size=general_size,
     )
     card = build_card(record, assembly.final, merged_pairs)
-    return PipelineResult(report, stage1, merged_pairs, assembly, record, card, sent)
+    return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent)
 
 
 def _merge_model(merged_pairs: Dataset) -> str:
@@ -172,8 +190,15 @@ def save(result: PipelineResult, folder: str | Path) -> list[Path]:
 
 def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api: Any = None) -> Any:
     extras = {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
-    return push_to_hub(result.final, repo_id, result.card, extras=extras,
-                       run_record=dataclasses.asdict(result.record), private=private, api=api)  # fmt: skip
+    return push_to_hub(
+        result.final,
+        repo_id,
+        result.card,
+        extras=extras,
+        run_record=dataclasses.asdict(result.record),
+        private=private,
+        api=api,
+    )
 
 
 def _pairs_for_export(pairs: Dataset) -> Dataset:

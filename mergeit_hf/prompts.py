@@ -19,9 +19,7 @@ from mergeit_hf.resources import resource_dir
 
 def _environment() -> ImmutableSandboxedEnvironment:
     # keep_trailing_newline: a template's bytes are the prompt's bytes (Deita's ends in "Quality: ").
-    return ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
-    )
+    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
 def resolve_template_path(name_or_path: str | Path, folder: str = "prompts") -> Path:

@@ -55,9 +55,7 @@ class RequestCache:
         if self._connection is None:
             return None
         with self._lock:
-            row = self._connection.execute(
-                "SELECT response FROM responses WHERE payload_hash = ?", (key,)
-            ).fetchone()
+            row = self._connection.execute("SELECT response FROM responses WHERE payload_hash = ?", (key,)).fetchone()
         if row is None:
             return None
         self.hits += 1

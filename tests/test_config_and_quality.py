@@ -12,7 +12,11 @@ from mergeit_hf.quality import expected_score, gate_explanation, passes_gate
 
 def test_paper_defaults_and_authors_preset():
     paper = MergeItConfig()
-    assert (paper.n_clusters, paper.alpha, paper.embedding_model) == (120, 0.75, "sentence-transformers/all-MiniLM-L6-v2")
+    assert (paper.n_clusters, paper.alpha, paper.embedding_model) == (
+        120,
+        0.75,
+        "sentence-transformers/all-MiniLM-L6-v2",
+    )
     authors = MergeItConfig.authors_scripts()
     assert (authors.per_cluster_budget, authors.tau, authors.alpha) == (75, 0.55, 0.5)
     assert authors.resolve_n_clusters(52_002) == round(math.sqrt(52_002 / 2))
@@ -21,9 +25,15 @@ def test_paper_defaults_and_authors_preset():
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("tau", 1.5, "tau"), ("selection_budget", 1.5, "fraction"), ("selection_budget", 0, "count"),
-     ("n_clusters", 0, "n_clusters"), ("alpha", 0, "alpha"), ("concurrency", 0, "concurrency")],
-)  # fmt: skip
+    [
+        ("tau", 1.5, "tau"),
+        ("selection_budget", 1.5, "fraction"),
+        ("selection_budget", 0, "count"),
+        ("n_clusters", 0, "n_clusters"),
+        ("alpha", 0, "alpha"),
+        ("concurrency", 0, "concurrency"),
+    ],
+)
 def test_bad_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):
         MergeItConfig(**{field: value})
@@ -40,8 +50,15 @@ def test_config_file_round_trip_and_unknown_keys(tmp_path):
 
 
 def test_expected_score_is_softmax_expectation_over_digits():
-    tops = [("4", math.log(0.5)), ("5", math.log(0.3)), ("Sure", math.log(0.1)), ("1", math.log(0.05)),
-            ("2", math.log(0.02)), ("3", math.log(0.02)), (" 6", math.log(0.01))]  # fmt: skip
+    tops = [
+        ("4", math.log(0.5)),
+        ("5", math.log(0.3)),
+        ("Sure", math.log(0.1)),
+        ("1", math.log(0.05)),
+        ("2", math.log(0.02)),
+        ("3", math.log(0.02)),
+        (" 6", math.log(0.01)),
+    ]
     score = expected_score(tops)
     digits = {1: 0.05, 2: 0.02, 3: 0.02, 4: 0.5, 5: 0.3, 6: 0.01}
     assert score.complete and score.value == pytest.approx(sum(k * v for k, v in digits.items()) / sum(digits.values()))

@@ -94,7 +94,7 @@ def test_json_lines_with_a_broken_line_reports_it(tmp_path):
     lines[4] = lines[4][:40]
     path = tmp_path / "broken.jsonl"
     path.write_text("\n".join(lines))
-    rows, report = load_rows(path)
+    _, report = load_rows(path)
     assert report.records_read == len(lines) - 1
     assert "line 5" in report.unreadable_detail
 
@@ -102,13 +102,18 @@ def test_json_lines_with_a_broken_line_reports_it(tmp_path):
 def test_sharegpt_turns_become_rows(tmp_path):
     records = json.loads(shared("gpteacher_roleplay.json").read_text())[:6]
     conversations = [
-        {"id": "c0", "conversations": [
-            {"from": "human", "value": records[0]["instruction"]}, {"from": "gpt", "value": records[0]["output"]},
-            {"from": "human", "value": records[1]["instruction"]}, {"from": "gpt", "value": records[1]["output"]},
-        ]},
+        {
+            "id": "c0",
+            "conversations": [
+                {"from": "human", "value": records[0]["instruction"]},
+                {"from": "gpt", "value": records[0]["output"]},
+                {"from": "human", "value": records[1]["instruction"]},
+                {"from": "gpt", "value": records[1]["output"]},
+            ],
+        },
         {"id": "c1", "conversations": [{"from": "human", "value": records[2]["instruction"]}]},
         {"id": "c2", "conversations": []},
-    ]  # fmt: skip
+    ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(conversations))
     rows, report = load_rows(path)

@@ -47,7 +47,10 @@ def test_batched_and_unbatched_map_agree(pairs, llama_server, tmp_path):
     assert model_id.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert batched[0]["merge_template"] == "merge.jinja" and len(batched[0]["merge_template_sha256"]) == 64
     assert json.loads(batched[0]["generation_params"])["response_format"]["schema"]["required"] == [
-        "instruction", "input", "output"]  # fmt: skip
+        "instruction",
+        "input",
+        "output",
+    ]
     unbatched = pairs.map(merger)  # the design card's plain ds.map(merge_batch): same answers, from the cache
     assert unbatched["merge_status"] == batched["merge_status"]
     assert unbatched["merged_output"] == batched["merged_output"]
@@ -65,9 +68,11 @@ def test_module_merge_batch_reads_the_endpoint_from_the_environment(pairs, llama
 
 def test_merger_hashes_identically_in_a_new_process():
     merger = Merger(endpoint="http://127.0.0.1:8080", config=FAST)
-    code = ("from datasets.fingerprint import Hasher; from mergeit_hf import MergeItConfig; "
-            "from mergeit_hf.merging import Merger; "
-            f"print(Hasher.hash(Merger(endpoint='http://127.0.0.1:8080', config=MergeItConfig(**{FAST.to_dict()!r}))))")  # fmt: skip
+    code = (
+        "from datasets.fingerprint import Hasher; from mergeit_hf import MergeItConfig; "
+        "from mergeit_hf.merging import Merger; "
+        f"print(Hasher.hash(Merger(endpoint='http://127.0.0.1:8080', config=MergeItConfig(**{FAST.to_dict()!r}))))"
+    )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert printed.strip() == Hasher.hash(merger)
 

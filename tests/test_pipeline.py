@@ -20,8 +20,14 @@ from tests.conftest import shared
 
 pytestmark = pytest.mark.server
 SECRET = "hf_test_secret_never_written"
-CONFIG = {"n_clusters": 10, "selection_budget": 1.0, "tau": 0.5, "max_new_tokens": 160, "top_logprobs": 1000,
-          "max_missing_score_fraction": 1.0}  # fmt: skip
+CONFIG = {
+    "n_clusters": 10,
+    "selection_budget": 1.0,
+    "tau": 0.5,
+    "max_new_tokens": 160,
+    "top_logprobs": 1000,
+    "max_missing_score_fraction": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +35,24 @@ def cli_run(llama_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     (folder / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     output = folder / "out"
-    args = ["run", str(shared("alpaca_seed_tasks.jsonl")), "--output", str(output), "--endpoint", llama_server.url,
-            "--config", str(folder / "config.yaml"), "--cache-dir", str(folder / "cache"), "--max-pairs", "4",
-            "--license", "apache-2.0", "--general-size", "52002"]  # fmt: skip
+    args = [
+        "run",
+        str(shared("alpaca_seed_tasks.jsonl")),
+        "--output",
+        str(output),
+        "--endpoint",
+        llama_server.url,
+        "--config",
+        str(folder / "config.yaml"),
+        "--cache-dir",
+        str(folder / "cache"),
+        "--max-pairs",
+        "4",
+        "--license",
+        "apache-2.0",
+        "--general-size",
+        "52002",
+    ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_TOKEN", SECRET)
         assert main(args) == 0
@@ -48,8 +69,13 @@ def _final(output: Path) -> Dataset:
 def test_local_export_round_trips_through_load_dataset(cli_run):
     output, _ = cli_run
     files = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
-    assert {"README.md", "data/train-00000-of-00001.parquet", "mergeit/accounting.parquet", "mergeit/pairs.parquet",
-            "mergeit/run.json"} <= files  # fmt: skip
+    assert {
+        "README.md",
+        "data/train-00000-of-00001.parquet",
+        "mergeit/accounting.parquet",
+        "mergeit/pairs.parquet",
+        "mergeit/run.json",
+    } <= files
     loaded = _final(output)
     written = Dataset.from_parquet(str(output / "data" / "train-00000-of-00001.parquet"))
     assert loaded.to_list() == written.to_list()
@@ -105,7 +131,13 @@ def test_card_renders_with_yaml_and_counts_equal_to_the_data(cli_run):
     assert counts["pairs"] > 4 and counts["merges skipped"] == len(pairs) - 4
     assert f"| final rows | {len(final)} |" in card
     assert f"|D| = **{len(final)}** rows" in card and f"ω = {len(final) / 52002:.4f}" in card
-    for section in ("## Provenance columns", "## Configuration", "## Reproduce", "## Citation", "## Quality scores"):
+    for section in (
+        "## Provenance columns",
+        "## Configuration",
+        "## Reproduce",
+        "## Citation",
+        "## Quality scores",
+    ):
         assert section in card
     assert "2503.00034" in card and "2410.12937" in card
 
@@ -161,8 +193,15 @@ def test_push_to_hub_commits_data_and_card_in_one_commit(cli_run, tmp_path):
 
     card = DatasetCard((output / "README.md").read_text())
     api = RecordingHfApi()
-    push_to_hub(final, "me/merged", card, private=True, api=api, commit_message="curated",
-                extras={"accounting": Dataset.from_parquet(str(output / "mergeit" / "accounting.parquet"))})  # fmt: skip
+    push_to_hub(
+        final,
+        "me/merged",
+        card,
+        private=True,
+        api=api,
+        commit_message="curated",
+        extras={"accounting": Dataset.from_parquet(str(output / "mergeit" / "accounting.parquet"))},
+    )
     assert api.repos == [("me/merged", "dataset", True, True)]
     (commit,) = api.commits
     ops = {(kind, path): content for kind, path, content in commit["ops"]}
@@ -187,13 +226,31 @@ def test_failed_publish_hides_the_token():
     from mergeit_hf import MergeItError
 
     with pytest.raises(MergeItError) as error:
-        push_to_hub(Dataset.from_dict({"id": ["a"]}), "me/x", DatasetCard("---\n---\n"), api=FailingApi(), token=SECRET)
+        push_to_hub(
+            Dataset.from_dict({"id": ["a"]}),
+            "me/x",
+            DatasetCard("---\n---\n"),
+            api=FailingApi(),
+            token=SECRET,
+        )
     assert "me/x" in str(error.value) and SECRET not in str(error.value)
 
 
 def test_dry_run_reports_calls_and_makes_none(capsys):
-    assert main(["run", str(shared("gpteacher_roleplay.json")), "--output", "unused", "--dry-run",
-                 "--endpoint", "http://127.0.0.1:1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(shared("gpteacher_roleplay.json")),
+                "--output",
+                "unused",
+                "--dry-run",
+                "--endpoint",
+                "http://127.0.0.1:1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "dry run:" in printed and "none made" in printed and "LLM calls" in printed
 
@@ -205,8 +262,11 @@ def test_cli_errors_are_clear_and_non_zero(tmp_path, capsys):
     assert "column(s) ['instruction', 'output'] not found" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.json"), "--output", "o", "--dry-run"]) == 2
     assert main(["card", str(tmp_path)]) == 2
-    result = subprocess.run([sys.executable, "-m", "mergeit_hf", "run", str(bad), "--output", "o",
-                             "--column", "instruction"], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "mergeit_hf", "run", str(bad), "--output", "o", "--column", "instruction"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "FIELD=NAME" in result.stderr
 
 

@@ -37,11 +37,22 @@ class LlamaServer:
         port = free_port()
         log = log_dir / f"llama-server-{port}.log"
         command = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(local_model_path()),
-            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-            "--logits_all", "True",  # chat-completion logprobs need every position's logits
-            "--interrupt_requests", "False",  # else a new request cancels the one being generated
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(local_model_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--logits_all",
+            "True",  # chat-completion logprobs need every position's logits
+            "--interrupt_requests",
+            "False",  # else a new request cancels the one being generated
+        ]
         process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
         server = cls(process, f"http://127.0.0.1:{port}", log)
         deadline = time.monotonic() + timeout_s
@@ -126,16 +137,16 @@ class FaultProxy:
             self.active -= is_chat
 
     async def _forward(self, request: web.Request, body: bytes, is_chat: bool) -> web.Response:
-        async with ClientSession(timeout=ClientTimeout(total=600)) as session:  # noqa: SIM117
+        async with ClientSession(timeout=ClientTimeout(total=600)) as session:
             headers = {k: v for k, v in request.headers.items() if k.lower() not in {"host", "content-length"}}
-            async with session.request(request.method, self.upstream + request.path_qs, data=body,
-                                       headers=headers) as upstream:  # fmt: skip
+            async with session.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
+            ) as upstream:
                 payload = await upstream.read()
                 if is_chat and upstream.status == 200:
                     self.forwarded += 1
                     self.bodies.append(body)
-                return web.Response(body=payload, status=upstream.status,
-                                    content_type=upstream.content_type)  # fmt: skip
+                return web.Response(body=payload, status=upstream.status, content_type=upstream.content_type)
 
     def stop(self) -> None:
         if self._loop is not None:
