@@ -79,8 +79,8 @@ def test_merger_hashes_identically_in_a_new_process():
 
 def test_faults_are_retried_and_every_pair_ends_with_a_status(pairs, fault_proxy, tmp_path):
     fault_proxy.faults = ["429", "503", "drop", "424", "slow", "429"]
-    fault_proxy.slow_s = 12.0  # longer than the timeout below, which is longer than any real answer here
-    config = MergeItConfig(**{**FAST.to_dict(), "request_timeout_s": 8.0, "concurrency": 1, "request_retries": 8})
+    fault_proxy.slow_s = 20.0  # longer than the timeout below, which is longer than any real answer here
+    config = MergeItConfig(**{**FAST.to_dict(), "request_timeout_s": 12.0, "concurrency": 1, "request_retries": 8})
     started = time.monotonic()
     merged = pairs.map(Merger(endpoint=fault_proxy.url, config=config, cache_dir=str(tmp_path)), batched=True)
     _check_outcomes(merged, len(pairs))
@@ -162,3 +162,19 @@ def test_offline_mode_is_reported_instead_of_failing_every_pair(pairs, llama_ser
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(EndpointError, match="HF_HUB_OFFLINE"):
         pairs.map(Merger(endpoint=llama_server.url, cache_dir=str(tmp_path)), batched=True)
+
+
+def test_unparseable_output_is_retried_then_failed_with_its_reason(pairs, llama_server, tmp_path):
+    config = MergeItConfig(**{**FAST.to_dict(), "max_new_tokens": 8, "parse_retries": 2})
+    merged = pairs.select(range(1)).map(Merger(endpoint=llama_server.url, config=config, cache_dir=str(tmp_path)))
+    assert merged[0]["merge_status"] == "failed" and merged[0]["merge_attempts"] == 3
+    assert "no valid JSON after 3 attempts" in merged[0]["merge_reason"] and "cut off" in merged[0]["merge_reason"]
+    assert isinstance(merged[0]["quality_a"], float)  # the sources' scores are kept for the record
+
+
+def test_embedded_default_runs_in_process_without_a_server(pairs, monkeypatch, tmp_path):
+    monkeypatch.delenv("MERGEIT_ENDPOINT", raising=False)
+    merged = pairs.select(range(1)).map(Merger(config=FAST, cache_dir=str(tmp_path)), batched=True)
+    assert merged[0]["merge_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert merged[0]["merge_status"] in {"accepted", "rejected"}
+    assert merged[0]["quality_scores_incomplete"] <= 3

@@ -6,14 +6,18 @@ embedded llama.cpp model runs in-process. Visitors cannot point the Space at ano
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pandas as pd
+from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
 from mergeit_hf.merging import Merger
@@ -33,6 +37,23 @@ def example_path() -> Path:
     return resource_dir("examples") / "mini_alpaca.jsonl"
 
 
+def shown_in_page(handler: Callable) -> Callable:
+    """Every error reaches the visitor as a message in the page, never as a stack trace."""
+
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MergeItError as exc:
+            raise gr.Error(str(exc)) from None
+        except Exception as exc:
+            raise gr.Error(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
 def _source(choice: str, upload: str | None, hub_name: str) -> str:
     if choice == EXAMPLE:
         return str(example_path())
@@ -45,17 +66,15 @@ def _source(choice: str, upload: str | None, hub_name: str) -> str:
     return hub_name.strip()
 
 
+@shown_in_page
 def run_topics(choice: str, upload: str | None, hub_name: str, clusters: float, budget: float, tau: float, state: dict):
     """Stage 1: load, embed, cluster, select and pair; returns the map, counts and pairs."""
-    try:
-        source = _source(choice, upload, hub_name)
-        rows, report = load_rows(source)
-        if len(rows) > MAX_ROWS:
-            raise gr.Error(f"This demo takes at most {MAX_ROWS} rows; the input has {len(rows)}. Use the CLI for more.")
-        config = MergeItConfig(n_clusters=int(clusters), selection_budget=float(budget), tau=float(tau))
-        stage1 = run_stage1(rows, config)
-    except MergeItError as exc:
-        raise gr.Error(str(exc)) from None
+    source = _source(choice, upload, hub_name)
+    rows, report = load_rows(source)
+    if len(rows) > MAX_ROWS:
+        raise gr.Error(f"This demo takes at most {MAX_ROWS} rows; the input has {len(rows)}. Use the CLI for more.")
+    config = MergeItConfig(n_clusters=int(clusters), selection_budget=float(budget), tau=float(tau))
+    stage1 = run_stage1(rows, config)
     state = {"source": source, "report": report, "stage1": stage1, "merged": None}
     return _topic_map(stage1), _counts_markdown(report, stage1), _pairs_table(stage1), state
 
@@ -101,6 +120,7 @@ def _pairs_table(stage1) -> pd.DataFrame:
     )
 
 
+@shown_in_page
 def merge_pairs(n_pairs: float, state: dict, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
     """Stage 2 on the first pairs, one at a time so the page can show progress."""
     if not state or "stage1" not in state:
@@ -108,13 +128,10 @@ def merge_pairs(n_pairs: float, state: dict, progress=gr.Progress()):  # noqa: B
     pairs = state["stage1"].pairs.select(range(min(int(n_pairs), MAX_PAIRS, len(state["stage1"].pairs))))
     if len(pairs) == 0:
         raise gr.Error("Stage 1 found no pairs: lower τ or raise the budget.")
-    merger = Merger(
-        config=state["stage1"].config.__class__(**{**state["stage1"].config.to_dict(), "max_new_tokens": 256})
-    )
+    merger = Merger(config=dataclasses.replace(state["stage1"].config, max_new_tokens=256))
     rows = []
     for index in progress.tqdm(range(len(pairs)), desc="Merging pairs"):
         rows.append(pairs.select([index]).map(merger, batched=True)[0])
-    from datasets import Dataset
 
     state["merged"] = Dataset.from_list(rows)
     return _merges_table(rows), state
@@ -142,6 +159,7 @@ def _merges_table(rows: list[dict]) -> pd.DataFrame:
     )
 
 
+@shown_in_page
 def export(state: dict):
     """Final dataset folder (parquet + card + accounting) as a zip, and the card to preview."""
     if not state or state.get("merged") is None:
