@@ -1,10 +1,13 @@
 """Stage 2 throughput against a local llama.cpp server, side by side in one run.
 
 For concurrency 1, 2, 4 and 8: our Merger (fresh cache, so every request is sent) against a bare asyncio
-loop that posts exactly the same requests (replayed from our cache) at the same concurrency; plus
-one-request-at-a-time, as the authors' scripts do. Sides alternate so drift in machine load hits both.
-llama_cpp.server answers one request at a time, so concurrency cannot beat 1 here; the ratios show
-what our client costs, and a TGI server with continuous batching is where concurrency pays.
+loop that posts exactly the same request bodies (replayed from our cache) at the same concurrency; plus
+one request at a time, as the authors' scripts do. Both go through a pass-through proxy that records
+when the server was busy, because llama.cpp's answers are not constant work: its KV-prefix reuse
+depends on request order and shifts greedy outputs, so the same bodies can take different server time.
+Printed per row: raw merges/s of each side, the raw ratio, and the ratio of server utilisation
+(busy time / wall time), which is what the client controls. llama_cpp.server answers one request at a
+time, so concurrency cannot beat 1 here; a TGI server with continuous batching is where it pays.
 Run: cd bench && ../.venv/bin/python merge.py [--pairs N]
 """
 
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
 from mergeit_hf.merging import Merger
 from mergeit_hf.request_cache import RequestCache
-from tests.helpers.servers import LlamaServer
+from tests.helpers.servers import FaultProxy, LlamaServer
 
 CONCURRENCY = (1, 2, 4, 8)
 
@@ -58,34 +61,58 @@ async def bare(url: str, payloads: list[dict], concurrency: int) -> float:
         return time.perf_counter() - started
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Time the server had at least one request in hand (union of the answered requests' spans)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy
+
+
+def measured(proxy: FaultProxy, run) -> tuple[float, float, object]:
+    proxy.spans = []
+    started = time.perf_counter()
+    result = run()
+    wall = time.perf_counter() - started
+    return wall, busy_seconds(proxy.spans) / wall, result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=4)
     args = parser.parse_args()
     rows, _ = m.load_rows(shared_file("gpteacher_roleplay.json"))
     stage1 = m.run_stage1(rows.select(range(400)), m.MergeItConfig(n_clusters=12, selection_budget=0.5, tau=0.55))
     pairs = stage1.pairs.select(range(min(args.pairs, stage1.n_pairs)))
     config = m.MergeItConfig(max_new_tokens=128, top_logprobs=1000, max_missing_score_fraction=1.0)
     server = LlamaServer.start(Path(tempfile.mkdtemp()))
+    proxy = FaultProxy(server.url).start()
     try:
-        ours(pairs.select(range(1)), server.url, 1, config)  # warm the server's weights
+        ours(pairs.select(range(1)), proxy.url, 1, config)  # warm the server's weights
         print(f"{len(pairs)} pairs (roleplay, real), llama.cpp server with SmolLM2-135M, max_new_tokens=128")
-        print("| concurrency | ours merges/s | bare loop merges/s | ours / bare |")
-        print("|---|---|---|---|")
-        sequential, ours_times = 0.0, []
-        for concurrency in CONCURRENCY:
-            ours_s, payloads = ours(pairs, server.url, concurrency, config)
-            bare_s = asyncio.run(bare(server.url, payloads, concurrency))
-            if concurrency == 1:
-                sequential = asyncio.run(bare(server.url, payloads, 1))
-            print(f"| {concurrency} | {len(pairs) / ours_s:.3f} | {len(pairs) / bare_s:.3f} | {bare_s / ours_s:.3f} |")
-            ours_times.append(ours_s)
         print(
-            f"RATIO ours (best concurrency) / one request at a time (authors' scripts): "
-            f"{sequential / min(ours_times):.3f}"
+            "| concurrency | ours merges/s | bare merges/s | raw ours/bare | ours busy | bare busy | busy ours/bare |"
         )
-        print(f"({len(payloads)} requests per run: a merge and three quality scores per pair)")
+        print("|---|---|---|---|---|---|---|")
+        sequential_busy, ours_busy = 0.0, []
+        for concurrency in CONCURRENCY:
+            ours_s, ours_u, (_, payloads) = measured(proxy, lambda c=concurrency: ours(pairs, proxy.url, c, config))
+            bare_s, bare_u, _ = measured(proxy, lambda c=concurrency, p=payloads: asyncio.run(bare(proxy.url, p, c)))
+            if concurrency == 1:
+                _, sequential_busy, _ = measured(proxy, lambda p=payloads: asyncio.run(bare(proxy.url, p, 1)))
+            ours_busy.append(ours_u)
+            print(
+                f"| {concurrency} | {len(pairs) / ours_s:.3f} | {len(pairs) / bare_s:.3f} | {bare_s / ours_s:.3f} "
+                f"| {ours_u:.3f} | {bare_u:.3f} | {ours_u / bare_u:.3f} |"
+            )
+        print(
+            f"RATIO server utilisation, ours (best concurrency) / one request at a time: "
+            f"{max(ours_busy) / sequential_busy:.3f}"
+        )
+        print(f"({len(payloads)} requests per run: a merge and three quality scores per pair, plus parse retries)")
     finally:
+        proxy.stop()
         server.stop()
 
 

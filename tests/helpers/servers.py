@@ -92,6 +92,7 @@ class FaultProxy:
     forwarded: int = 0
     bodies: list[bytes] = field(default_factory=list)  # every chat request the real server answered
     active: int = 0  # chat requests being answered right now
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each answered chat request
     seen: Counter = field(default_factory=Counter)
     url: str = ""
     _loop: asyncio.AbstractEventLoop | None = None
@@ -131,10 +132,13 @@ class FaultProxy:
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         self.active += is_chat
+        started = time.monotonic()
         try:
             return await self._forward(request, body, is_chat)
         finally:
             self.active -= is_chat
+            if is_chat:
+                self.spans.append((started, time.monotonic()))
 
     async def _forward(self, request: web.Request, body: bytes, is_chat: bool) -> web.Response:
         async with ClientSession(timeout=ClientTimeout(total=600)) as session:
