@@ -1,7 +1,8 @@
 """Stage 2 throughput against a local llama.cpp server, side by side in one run.
 
 For concurrency 1, 2, 4 and 8: our Merger (fresh cache, so every request is sent) against a bare asyncio
-loop that posts exactly the same request bodies (replayed from our cache) at the same concurrency; plus
+loop that posts exactly the same request bodies, in the order the server received ours, at the same
+concurrency (order matters: llama.cpp reuses the KV cache of the previous prompt's prefix); plus
 one request at a time, as the authors' scripts do. Both go through a pass-through proxy that records
 when the server was busy, because llama.cpp's answers are not constant work: its KV-prefix reuse
 depends on request order and shifts greedy outputs, so the same bodies can take different server time.
@@ -32,7 +33,7 @@ from tests.helpers.servers import FaultProxy, LlamaServer
 CONCURRENCY = (1, 2, 4, 8)
 
 
-def ours(pairs, url: str, concurrency: int, config: m.MergeItConfig) -> tuple[float, list[dict]]:
+def ours(pairs, url: str, concurrency: int, config: m.MergeItConfig) -> tuple[float, int]:
     cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
     merger = Merger(
         endpoint=url, config=m.MergeItConfig(**{**config.to_dict(), "concurrency": concurrency}), cache_dir=cache_dir
@@ -41,23 +42,23 @@ def ours(pairs, url: str, concurrency: int, config: m.MergeItConfig) -> tuple[fl
     pairs.map(merger, batched=True, batch_size=len(pairs), load_from_cache_file=False)
     seconds = time.perf_counter() - started
     cache = RequestCache(cache_dir)
-    payloads = cache.payloads()
+    sent = len(cache)
     cache.close()
-    return seconds, payloads
+    return seconds, sent
 
 
-async def bare(url: str, payloads: list[dict], concurrency: int) -> float:
-    """The floor: the same request bodies posted with httpx, nothing else."""
+async def bare(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """The floor: the same request bodies posted with httpx, in the same order, nothing else."""
     semaphore = asyncio.Semaphore(concurrency)
+    headers = {"Content-Type": "application/json"}
     async with httpx.AsyncClient(timeout=600) as client:
 
-        async def post(payload: dict) -> None:
-            body = {"model": "bench", "messages": payload["messages"], **payload["params"]}
+        async def post(body: bytes) -> None:
             async with semaphore:
-                (await client.post(f"{url}/v1/chat/completions", json=body)).raise_for_status()
+                (await client.post(f"{url}/v1/chat/completions", content=body, headers=headers)).raise_for_status()
 
         started = time.perf_counter()
-        await asyncio.gather(*(post(p) for p in payloads))
+        await asyncio.gather(*(post(body) for body in bodies))
         return time.perf_counter() - started
 
 
@@ -97,7 +98,9 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         sequential_busy, ours_busy = 0.0, []
         for concurrency in CONCURRENCY:
-            ours_s, ours_u, (_, payloads) = measured(proxy, lambda c=concurrency: ours(pairs, proxy.url, c, config))
+            proxy.arrivals = []
+            ours_s, ours_u, _ = measured(proxy, lambda c=concurrency: ours(pairs, proxy.url, c, config))
+            payloads = list(proxy.arrivals)
             bare_s, bare_u, _ = measured(proxy, lambda c=concurrency, p=payloads: asyncio.run(bare(proxy.url, p, c)))
             if concurrency == 1:
                 _, sequential_busy, _ = measured(proxy, lambda p=payloads: asyncio.run(bare(proxy.url, p, 1)))

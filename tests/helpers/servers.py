@@ -91,6 +91,7 @@ class FaultProxy:
     info: dict | None = None  # served at /info like TGI does; None passes /info through (llama.cpp: 404)
     forwarded: int = 0
     bodies: list[bytes] = field(default_factory=list)  # every chat request the real server answered
+    arrivals: list[bytes] = field(default_factory=list)  # chat request bodies in the order they arrived
     active: int = 0  # chat requests being answered right now
     spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each answered chat request
     seen: Counter = field(default_factory=Counter)
@@ -132,6 +133,8 @@ class FaultProxy:
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         self.active += is_chat
+        if is_chat:
+            self.arrivals.append(body)
         started = time.monotonic()
         try:
             return await self._forward(request, body, is_chat)
