@@ -53,7 +53,6 @@ class ChatReply:
 class ChatBackend(Protocol):
     model_id: str
     default_concurrency: int
-    description: str
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply: ...
 
@@ -137,7 +136,6 @@ class EndpointBackend:
         self._attempts = attempts
         self.model_id = self.url
         self.default_concurrency = DEFAULT_CONCURRENCY
-        self.description = f"endpoint {self.url}"
 
     def __repr__(self) -> str:  # never show the token
         return f"EndpointBackend(url={self.url!r})"
@@ -258,7 +256,6 @@ class LocalLlamaBackend:
         self.path = Path(model_path) if model_path else local_model_path()
         self.model_id = self.path.name
         self.default_concurrency = 1
-        self.description = f"embedded llama.cpp ({self.model_id})"
         self._n_ctx = n_ctx
         self._lock = asyncio.Lock()
 

@@ -103,7 +103,7 @@ def load_rows(
     report; a missing column, a non-string value or an unreadable file raises ``InputError``.
     """
     records, columns, report = _read_source(source, split)
-    fmt = _detect_format(columns, input_format, report.source)
+    fmt = _detect_format(columns, input_format)
     report.input_format = fmt
     if fmt == "alpaca":
         mapping = _resolve_column_map(columns, column_map, report.source)
@@ -224,7 +224,7 @@ def _read_hub(name: str, split: str) -> tuple[Iterable[dict], list[str], LoadRep
 # -- shapes -------------------------------------------------------------------------------------------
 
 
-def _detect_format(columns: list[str], requested: InputFormat, source: str) -> str:
+def _detect_format(columns: list[str], requested: InputFormat) -> str:
     if requested != "auto":
         return requested
     if "conversations" in columns:

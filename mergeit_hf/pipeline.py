@@ -184,21 +184,24 @@ def _hub_source(source: str | Path | Dataset) -> list[str]:
 
 def save(result: PipelineResult, folder: str | Path) -> list[Path]:
     """Write the repository layout (data, card, accounting, pairs, run record) to ``folder``."""
-    extras = {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
-    return write_repo_folder(folder, result.final, result.card, extras, dataclasses.asdict(result.record))
+    return write_repo_folder(folder, result.final, result.card, _extras(result), dataclasses.asdict(result.record))
 
 
 def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api: Any = None) -> Any:
-    extras = {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
+    """Push the same layout as ``save`` to a Hub dataset repo, in one commit."""
     return push_to_hub(
         result.final,
         repo_id,
         result.card,
-        extras=extras,
+        extras=_extras(result),
         run_record=dataclasses.asdict(result.record),
         private=private,
         api=api,
     )
+
+
+def _extras(result: PipelineResult) -> dict[str, Dataset]:
+    return {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
 
 
 def _pairs_for_export(pairs: Dataset) -> Dataset:

@@ -77,14 +77,6 @@ class RequestCache:
         with self._lock:
             return self._connection.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
-    def payloads(self) -> list[dict[str, Any]]:
-        """Every cached request payload (used by the benchmark to replay the same requests)."""
-        if self._connection is None:
-            return []
-        with self._lock:
-            rows = self._connection.execute("SELECT payload FROM responses ORDER BY rowid").fetchall()
-        return [json.loads(row[0]) for row in rows]
-
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
