@@ -175,8 +175,9 @@ class Merger:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         batched = isinstance(batch["pair_id"], list)
         pairs = _rows_of(batch) if batched else [batch]
-        outcomes, _, model_id = run_sync(self.merge_pairs(pairs))
-        columns = outcome_columns(outcomes, model_id, self.config, self._templates())
+        templates = self._templates()
+        outcomes, _, model_id = run_sync(self.merge_pairs(pairs, templates))
+        columns = outcome_columns(outcomes, model_id, self.config, templates)
         return columns if batched else {name: values[0] for name, values in columns.items()}
 
     def _templates(self) -> tuple[PromptTemplate, PromptTemplate]:
@@ -190,13 +191,15 @@ class Merger:
             )
         return LocalLlamaBackend()
 
-    async def merge_pairs(self, pairs: list[dict[str, Any]]) -> tuple[list[MergeOutcome], MergeStats, str]:
+    async def merge_pairs(
+        self, pairs: list[dict[str, Any]], templates: tuple[PromptTemplate, PromptTemplate] | None = None
+    ) -> tuple[list[MergeOutcome], MergeStats, str]:
         """Merge, score and gate every pair concurrently; returns outcomes in input order."""
         backend = self.make_backend()
         cache = RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
         try:
             await backend.probe()
-            merge_template, quality_template = self._templates()
+            merge_template, quality_template = templates or self._templates()
             concurrency = self.config.concurrency or backend.default_concurrency
             run = _Run(
                 backend,

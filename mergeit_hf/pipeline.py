@@ -101,18 +101,25 @@ def run_pipeline(
     column_map: Mapping[str, str] | None = None,
     input_format: InputFormat = "auto",
     max_pairs: int | None = None,
-    **card_fields: Any,
+    license: str | None = None,
+    pretty_name: str | None = None,
+    general_size: int | None = None,
 ) -> PipelineResult:
-    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model.
-
-    ``card_fields``: license, pretty_name, general_size (see ``RunRecord``).
-    """
+    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model."""
     config = config or MergeItConfig()
     report, stage1 = plan(source, config, column_map=column_map, input_format=input_format)
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache)
     merged_pairs, sent = merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
-        source, report, stage1, merged_pairs, sent, endpoint_given=bool(merger.resolved_endpoint), **card_fields
+        source,
+        report,
+        stage1,
+        merged_pairs,
+        sent,
+        endpoint_given=bool(merger.resolved_endpoint),
+        license=license,
+        pretty_name=pretty_name,
+        general_size=general_size,
     )
 
 
