@@ -32,7 +32,10 @@ PROVENANCE_FEATURES = Features(
         "quality_merged": Value("float64"),
         "quality_a": Value("float64"),
         "quality_b": Value("float64"),
+        "retention_a": Value("float64"),
+        "retention_b": Value("float64"),
         "alpha": Value("float64"),
+        "min_retention": Value("float64"),
         "merge_model": Value("string"),
         "merge_template": Value("string"),
         "merge_template_sha256": Value("string"),
@@ -78,9 +81,16 @@ _PAIR_DECISION_COLUMNS = (
     "quality_merged",
     "quality_a",
     "quality_b",
+    "retention_a",
+    "retention_b",
     "alpha",
+    "min_retention",
     *_MERGE_COLUMNS,
 )
+
+
+UNPAIRED_DETAIL = "no partner with similarity >= tau in its cluster"
+Fate = tuple[str, str, str | None]  # (fate, detail, output row id)
 
 
 def merged_row_id(pair_id: str) -> str:
@@ -118,31 +128,38 @@ def assemble(
     merged_pairs: the pairs dataset after stage 2 (``merge_status`` and the merged fields).
     """
     created_at = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows, fate = pair_rows(merged_pairs, created_at, version)
+    for row in selected.select_columns(["id", "instruction", "input", "output", "cluster_id"]):
+        if row["id"] not in fate:
+            rows.append(_original_row(row, created_at, version))
+            fate[row["id"]] = ("kept: unpaired", UNPAIRED_DETAIL, row["id"])
+    return Assembly(final_dataset(rows), _accounting(all_rows, report, fate))
+
+
+def final_dataset(rows: list[dict]) -> Dataset:
+    rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
+    return Dataset.from_list(rows, features=PROVENANCE_FEATURES)
+
+
+def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[list[dict], dict[str, Fate]]:
+    """Final rows from the pairs (a merge, or both originals with the pair's decision) and each source's fate."""
     rows: list[dict] = []
-    fate: dict[str, tuple[str, str, str | None]] = {}
-    paired: set[str] = set()
-    by_id = {row["id"]: row for row in selected.select_columns(["id", "instruction", "input", "output", "cluster_id"])}
+    fate: dict[str, Fate] = {}
     for pair in merged_pairs:
-        paired.update((pair["a_id"], pair["b_id"]))
         if pair["merge_status"] == "accepted":
             rows.append(_merged_row(pair))
-            for side in ("a_id", "b_id"):
-                fate[pair[side]] = ("merged", pair["merge_reason"], rows[-1]["id"])
+            for side in ("a", "b"):
+                fate[pair[f"{side}_id"]] = ("merged", pair["merge_reason"], rows[-1]["id"])
             continue
         kind = f"kept: merge {pair['merge_status']}"  # rejected, failed or skipped
-        for side in ("a_id", "b_id"):
-            row = _original_row(by_id[pair[side]], created_at, version)
+        for side in ("a", "b"):
+            source = {name: pair[f"{side}_{name}"] for name in ("id", "instruction", "input", "output")}
+            row = _original_row({**source, "cluster_id": pair["cluster_id"]}, created_at, version)
             # The pair's whole decision travels with both originals: scores, gate, model, template.
-            row.update({name: pair[name] for name in _PAIR_DECISION_COLUMNS})
+            row.update({name: pair.get(name) for name in _PAIR_DECISION_COLUMNS})
             rows.append(row)
-            fate[pair[side]] = (kind, pair["merge_reason"], row["id"])
-    for row_id, row in by_id.items():
-        if row_id not in paired:
-            rows.append(_original_row(row, created_at, version))
-            fate[row_id] = ("kept: unpaired", "no partner with similarity >= tau in its cluster", row_id)
-    rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
-    final = Dataset.from_list(rows, features=PROVENANCE_FEATURES)
-    return Assembly(final, _accounting(all_rows, report, fate))
+            fate[source["id"]] = (kind, pair["merge_reason"], row["id"])
+    return rows, fate
 
 
 def _merged_row(pair: dict) -> dict:
@@ -162,7 +179,10 @@ def _merged_row(pair: dict) -> dict:
         quality_merged=pair["quality_merged"],
         quality_a=pair["quality_a"],
         quality_b=pair["quality_b"],
+        retention_a=pair["retention_a"],
+        retention_b=pair["retention_b"],
         alpha=pair["alpha"],
+        min_retention=pair["min_retention"],
         created_at=pair["merged_at"],
         **{name: pair[name] for name in _MERGE_COLUMNS},
     )
@@ -186,7 +206,7 @@ def _original_row(source: dict, created_at: str, version: str) -> dict:
     return row
 
 
-def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, tuple[str, str, str | None]]) -> Dataset:
+def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate]) -> Dataset:
     columns: dict[str, list] = {name: [] for name in ACCOUNTING_FEATURES}
 
     def add(row_id: str | None, source_index: int, kind: str, detail: str, output_id: str | None) -> None:

@@ -249,11 +249,34 @@ def _load_llama(path: Path, n_ctx: int) -> Any:
         return _LLAMA_CACHE[key]
 
 
+def resolve_local_model(spec: str | Path | None) -> Path:
+    """``local_model`` to a GGUF file: None is the bundled SmolLM2; a path is used as is; ``REPO_ID:FILENAME``
+    is fetched once into huggingface_hub's cache (where the Hub is reachable)."""
+    if spec is None or str(spec) == "":
+        return local_model_path()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    text = str(spec)
+    repo_id, sep, filename = text.partition(":")
+    if not sep or "/" not in repo_id or not filename.endswith(".gguf"):
+        raise EndpointError(
+            f"local_model {text!r} is neither a GGUF file nor REPO_ID:FILENAME "
+            "(e.g. Qwen/Qwen2.5-1.5B-Instruct-GGUF:qwen2.5-1.5b-instruct-q4_k_m.gguf)"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # offline, missing repo or file: say which, keep the cause's words
+        raise EndpointError(f"cannot fetch local_model {filename!r} from the Hub repo {repo_id!r}: {exc}") from None
+
+
 class LocalLlamaBackend:
     """llama-cpp-python in this process: the embedded default, one request at a time."""
 
     def __init__(self, model_path: str | Path | None = None, n_ctx: int = 4096) -> None:
-        self.path = Path(model_path) if model_path else local_model_path()
+        self.path = resolve_local_model(model_path)
         self.model_id = self.path.name
         self.default_concurrency = 1
         self._n_ctx = n_ctx

@@ -27,7 +27,10 @@ COLUMN_DOCS = {
     "merge_status": "`accepted`, `rejected` (gate said no), `failed` (with reason) or `unpaired`",
     "merge_reason": "the gate's arithmetic, or why the merge failed",
     "quality_merged / quality_a / quality_b": "Deita expected quality scores of the merge and of its two sources",
+    "retention_a / retention_b": "how much of each source survives in the merge, in [0, 1] (semantic and lexical "
+    "coverage; see *Retention*)",
     "alpha": "α of the gate q(merged) > α·(q(a) + q(b))",
+    "min_retention": "the retention each source needed for the merge to be accepted",
     "merge_model": "model id reported by the endpoint's /info (or the local GGUF file name)",
     "merge_template / merge_template_sha256": "prompt template file and the sha256 of its exact text",
     "quality_template_sha256": "sha256 of the Deita quality prompt template",
@@ -55,6 +58,9 @@ class RunRecord:
     pretty_name: str | None = None
     source_datasets: list[str] = field(default_factory=list)
     general_size: int | None = None
+    rejection_causes: dict[str, int] = field(default_factory=dict)
+    scorer_check: dict[str, Any] | None = None
+    regated_at: str | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -90,9 +96,10 @@ def card_data(record: RunRecord, n_rows: int) -> DatasetCardData:
     )
 
 
-def build_card(record: RunRecord, final: Dataset, pairs: Dataset) -> DatasetCard:
-    """Render ``cards/dataset_card.md.jinja`` with huggingface_hub's DatasetCard."""
+def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[str] | None = None) -> DatasetCard:
+    """Render ``cards/dataset_card.md.jinja`` with huggingface_hub's DatasetCard; ``figures`` are repo paths."""
     data = card_data(record, len(final))
+    figures = figures or []
     return DatasetCard.from_template(
         data,
         template_path=str(resource_dir("cards") / CARD_TEMPLATE),
@@ -114,6 +121,11 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset) -> DatasetCard
         endpoint_hint=record.endpoint_hint,
         final_rows=len(final),
         general_size=record.general_size,
+        rejection_causes=sorted(record.rejection_causes.items()),
+        scorer_check=record.scorer_check,
+        retention_figure=next((f for f in figures if f.endswith("retention.png")), None),
+        sweep_figure=next((f for f in figures if f.endswith("sweep.png")), None),
+        regated_at=record.regated_at,
     )
 
 
@@ -140,5 +152,6 @@ def examples(pairs: Dataset, limit: int = 2) -> list[dict[str, Any]]:
     for row in chosen:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         title = "An accepted merge" if row["merge_status"] == "accepted" else "A rejected merge (no merge was accepted)"
-        shown.append({**row, "title": title, **{k: fmt(row[k]) for k in ("quality_a", "quality_b", "quality_merged")}})
+        numbers = ("quality_a", "quality_b", "quality_merged", "retention_a", "retention_b")
+        shown.append({**row, "title": title, **{k: fmt(row.get(k)) for k in numbers}})
     return shown

@@ -12,6 +12,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.errors import ConfigError, MergeItError
 
 EXIT_ERROR = 2
+INPUT_FORMATS = ["auto", "alpaca", "sharegpt", "seed_tasks"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
     run.add_argument("--config", type=Path, help="YAML or JSON file of MergeItConfig parameters")
     run.add_argument("--preset", choices=["paper", "authors_scripts"], default=None, help="start from a preset")
-    run.add_argument(
-        "--format", dest="input_format", default="auto", choices=["auto", "alpaca", "sharegpt", "seed_tasks"]
-    )
+    run.add_argument("--format", dest="input_format", default="auto", choices=INPUT_FORMATS)
     run.add_argument(
         "--column",
         action="append",
@@ -42,9 +41,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pretty-name", help="dataset name shown on the card")
     run.add_argument("--general-size", type=int, help="|G| for the card's merge weight ω = |D|/|G|")
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
+    _add_gate_options(run)
+    run.add_argument("--gate-retries", type=int, help="new merges asked for when the gate rejects one")
+    run.add_argument("--no-scorer-check", action="store_true", help="skip the scorer check at the start of stage 2")
     card = commands.add_parser("card", help="render README.md of an output folder again")
     card.add_argument("folder", type=Path)
+
+    check = commands.add_parser("check-scorer", help="does the quality scorer rank real answers above broken ones?")
+    check.add_argument("input", help="JSON / JSON lines / parquet file, or a Hub dataset name")
+    check.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
+    check.add_argument("--rows", type=int, default=32, help="real rows to score with their corruptions (32)")
+    check.add_argument("--strict", action="store_true", help="exit non-zero when accuracy is below the threshold")
+    check.add_argument("--min-accuracy", type=float, help="threshold (default 0.7)")
+    check.add_argument("--config", type=Path, help="YAML or JSON file of MergeItConfig parameters")
+    check.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model")
+    check.add_argument("--cache-dir", help="request cache folder")
+    check.add_argument("--format", dest="input_format", default="auto", choices=INPUT_FORMATS)
+    check.add_argument("--column", action="append", default=[], metavar="FIELD=NAME")
+
+    sweep = commands.add_parser("sweep", help="acceptance over a grid of α and min_retention, from stored scores")
+    sweep.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
+    sweep.add_argument("--alphas", type=_floats, help="comma-separated α values (default 0.4 to 0.9 by 0.05)")
+    sweep.add_argument("--retentions", type=_floats, help="comma-separated min_retention values")
+
+    regate = commands.add_parser("regate", help="rewrite data, accounting and card for new thresholds, no requests")
+    regate.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
+    _add_gate_options(regate)
     return parser
+
+
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=float, help="quality gate: q(merged) > alpha·(q(a)+q(b))")
+    parser.add_argument("--min-retention", type=float, help="each source's retention must reach this (0 to 1)")
+    parser.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model (run only)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             render_card_again(args.folder)
             print(f"wrote {args.folder / 'README.md'}")
             return 0
-        return _run(args)
+        commands = {"run": _run, "check-scorer": _check_scorer, "sweep": _sweep, "regate": _regate}
+        return commands[args.command](args)
     except (MergeItError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -70,7 +107,16 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
     values = {}
     if args.config:
         values = MergeItConfig.from_file(args.config).to_dict()
-    if args.preset == "authors_scripts":
+    flags = {
+        "alpha": getattr(args, "alpha", None),
+        "min_retention": getattr(args, "min_retention", None),
+        "gate_retries": getattr(args, "gate_retries", None),
+        "local_model": getattr(args, "local_model", None),
+        "scorer_check_rows": 0 if getattr(args, "no_scorer_check", False) else None,
+        "scorer_check_min_accuracy": getattr(args, "min_accuracy", None),
+    }
+    values.update({name: value for name, value in flags.items() if value is not None})
+    if getattr(args, "preset", None) == "authors_scripts":
         return MergeItConfig.authors_scripts(**{k: v for k, v in values.items() if k != "preset"})
     return MergeItConfig.from_dict(values) if values else MergeItConfig()
 
@@ -122,6 +168,56 @@ def _run(args: argparse.Namespace) -> int:
         print(f"published to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     print(result.summary_table())
     print(f"wrote {len(written)} files to {args.output} (card: {args.output / 'README.md'})")
+    return 0
+
+
+def _check_scorer(args: argparse.Namespace) -> int:
+    from mergeit_hf.loading import load_rows
+    from mergeit_hf.merging import Merger
+    from mergeit_hf.scorer_check import run_scorer_check
+
+    if args.rows < 2:
+        raise ConfigError(f"--rows must be at least 2, got {args.rows}")
+    config = _config(args)
+    rows, _ = load_rows(args.input, input_format=args.input_format, column_map=_column_map(args.column))
+    merger = Merger(endpoint=args.endpoint, config=config, cache_dir=args.cache_dir)
+    check = run_scorer_check(rows.select_columns(["instruction", "input", "output"]).to_list(), merger, args.rows)
+    print(check.report())
+    return 1 if args.strict and not check.passed else 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mergeit_hf import figures, regate
+
+    out = regate.OutputFolder.open(args.folder)
+    pairs = regate.scored_pairs(out.pairs)
+    if not pairs:
+        raise MergeItError(f"{args.folder} holds no scored pair (no merge was accepted or rejected): nothing to sweep")
+    table = regate.sweep(
+        pairs, args.alphas or regate.DEFAULT_ALPHAS, args.retentions or regate.DEFAULT_RETENTIONS, out.thresholds
+    )
+    print(f"accepted merges (rate) of {table.n_scored} scored pairs; ← this run's setting\n")
+    print(table.render())
+    image = args.folder / "mergeit" / figures.SWEEP_FIGURE
+    image.write_bytes(figures.sweep_figure(table))
+    print(f"\nwrote {image}")
+    return 0
+
+
+def _regate(args: argparse.Namespace) -> int:
+    from mergeit_hf.regate import OutputFolder, regate_folder
+
+    alpha, min_retention = OutputFolder.open(args.folder).thresholds
+    alpha = alpha if args.alpha is None else args.alpha
+    min_retention = min_retention if args.min_retention is None else args.min_retention
+    MergeItConfig(alpha=alpha, min_retention=min_retention)  # the same validation as a run's
+    out = regate_folder(args.folder, alpha, min_retention)
+    counts = out.record.counts
+    print(
+        f"re-gated {args.folder} at alpha={alpha}, min_retention={min_retention}: "
+        f"{counts['merges accepted']} accepted, {counts['merges rejected']} rejected, "
+        f"{counts['final rows']} final rows; no LLM request sent"
+    )
     return 0
 
 

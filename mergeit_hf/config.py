@@ -20,6 +20,9 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: value, pairs 48%); near-copies such as Toolformer's pair at any τ. A little stricter than the scripts.
 DEFAULT_TAU = 0.60
 
+#: Chosen from the acceptance-against-min_retention table in the README (bench/quality.py).
+DEFAULT_MIN_RETENTION = 0.5
+
 ClusterCount = int | Literal["sqrt_half"]
 
 
@@ -56,6 +59,16 @@ class MergeItConfig:
             launched with a higher ``--max-top-n-tokens``).
         max_missing_score_fraction: stop the run when more than this fraction of quality scores lacks
             one of the digit tokens 1-6 among the top logprobs.
+        min_retention: accept a merge only if each source keeps at least this retention (module
+            ``retention``: semantic and lexical coverage of the source in the merge, in [0, 1]); 0 turns
+            the retention gate off. Default chosen from the table in the README (bench/quality.py).
+        gate_retries: when the gate rejects a merge, ask for up to this many new merges (new seed;
+            sampled at 0.7 when ``temperature`` is 0) and keep the best one (paper: 0; authors' scripts: 3).
+        local_model: the embedded llama.cpp model used when no endpoint is given: a GGUF path, or
+            ``REPO_ID:FILENAME`` fetched through huggingface_hub's cache; None is the bundled SmolLM2-135M.
+        scorer_check_rows: rows of the selection scored with corrupted variants at the start of stage 2
+            (``mergeit check-scorer``); 0 skips the check.
+        scorer_check_min_accuracy: below this accuracy the scorer check warns that the gate is noise.
     """
 
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -80,6 +93,11 @@ class MergeItConfig:
     concurrency: int | None = None
     top_logprobs: int = 20
     max_missing_score_fraction: float = 0.25
+    min_retention: float = DEFAULT_MIN_RETENTION
+    gate_retries: int = 0
+    local_model: str | None = None
+    scorer_check_rows: int = 16
+    scorer_check_min_accuracy: float = 0.7
     preset: str = field(default="paper")
 
     def __post_init__(self) -> None:
@@ -109,8 +127,12 @@ class MergeItConfig:
         for name in ("max_new_tokens", "request_retries", "top_logprobs", "embedding_batch_size"):
             if getattr(self, name) < 1:
                 yield f"{name} must be >= 1, got {getattr(self, name)}"
-        if self.parse_retries < 0:
-            yield f"parse_retries must be >= 0, got {self.parse_retries}"
+        for name in ("parse_retries", "gate_retries", "scorer_check_rows"):
+            if getattr(self, name) < 0:
+                yield f"{name} must be >= 0, got {getattr(self, name)}"
+        for name in ("min_retention", "scorer_check_min_accuracy"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                yield f"{name} must lie in [0, 1], got {getattr(self, name)}"
         if self.concurrency is not None and self.concurrency < 1:
             yield f"concurrency must be >= 1 or None, got {self.concurrency}"
         if not 0.0 <= self.max_missing_score_fraction <= 1.0:
@@ -126,6 +148,7 @@ class MergeItConfig:
             "per_cluster_budget": 75,
             "tau": 0.55,
             "alpha": 0.5,
+            "gate_retries": 3,
             "preset": "authors_scripts",
         }
         return cls(**{**preset, **overrides})

@@ -1,39 +1,33 @@
-"""Stage 2: an LLM merges each pair into one example; a quality gate keeps the better merges.
+"""Stage 2: an LLM merges each pair into one example; the gate keeps merges that are better and complete.
 
-``pairs.map(mergeit_hf.merge_batch, batched=True)`` (or unbatched) adds the merged fields, the three
-quality scores, the gate's decision and the provenance of the merge. ``Merger(...)`` builds a
-configured callable of the same kind. Requests inside a batch run concurrently under a bound, every
-answer is cached on disk the moment it arrives, and each pair ends accepted, rejected or failed with
-a reason: none is lost.
+``pairs.map(mergeit_hf.merge_batch, batched=True)`` (or unbatched) adds the merged fields, the quality
+scores, each source's retention, the gate's decision and the provenance of the merge. ``Merger(...)``
+builds a configured callable of the same kind. Requests run concurrently under a bound and are cached
+(``scheduling``), scores come from ``scoring``, retention from ``retention``, the decision from ``gate``
+and the columns from ``merge_columns``. Each pair ends accepted, rejected or failed with a reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from mergeit_hf.backends import (
-    ChatBackend,
-    ChatReply,
-    EndpointBackend,
-    LocalLlamaBackend,
-    json_response_format,
-)
+from mergeit_hf.backends import ChatBackend, ChatReply, EndpointBackend, LocalLlamaBackend, json_response_format
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.embedding import join_text
-from mergeit_hf.errors import EndpointError, MergeItError, QualityScoringError
+from mergeit_hf.embedding import Embedder
+from mergeit_hf.errors import EndpointError, MergeItError
+from mergeit_hf.gate import AttemptScores, GateDecision, best_attempt, decide
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.quality import QualityScore, expected_score, gate_explanation, passes_gate
-from mergeit_hf.request_cache import RequestCache, payload_hash
+from mergeit_hf.quality import QualityScore
+from mergeit_hf.request_cache import RequestCache
+from mergeit_hf.retention import merged_chunks, row_text, source_retentions
+from mergeit_hf.scheduling import RequestScheduler, default_cache_dir, run_sync
+from mergeit_hf.scoring import QualityScorer, ScoreCounts
 
 MergeStatus = Literal["accepted", "rejected", "failed", "skipped"]
 MERGE_FIELDS = ("instruction", "input", "output")
@@ -43,12 +37,10 @@ MERGE_SCHEMA: dict[str, Any] = {
     "required": list(MERGE_FIELDS),
     "additionalProperties": False,
 }
-_MIN_SCORES_BEFORE_STOPPING = 12
-T = TypeVar("T")
+#: A gate retry at temperature 0 would return the same merge; retries then sample at this temperature.
+GATE_RETRY_TEMPERATURE = 0.7
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MERGEIT_CACHE") or Path.home() / ".cache" / "mergeit-hf" / "requests")
+__all__ = ["MergeOutcome", "MergeStats", "Merger", "default_cache_dir", "merge_batch", "run_sync"]
 
 
 class MergeParseError(MergeItError, ValueError):
@@ -79,8 +71,31 @@ def parse_merge_output(reply: ChatReply) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class MergeAttempt:
+    """One merge the gate looked at (or the reason there was none to look at)."""
+
+    seed: int
+    merged: dict[str, str] | None = None
+    scores: AttemptScores | None = None
+    completed_at: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        scores = self.scores
+        return {
+            "seed": self.seed,
+            "error": self.error,
+            "merged": self.merged,
+            "quality_merged": scores.quality_merged if scores else None,
+            "retentions": list(scores.retentions) if scores else None,
+            "lost": [list(items) for items in scores.lost] if scores else None,
+            "completed_at": self.completed_at,
+        }
+
+
+@dataclass(frozen=True)
 class MergeOutcome:
-    """What happened to one pair."""
+    """What happened to one pair: the kept attempt, the gate's decision, and every attempt made."""
 
     status: MergeStatus
     reason: str
@@ -88,7 +103,10 @@ class MergeOutcome:
     quality_merged: float | None = None
     quality_a: float | None = None
     quality_b: float | None = None
-    attempts: int = 0
+    retentions: tuple[float, ...] | None = None
+    rejection_cause: str | None = None
+    attempts: int = 0  # merge requests sent (parse retries included)
+    gate_attempts: tuple[MergeAttempt, ...] = ()
     scores_incomplete: int = 0
     completed_at: str = ""
 
@@ -106,6 +124,7 @@ class MergeStats:
     requests_sent: int = 0
     cache_hits: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    rejection_causes: dict[str, int] = field(default_factory=dict)
 
     @property
     def pairs(self) -> int:
@@ -124,20 +143,22 @@ class MergeStats:
         if outcome.status == "failed":
             kind = outcome.reason.split(":")[0]
             self.failure_reasons[kind] = self.failure_reasons.get(kind, 0) + 1
+        if outcome.rejection_cause:
+            cause = outcome.rejection_cause
+            self.rejection_causes[cause] = self.rejection_causes.get(cause, 0) + 1
 
 
 @dataclass
 class _Run:
-    """Everything one call shares: backend, cache, concurrency bound, templates, counters."""
+    """Everything one call shares: the scheduler, the scorer, the merge template and the embedder."""
 
-    backend: ChatBackend
-    cache: RequestCache
-    semaphore: asyncio.Semaphore
+    scheduler: RequestScheduler
+    scorer: QualityScorer
     merge_template: PromptTemplate
-    quality_template: PromptTemplate
+    embedder: Embedder
     config: MergeItConfig
     stats: MergeStats
-    in_flight: dict[str, asyncio.Future] = field(default_factory=dict)
+    embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True)
@@ -145,8 +166,8 @@ class Merger:
     """A configured, picklable stage 2 function for ``Dataset.map`` (batched or not).
 
     endpoint: URL of a TGI-compatible server; None reads ``MERGEIT_ENDPOINT`` at call time and falls
-        back to the embedded llama.cpp model when it is unset too.
-    config: stage 2 parameters (templates, generation, retries, concurrency, α, thresholds).
+        back to the embedded llama.cpp model (``config.local_model``) when it is unset too.
+    config: stage 2 parameters (templates, generation, retries, concurrency, α, min_retention).
     cache_dir: folder of the request cache; None uses ``MERGEIT_CACHE`` or ~/.cache/mergeit-hf.
     use_cache: False sends every request, keeping nothing on disk.
     The token is read from ``HF_TOKEN`` or the HF login when requests are sent; it is never stored.
@@ -173,14 +194,16 @@ class Merger:
                 object.__setattr__(self, name, value)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from mergeit_hf.merge_columns import outcome_columns
+
         batched = isinstance(batch["pair_id"], list)
         pairs = _rows_of(batch) if batched else [batch]
-        templates = self._templates()
+        templates = self.templates()
         outcomes, _, model_id = run_sync(self.merge_pairs(pairs, templates))
         columns = outcome_columns(outcomes, model_id, self.config, templates)
         return columns if batched else {name: values[0] for name, values in columns.items()}
 
-    def _templates(self) -> tuple[PromptTemplate, PromptTemplate]:
+    def templates(self) -> tuple[PromptTemplate, PromptTemplate]:
         return PromptTemplate.load(self.config.merge_template), PromptTemplate.load(self.config.quality_template)
 
     def make_backend(self) -> ChatBackend:
@@ -189,32 +212,44 @@ class Merger:
             return EndpointBackend(
                 endpoint, timeout_s=self.config.request_timeout_s, attempts=self.config.request_retries
             )
-        return LocalLlamaBackend()
+        return LocalLlamaBackend(self.config.local_model)
+
+    def open_cache(self) -> RequestCache:
+        return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
+
+    async def open_scheduler(self, backend: ChatBackend, cache: RequestCache) -> RequestScheduler:
+        """Probe the backend (fail fast, read its concurrency) and bind it to the cache."""
+        await backend.probe()
+        return RequestScheduler(backend, cache, self.config.concurrency or backend.default_concurrency)
 
     async def merge_pairs(
         self, pairs: list[dict[str, Any]], templates: tuple[PromptTemplate, PromptTemplate] | None = None
     ) -> tuple[list[MergeOutcome], MergeStats, str]:
         """Merge, score and gate every pair concurrently; returns outcomes in input order."""
-        backend = self.make_backend()
-        cache = RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
+        backend, cache = self.make_backend(), self.open_cache()
         try:
-            await backend.probe()
-            merge_template, quality_template = templates or self._templates()
-            concurrency = self.config.concurrency or backend.default_concurrency
+            scheduler = await self.open_scheduler(backend, cache)
+            merge_template, quality_template = templates or self.templates()
+            counts = ScoreCounts()
             run = _Run(
-                backend,
-                cache,
-                asyncio.Semaphore(concurrency),
+                scheduler,
+                QualityScorer(scheduler, quality_template, self.config, counts),
                 merge_template,
-                quality_template,
+                Embedder(self.config.embedding_model, self.config.text_columns, self.config.embedding_batch_size),
                 self.config,
                 MergeStats(),
             )
             progress = tqdm(total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs))
             progress.close()
-            run.stats.cache_hits = cache.hits
-            return list(outcomes), run.stats, backend.model_id
+            stats = run.stats
+            stats.scores, stats.scores_incomplete, stats.scores_unavailable = (
+                counts.scores,
+                counts.incomplete,
+                counts.unavailable,
+            )
+            stats.requests_sent, stats.cache_hits = scheduler.requests_sent, cache.hits
+            return list(outcomes), stats, backend.model_id
         finally:
             cache.close()
             await backend.aclose()
@@ -229,131 +264,132 @@ async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> Me
 
 async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
     a, b = _side(pair, "a"), _side(pair, "b")
-    merged_task = asyncio.ensure_future(_request_merge(run, a, b))
-    score_a, score_b = await asyncio.gather(_score(run, a), _score(run, b))
+    first_merge = asyncio.ensure_future(_request_merge(run, a, b, 0))
+    score_a, score_b = await asyncio.gather(run.scorer.score(a), run.scorer.score(b))
+    for label, score in (("a", score_a), ("b", score_b)):
+        problem = _score_problem(label, score)
+        if problem:
+            first_merge.cancel()
+            return _failed(problem, score_a, score_b, 0)
+    qualities = (score_a.value, score_b.value)
+    attempts: list[MergeAttempt] = []
+    incomplete = sum(not s.complete for s in (score_a, score_b))
+    requests = 0
+    for gate_attempt in range(run.config.gate_retries + 1):
+        merge = first_merge if gate_attempt == 0 else _request_merge(run, a, b, gate_attempt)
+        attempt, sent, score_m = await _attempt(run, a, b, merge, gate_attempt)
+        requests += sent
+        if isinstance(score_m, EndpointError) or (score_m is not None and not score_m.available):
+            return _failed(_score_problem("merged", score_m), score_a, score_b, requests, attempt.merged)
+        incomplete += score_m is not None and not score_m.complete
+        attempts.append(attempt)
+        if attempt.scores and decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention).accepted:
+            break  # the gate said yes: no retry can do better by its measure
+    return _outcome(attempts, qualities, run.config, requests, incomplete)
+
+
+async def _attempt(
+    run: _Run, a: dict[str, str], b: dict[str, str], merge: Any, gate_attempt: int
+) -> tuple[MergeAttempt, int, QualityScore | EndpointError | None]:
+    """One merge, its score and its sources' retention; a merge that failed is recorded with its reason."""
+    seed = merge_params(run.config, 0, gate_attempt)["seed"]
     try:
-        merged, attempts, completed_at = await merged_task
+        merged, sent, completed_at = await merge
     except (MergeParseError, EndpointError) as exc:
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
-        return _failed(f"{kind}: {exc}", score_a, score_b, run.config.parse_retries + 1)
-    score_m = await _score(run, merged)
-    incomplete = sum(not s.complete for s in (score_a, score_b, score_m) if isinstance(s, QualityScore))
-    for label, score in (("merged", score_m), ("a", score_a), ("b", score_b)):
-        if isinstance(score, EndpointError):
-            return _failed(f"endpoint error: scoring {label}: {score}", score_a, score_b, attempts, merged)
-        if not score.available:
-            reason = f"quality score unavailable: no digit 1-6 among the top logprobs for {label}"
-            return _failed(reason, score_a, score_b, attempts, merged)
-    qm, qa, qb = score_m.value, score_a.value, score_b.value
-    status: MergeStatus = "accepted" if passes_gate(qm, qa, qb, run.config.alpha) else "rejected"
-    reason = gate_explanation(qm, qa, qb, run.config.alpha)
-    return MergeOutcome(status, reason, merged, qm, qa, qb, attempts, incomplete, completed_at)
+        return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, None
+    score_m, retentions = await asyncio.gather(run.scorer.score(merged), _retentions(run, (a, b), merged))
+    if not isinstance(score_m, QualityScore) or not score_m.available:
+        return MergeAttempt(seed, merged, completed_at=completed_at), sent, score_m
+    scores = AttemptScores(score_m.value, tuple(r.value for r in retentions), tuple(tuple(r.lost) for r in retentions))
+    return MergeAttempt(seed, merged, scores, completed_at), sent, score_m
+
+
+async def _retentions(run: _Run, sources: tuple[dict[str, str], ...], merged: dict[str, str]) -> list:
+    chunks = merged_chunks(merged)
+    async with run.embed_lock:  # one forward pass at a time: the model is shared by every pair
+        vectors = await asyncio.to_thread(run.embedder.encode, [row_text(s) for s in sources] + chunks)
+    return source_retentions(sources, merged, vectors[: len(sources)], vectors[len(sources) :])
+
+
+def _outcome(
+    attempts: list[MergeAttempt], qualities: tuple[float, float], config: MergeItConfig, requests: int, incomplete: int
+) -> MergeOutcome:
+    scored = [(i, attempt) for i, attempt in enumerate(attempts) if attempt.scores is not None]
+    if not scored:
+        errors = "; ".join(attempt.error for attempt in attempts)
+        return MergeOutcome("failed", errors, None, None, *qualities, attempts=requests, gate_attempts=tuple(attempts))
+    index, decision = best_attempt([a.scores for _, a in scored], qualities, config.alpha, config.min_retention)
+    kept = scored[index][1]
+    return _decided(kept, decision, qualities, requests, tuple(attempts), incomplete)
+
+
+def _decided(
+    kept: MergeAttempt,
+    decision: GateDecision,
+    qualities: tuple[float, float],
+    requests: int,
+    attempts: tuple[MergeAttempt, ...],
+    incomplete: int,
+) -> MergeOutcome:
+    assert kept.scores is not None
+    return MergeOutcome(
+        "accepted" if decision.accepted else "rejected",
+        decision.reason,
+        kept.merged,
+        kept.scores.quality_merged,
+        *qualities,
+        retentions=kept.scores.retentions,
+        rejection_cause=decision.cause,
+        attempts=requests,
+        gate_attempts=attempts,
+        scores_incomplete=incomplete,
+        completed_at=kept.completed_at,
+    )
+
+
+def _score_problem(label: str, score: QualityScore | EndpointError | None) -> str:
+    if isinstance(score, EndpointError):
+        return f"endpoint error: scoring {label}: {score}"
+    if score is not None and not score.available:
+        return f"quality score unavailable: no digit 1-6 among the top logprobs for {label}"
+    return ""
 
 
 def _failed(reason: str, score_a: Any, score_b: Any, attempts: int, merged: dict | None = None) -> MergeOutcome:
     value = lambda s: s.value if isinstance(s, QualityScore) else None  # noqa: E731
-    return MergeOutcome("failed", reason, merged, None, value(score_a), value(score_b), attempts)
+    return MergeOutcome("failed", reason, merged, None, value(score_a), value(score_b), attempts=attempts)
 
 
-async def _request_merge(run: _Run, a: dict[str, str], b: dict[str, str]) -> tuple[dict[str, str], int, str]:
+async def _request_merge(
+    run: _Run, a: dict[str, str], b: dict[str, str], gate_attempt: int
+) -> tuple[dict[str, str], int, str]:
     messages = [{"role": "user", "content": run.merge_template.render(a=a, b=b)}]
     problems = []
-    for attempt in range(run.config.parse_retries + 1):
-        params = merge_params(run.config, attempt)
-        reply, completed_at = await _complete(run, run.merge_template, messages, params)
+    for parse_attempt in range(run.config.parse_retries + 1):
+        params = merge_params(run.config, parse_attempt, gate_attempt)
+        reply, completed_at = await run.scheduler.complete(run.merge_template, messages, params)
         try:
-            return parse_merge_output(reply), attempt + 1, completed_at
+            return parse_merge_output(reply), parse_attempt + 1, completed_at
         except MergeParseError as exc:
-            problems.append(f"attempt {attempt + 1}: {exc}")
+            problems.append(f"attempt {parse_attempt + 1}: {exc}")
     raise MergeParseError(f"no valid JSON after {len(problems)} attempts ({'; '.join(problems)})")
 
 
-def merge_params(config: MergeItConfig, attempt: int) -> dict[str, Any]:
-    """Generation parameters of a merge request; each parse retry gets a new seed."""
+def merge_params(config: MergeItConfig, parse_attempt: int, gate_attempt: int = 0) -> dict[str, Any]:
+    """Generation parameters of a merge request; every retry (parse or gate) gets a new seed."""
+    temperature = config.temperature
+    if gate_attempt and temperature == 0:
+        temperature = GATE_RETRY_TEMPERATURE
     params: dict[str, Any] = {
         "max_tokens": config.max_new_tokens,
-        "temperature": config.temperature,
-        "seed": config.seed + attempt,
+        "temperature": temperature,
+        "seed": config.seed + gate_attempt * (config.parse_retries + 1) + parse_attempt,
         "response_format": json_response_format(MERGE_SCHEMA),
     }
     if config.top_p < 1.0:  # TGI rejects top_p=1.0; leaving it out means the same thing
         params["top_p"] = config.top_p
     return params
-
-
-def score_params(config: MergeItConfig) -> dict[str, Any]:
-    # temperature 1.0: the logprobs are those of the model itself, with no warping.
-    return {
-        "max_tokens": 1,
-        "temperature": 1.0,
-        "seed": config.seed,
-        "logprobs": True,
-        "top_logprobs": config.top_logprobs,
-    }
-
-
-async def _score(run: _Run, row: dict[str, str]) -> QualityScore | EndpointError:
-    instruction = join_text((row["instruction"], row.get("input", "")))
-    messages = [
-        {
-            "role": "user",
-            "content": run.quality_template.render(instruction=instruction, output=row["output"]),
-        }
-    ]
-    try:
-        reply, _ = await _complete(run, run.quality_template, messages, score_params(run.config))
-    except EndpointError as exc:
-        return exc
-    score = expected_score(reply.first_top_logprobs)
-    _count_score(run, score)
-    return score
-
-
-def _count_score(run: _Run, score: QualityScore) -> None:
-    stats, config = run.stats, run.config
-    stats.scores += 1
-    stats.scores_incomplete += not score.complete
-    stats.scores_unavailable += not score.available
-    if stats.scores >= _MIN_SCORES_BEFORE_STOPPING and stats.incomplete_fraction > config.max_missing_score_fraction:
-        raise QualityScoringError(
-            f"{stats.scores_incomplete} of {stats.scores} quality scores lacked some of the digits 1-6 among the "
-            f"top {config.top_logprobs} logprobs ({stats.incomplete_fraction:.0%} > "
-            f"max_missing_score_fraction={config.max_missing_score_fraction}). Use a Deita scorer model, raise "
-            "top_logprobs (TGI: launch with a higher --max-top-n-tokens), or raise the threshold."
-        )
-
-
-async def _complete(
-    run: _Run, template: PromptTemplate, messages: list[dict[str, str]], params: dict[str, Any]
-) -> tuple[ChatReply, str]:
-    """One request, answered from the cache, from an identical request already in flight, or sent."""
-    payload = {
-        "model": run.backend.model_id,
-        "template_sha256": template.sha256,
-        "messages": messages,
-        "params": params,
-    }
-    key = payload_hash(payload)
-    cached = run.cache.get(key)
-    if cached is not None:
-        return ChatReply.from_dict(cached), cached["completed_at"]
-    if key not in run.in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
-        run.in_flight[key] = asyncio.ensure_future(_send(run, key, payload, messages, params))
-    return await asyncio.shield(run.in_flight[key])
-
-
-async def _send(
-    run: _Run, key: str, payload: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any]
-) -> tuple[ChatReply, str]:
-    try:
-        async with run.semaphore:
-            reply = await run.backend.chat(messages, params)
-    finally:
-        run.in_flight.pop(key, None)
-    run.stats.requests_sent += 1
-    completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    run.cache.put(key, payload, {**reply.to_dict(), "completed_at": completed_at})
-    return reply, completed_at
 
 
 def _side(pair: dict[str, Any], side: str) -> dict[str, str]:
@@ -363,47 +399,6 @@ def _side(pair: dict[str, Any], side: str) -> dict[str, str]:
 def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:
     names = list(batch)
     return [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-
-
-def outcome_columns(
-    outcomes: list[MergeOutcome], model_id: str, config: MergeItConfig, templates: tuple[PromptTemplate, ...]
-) -> dict[str, list]:
-    """Stage 2 columns for a batch of pairs, provenance included."""
-    from mergeit_hf import __version__
-
-    merge_template, quality_template = templates
-    generation = json.dumps(merge_params(config, 0), sort_keys=True)
-    n = len(outcomes)
-    return {
-        "merged_instruction": [(o.merged or {}).get("instruction", "") for o in outcomes],
-        "merged_input": [(o.merged or {}).get("input", "") for o in outcomes],
-        "merged_output": [(o.merged or {}).get("output", "") for o in outcomes],
-        "merge_status": [o.status for o in outcomes],
-        "merge_reason": [o.reason for o in outcomes],
-        "quality_merged": [o.quality_merged for o in outcomes],
-        "quality_a": [o.quality_a for o in outcomes],
-        "quality_b": [o.quality_b for o in outcomes],
-        "quality_scores_incomplete": [o.scores_incomplete for o in outcomes],
-        "merge_attempts": [o.attempts for o in outcomes],
-        "alpha": [config.alpha] * n,
-        "merge_model": [model_id] * n,
-        "merge_template": [merge_template.name] * n,
-        "merge_template_sha256": [merge_template.sha256] * n,
-        "quality_template_sha256": [quality_template.sha256] * n,
-        "generation_params": [generation] * n,
-        "merged_at": [o.completed_at for o in outcomes],
-        "mergeit_version": [__version__] * n,
-    }
-
-
-def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, Gradio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 #: ``pairs.map(mergeit_hf.merge_batch, batched=True)``: ``MERGEIT_ENDPOINT`` or the embedded model.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from mergeit_hf.assemble import Assembly, assemble
 from mergeit_hf.card import RunRecord, build_card
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
-from mergeit_hf.merging import MergeOutcome, Merger, default_cache_dir, outcome_columns
-from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.publish import push_to_hub, write_repo_folder
-from mergeit_hf.request_cache import RequestCache
+from mergeit_hf.merge_columns import outcome_columns
+from mergeit_hf.merging import MergeOutcome, Merger
+from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
+from mergeit_hf.scorer_check import ScorerCheck, run_scorer_check
 from mergeit_hf.stage1 import Stage1Result, run_stage1
 
 MERGE_BATCH_PAIRS = 32
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,9 +45,21 @@ class PipelineResult:
         return self.assembly.final
 
     def summary_table(self) -> str:
-        width = max(len(step) for step in self.record.counts)
-        lines = [f"{step:<{width}}  {count:>8}" for step, count in self.record.counts.items()]
-        lines.append(f"{'acceptance rate':<{width}}  {self.record.acceptance_rate:>8.1%}")
+        record = self.record
+        width = max(len(step) for step in [*record.counts, "rejected for quality and retention"])
+        lines = [f"{step:<{width}}  {count:>8}" for step, count in record.counts.items()]
+        lines += [f"{'rejected for ' + cause:<{width}}  {n:>8}" for cause, n in record.rejection_causes.items()]
+        lines.append(f"{'acceptance rate':<{width}}  {record.acceptance_rate:>8.1%}")
+        quartiles = retention_quartiles(self.merged_pairs)
+        if quartiles:
+            lines.append(f"{'weaker-side retention':<{width}}  " + " / ".join(f"{q:.2f}" for q in quartiles))
+            lines.append(
+                f"{'':<{width}}  (25th / 50th / 75th percentile; min_retention {record.config['min_retention']})"
+            )
+        if record.scorer_check:
+            check = record.scorer_check
+            verdict = "ok" if check["passed"] else f"BELOW {check['min_accuracy']}: the gate is noise"
+            lines.append(f"{'scorer accuracy':<{width}}  {check['accuracy']:>8.2f}  (n={check['rows']}, {verdict})")
         lines.append(f"{'LLM requests sent':<{width}}  {self.requests_sent:>8}")
         return "\n".join(lines)
 
@@ -68,7 +82,7 @@ def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None, **
     Returns the merged pairs and how many requests were actually sent (the rest came from the cache).
     """
     limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
-    cache = RequestCache((merger.cache_dir or default_cache_dir()) if merger.use_cache else None)
+    cache = merger.open_cache()
     cached_before = len(cache)
     merged = pairs.select(range(limit)).map(
         merger, batched=True, batch_size=MERGE_BATCH_PAIRS, desc="Merging pairs", **map_kwargs
@@ -84,8 +98,8 @@ def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: i
     """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
     from datasets import concatenate_datasets
 
-    templates = (PromptTemplate.load(config.merge_template), PromptTemplate.load(config.quality_template))
     reason = f"not merged: this run was limited to {limit} pairs"
+    templates = Merger(config=config).templates()
     columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), "", config, templates)
     skipped = Dataset.from_dict({**rest.to_dict(), **columns})
     return concatenate_datasets([merged, skipped.cast(merged.features)])
@@ -109,6 +123,7 @@ def run_pipeline(
     config = config or MergeItConfig()
     report, stage1 = plan(source, config, column_map=column_map, input_format=input_format)
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache)
+    check = check_scorer_before_merging(stage1, merger)
     merged_pairs, sent = merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
         source,
@@ -116,11 +131,23 @@ def run_pipeline(
         stage1,
         merged_pairs,
         sent,
+        scorer_check=check,
         endpoint_given=bool(merger.resolved_endpoint),
         license=license,
         pretty_name=pretty_name,
         general_size=general_size,
     )
+
+
+def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerCheck | None:
+    """The scorer check on a sample of the selected rows, where there is something to gate; warns when it fails."""
+    rows = stage1.selected.select_columns(["instruction", "input", "output"]).to_list()
+    if merger.config.scorer_check_rows == 0 or stage1.n_pairs == 0 or len(rows) < 2:
+        return None
+    check = run_scorer_check(rows, merger)
+    if not check.passed:
+        logger.warning(check.report().splitlines()[-2])
+    return check
 
 
 def finish_run(
@@ -130,6 +157,7 @@ def finish_run(
     merged_pairs: Dataset,
     requests_sent: int,
     *,
+    scorer_check: ScorerCheck | None = None,
     endpoint_given: bool = False,
     license: str | None = None,
     pretty_name: str | None = None,
@@ -150,6 +178,8 @@ def finish_run(
         drop_reasons=report.drop_counts,
         unreadable=report.unreadable_detail if not report.complete else "",
         scores_incomplete=int(sum(merged_pairs["quality_scores_incomplete"])) if len(merged_pairs) else 0,
+        rejection_causes=dict(Counter(c for c in merged_pairs["rejection_cause"] if c)) if len(merged_pairs) else {},
+        scorer_check=scorer_check.to_dict() if scorer_check else None,
         endpoint_hint="URL" if endpoint_given else None,
         license=license,
         pretty_name=pretty_name,
@@ -190,25 +220,69 @@ def _hub_source(source: str | Path | Dataset) -> list[str]:
 
 
 def save(result: PipelineResult, folder: str | Path) -> list[Path]:
-    """Write the repository layout (data, card, accounting, pairs, run record) to ``folder``."""
-    return write_repo_folder(folder, result.final, result.card, _extras(result), dataclasses.asdict(result.record))
+    """Write the repository layout (data, card, figures, accounting, pairs, run record) to ``folder``."""
+    return write_output(folder, result.final, result.merged_pairs, result.assembly.accounting, result.record)
 
 
 def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api: Any = None) -> Any:
     """Push the same layout as ``save`` to a Hub dataset repo, in one commit."""
+    pairs = _pairs_for_export(result.merged_pairs)
+    card, figures = card_and_figures(result.record, result.final, pairs)
     return push_to_hub(
         result.final,
         repo_id,
-        result.card,
-        extras=_extras(result),
+        card,
+        extras={"accounting": result.assembly.accounting, "pairs": pairs},
+        files=figures,
         run_record=dataclasses.asdict(result.record),
         private=private,
         api=api,
     )
 
 
-def _extras(result: PipelineResult) -> dict[str, Dataset]:
-    return {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
+def write_output(
+    folder: str | Path, final: Dataset, pairs: Dataset, accounting: Dataset, record: RunRecord
+) -> list[Path]:
+    """One writer for ``save`` and ``mergeit regate``: what a run folder holds, built the same way."""
+    pairs = _pairs_for_export(pairs)
+    card, figures = card_and_figures(record, final, pairs)
+    extras = {"accounting": accounting, "pairs": pairs}
+    return write_repo_folder(folder, final, card, extras, dataclasses.asdict(record), files=figures)
+
+
+def card_and_figures(record: RunRecord, final: Dataset, pairs: Dataset) -> tuple[DatasetCard, dict[str, bytes]]:
+    """The card and the images it shows (``mergeit/retention.png``, ``mergeit/sweep.png``) when pairs were scored."""
+    figures = run_figures(record, pairs)
+    return build_card(record, final, pairs, figures=sorted(figures)), figures
+
+
+def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
+    from mergeit_hf import figures, regate
+
+    if len(pairs) == 0 or "attempt_log" not in pairs.column_names:
+        return {}
+    scored = pairs.filter(lambda status: status in regate.SCORED, input_columns="merge_status")
+    if len(scored) == 0:
+        return {}
+    alpha, min_retention = float(record.config["alpha"]), float(record.config["min_retention"])
+    table = regate.sweep(regate.scored_pairs(scored), current=(alpha, min_retention))
+    folder = EXTRAS_FOLDER
+    return {
+        f"{folder}/{figures.RETENTION_FIGURE}": figures.retention_figure(
+            scored["retention_a"], scored["retention_b"], scored["merge_status"], min_retention
+        ),
+        f"{folder}/{figures.SWEEP_FIGURE}": figures.sweep_figure(table),
+    }
+
+
+def retention_quartiles(pairs: Dataset) -> list[float]:
+    """25th, 50th and 75th percentile of the weaker source's retention over the scored merges."""
+    import numpy as np
+
+    if len(pairs) == 0 or "retention_a" not in pairs.column_names:
+        return []
+    weaker = [min(a, b) for a, b in zip(pairs["retention_a"], pairs["retention_b"], strict=True) if a is not None]
+    return [float(q) for q in np.percentile(weaker, [25, 50, 75])] if weaker else []
 
 
 def _pairs_for_export(pairs: Dataset) -> Dataset:
@@ -216,22 +290,15 @@ def _pairs_for_export(pairs: Dataset) -> Dataset:
 
 
 def render_card_again(folder: str | Path) -> DatasetCard:
-    """``mergeit card DIR``: rebuild README.md from the saved run record, data and pairs."""
-    folder = Path(folder)
-    record_path = folder / "mergeit" / "run.json"
-    if not record_path.is_file():
-        from mergeit_hf.errors import InputError
+    """``mergeit card DIR``: rebuild README.md (and its figures) from the saved run record, data and pairs."""
+    from mergeit_hf.regate import OutputFolder
 
-        raise InputError(f"{folder} holds no mergeit/run.json: is it the --output folder of `mergeit run`?")
-    record = RunRecord.load(record_path)
-    final = _read_parquet(sorted((folder / "data").glob("train-*.parquet")))
-    pairs = _read_parquet([folder / "mergeit" / "pairs.parquet"])
-    card = build_card(record, final, pairs)
-    (folder / "README.md").write_text(str(card), encoding="utf-8")
-    return card
+    out = OutputFolder.open(folder)
+    write_output(out.folder, out.final, out.pairs, out.accounting, out.record)
+    return DatasetCard((out.folder / "README.md").read_text(encoding="utf-8"))
 
 
-def _read_parquet(paths: list[Path]) -> Dataset:
+def read_parquet(paths: list[Path]) -> Dataset:
     # pyarrow, not Dataset.from_parquet: the latter refuses a file with zero rows (a run without pairs).
     import pyarrow as pa
     import pyarrow.parquet as pq

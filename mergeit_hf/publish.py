@@ -30,8 +30,12 @@ def write_repo_folder(
     card: DatasetCard,
     extras: dict[str, Dataset] | None = None,
     run_record: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> list[Path]:
-    """Write the repository layout; returns the files written, relative to ``folder``."""
+    """Write the repository layout; returns the files written, relative to ``folder``.
+
+    ``files`` maps repo paths to bytes (the card's images) written as they are.
+    """
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for stale in (folder / "data").glob("train-*.parquet"):
@@ -49,6 +53,11 @@ def write_repo_folder(
         relative = Path(EXTRAS_FOLDER) / f"{name}.parquet"
         extra.to_parquet(str(folder / relative))
         written.append(relative)
+    for name, content in sorted((files or {}).items()):
+        relative = Path(name)
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(content)
+        written.append(relative)
     if run_record is not None:
         relative = Path(EXTRAS_FOLDER) / "run.json"
         # No sort_keys: the counts keep the pipeline's order when the card is rendered again.
@@ -64,6 +73,7 @@ def push_to_hub(
     *,
     extras: dict[str, Dataset] | None = None,
     run_record: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload MergeIT-curated dataset with mergeit-hf",
@@ -79,7 +89,7 @@ def push_to_hub(
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         existing = set(api.list_repo_files(repo_id, repo_type="dataset"))
         with tempfile.TemporaryDirectory() as staging:
-            written = write_repo_folder(staging, dataset, card, extras, run_record)
+            written = write_repo_folder(staging, dataset, card, extras, run_record, files)
             paths = {path.as_posix() for path in written}
             operations: list[Any] = [
                 CommitOperationAdd(path_in_repo=path.as_posix(), path_or_fileobj=str(Path(staging) / path))

@@ -1,0 +1,52 @@
+"""Stage 2 columns of a batch of pairs: the kept merge, scores, retention, decision and provenance."""
+
+from __future__ import annotations
+
+import json
+
+from mergeit_hf.config import MergeItConfig
+from mergeit_hf.merging import MergeOutcome, merge_params
+from mergeit_hf.prompts import PromptTemplate
+
+
+def outcome_columns(
+    outcomes: list[MergeOutcome], model_id: str, config: MergeItConfig, templates: tuple[PromptTemplate, ...]
+) -> dict[str, list]:
+    """Stage 2 columns for a batch of pairs, provenance included.
+
+    ``attempt_log`` is JSON (a list with one object per gate attempt: seed, merged fields, quality,
+    retentions, lost items, error): one string type whatever the batch holds, so ``datasets`` never
+    meets a batch whose nested type it cannot infer, and ``mergeit regate`` reads every attempt back.
+    """
+    from mergeit_hf import __version__
+
+    merge_template, quality_template = templates
+    generation = json.dumps(merge_params(config, 0), sort_keys=True)
+    n = len(outcomes)
+    retention = lambda o, i: o.retentions[i] if o.retentions else None  # noqa: E731
+    return {
+        "merged_instruction": [(o.merged or {}).get("instruction", "") for o in outcomes],
+        "merged_input": [(o.merged or {}).get("input", "") for o in outcomes],
+        "merged_output": [(o.merged or {}).get("output", "") for o in outcomes],
+        "merge_status": [o.status for o in outcomes],
+        "merge_reason": [o.reason for o in outcomes],
+        "rejection_cause": [o.rejection_cause or "" for o in outcomes],
+        "quality_merged": [o.quality_merged for o in outcomes],
+        "quality_a": [o.quality_a for o in outcomes],
+        "quality_b": [o.quality_b for o in outcomes],
+        "retention_a": [retention(o, 0) for o in outcomes],
+        "retention_b": [retention(o, 1) for o in outcomes],
+        "quality_scores_incomplete": [o.scores_incomplete for o in outcomes],
+        "merge_attempts": [o.attempts for o in outcomes],
+        "gate_attempts": [len(o.gate_attempts) for o in outcomes],
+        "attempt_log": [json.dumps([a.to_dict() for a in o.gate_attempts], ensure_ascii=False) for o in outcomes],
+        "alpha": [config.alpha] * n,
+        "min_retention": [config.min_retention] * n,
+        "merge_model": [model_id] * n,
+        "merge_template": [merge_template.name] * n,
+        "merge_template_sha256": [merge_template.sha256] * n,
+        "quality_template_sha256": [quality_template.sha256] * n,
+        "generation_params": [generation] * n,
+        "merged_at": [o.completed_at for o in outcomes],
+        "mergeit_version": [__version__] * n,
+    }

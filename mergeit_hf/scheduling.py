@@ -1,0 +1,83 @@
+"""Sending LLM requests: a concurrency bound, the on-disk request cache, and identical requests sent once.
+
+Every stage 2 request (merges, quality scores, the scorer check) goes through one ``RequestScheduler``:
+an answer comes from the cache, from an identical request already in flight, or from the backend under
+the semaphore; each answer is cached the moment it arrives, so a killed run re-sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mergeit_hf.backends import ChatBackend, ChatReply
+from mergeit_hf.prompts import PromptTemplate
+from mergeit_hf.request_cache import RequestCache, payload_hash
+
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MERGEIT_CACHE") or Path.home() / ".cache" / "mergeit-hf" / "requests")
+
+
+@dataclass
+class RequestScheduler:
+    """One backend, one cache, one bound on requests in flight, shared by everything a run sends."""
+
+    backend: ChatBackend
+    cache: RequestCache
+    concurrency: int
+    requests_sent: int = 0
+    _semaphore: asyncio.Semaphore = field(init=False)
+    _in_flight: dict[str, asyncio.Future] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._semaphore = asyncio.Semaphore(self.concurrency)
+
+    async def complete(
+        self, template: PromptTemplate, messages: list[dict[str, str]], params: dict[str, Any]
+    ) -> tuple[ChatReply, str]:
+        """The reply and when it arrived (UTC, ISO seconds)."""
+        payload = {
+            "model": self.backend.model_id,
+            "template_sha256": template.sha256,
+            "messages": messages,
+            "params": params,
+        }
+        key = payload_hash(payload)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return ChatReply.from_dict(cached), cached["completed_at"]
+        if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
+            self._in_flight[key] = asyncio.ensure_future(self._send(key, payload, messages, params))
+        return await asyncio.shield(self._in_flight[key])
+
+    async def _send(
+        self, key: str, payload: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any]
+    ) -> tuple[ChatReply, str]:
+        try:
+            async with self._semaphore:
+                reply = await self.backend.chat(messages, params)
+        finally:
+            self._in_flight.pop(key, None)
+        self.requests_sent += 1
+        completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.cache.put(key, payload, {**reply.to_dict(), "completed_at": completed_at})
+        return reply, completed_at
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, Gradio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

@@ -1,0 +1,79 @@
+"""Quality scores through the scheduler: Deita's prompt, the digit logprobs, and missing-digit accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mergeit_hf.config import MergeItConfig
+from mergeit_hf.embedding import join_text
+from mergeit_hf.errors import EndpointError, QualityScoringError
+from mergeit_hf.prompts import PromptTemplate
+from mergeit_hf.quality import QualityScore, expected_score
+from mergeit_hf.scheduling import RequestScheduler
+
+#: Too few scores say nothing about a server's top-k cap; the run stops only after this many.
+MIN_SCORES_BEFORE_STOPPING = 12
+
+
+def score_params(config: MergeItConfig) -> dict[str, Any]:
+    # temperature 1.0: the logprobs are those of the model itself, with no warping.
+    return {
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "seed": config.seed,
+        "logprobs": True,
+        "top_logprobs": config.top_logprobs,
+    }
+
+
+@dataclass
+class ScoreCounts:
+    """How many scores were computed, and how many lacked digits (``incomplete_fraction`` explains a stop)."""
+
+    scores: int = 0
+    incomplete: int = 0
+    unavailable: int = 0
+
+    @property
+    def incomplete_fraction(self) -> float:
+        return self.incomplete / self.scores if self.scores else 0.0
+
+
+@dataclass
+class QualityScorer:
+    """Scores rows (instruction / input / output) with Deita's quality prompt through ``scheduler``."""
+
+    scheduler: RequestScheduler
+    template: PromptTemplate
+    config: MergeItConfig
+    counts: ScoreCounts
+
+    async def score(self, row: dict[str, str]) -> QualityScore | EndpointError:
+        """The score, or the endpoint's error (the caller fails that pair with it, never a default score)."""
+        instruction = join_text((row["instruction"], row.get("input", "")))
+        content = self.template.render(instruction=instruction, output=row["output"])
+        messages = [{"role": "user", "content": content}]
+        try:
+            reply, _ = await self.scheduler.complete(self.template, messages, score_params(self.config))
+        except EndpointError as exc:
+            return exc
+        score = expected_score(reply.first_top_logprobs)
+        self._count(score)
+        return score
+
+    def _count(self, score: QualityScore) -> None:
+        counts, config = self.counts, self.config
+        counts.scores += 1
+        counts.incomplete += not score.complete
+        counts.unavailable += not score.available
+        if (
+            counts.scores >= MIN_SCORES_BEFORE_STOPPING
+            and counts.incomplete_fraction > config.max_missing_score_fraction
+        ):
+            raise QualityScoringError(
+                f"{counts.incomplete} of {counts.scores} quality scores lacked some of the digits 1-6 among the "
+                f"top {config.top_logprobs} logprobs ({counts.incomplete_fraction:.0%} > "
+                f"max_missing_score_fraction={config.max_missing_score_fraction}). Use a Deita scorer model, raise "
+                "top_logprobs (TGI: launch with a higher --max-top-n-tokens), or raise the threshold."
+            )

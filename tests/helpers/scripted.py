@@ -1,0 +1,114 @@
+"""A scripted OpenAI-compatible chat server: chosen merges and chosen score distributions, counted.
+
+It speaks the same ``/v1/chat/completions`` and ``/info`` as TGI, so the real client, scheduler, cache,
+gate and retention code run unchanged; only the model's answers are scripted. Merge requests (they carry
+``response_format``) are answered by ``merge(prompt, body) -> dict``; score requests (``logprobs``) by
+``score(instruction, output) -> {digit: probability}``, parsed back out of Deita's prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from tests.helpers.servers import free_port
+
+_DEITA = re.compile(r"#Question#:\n(.*)\n#Response#:\n(.*) \n##Quality: $", re.DOTALL)
+MergeScript = Callable[[str, dict], dict[str, str]]  # (prompt, request body) → merged fields
+ScoreScript = Callable[[str, str], dict[str, float]]
+
+
+def peaked(digit: int, mass: float = 0.9) -> dict[str, float]:
+    """A distribution over "1".."6" with ``mass`` on ``digit`` and the rest spread evenly."""
+    rest = (1 - mass) / 5
+    return {str(d): mass if d == digit else rest for d in range(1, 7)}
+
+
+def parse_deita(prompt: str) -> tuple[str, str]:
+    match = _DEITA.search(prompt)
+    if match is None:
+        raise ValueError(f"not Deita's quality prompt: {prompt[:200]!r}")
+    return match.group(1), match.group(2)
+
+
+@dataclass
+class ScriptedServer:
+    merge: MergeScript
+    score: ScoreScript
+    model_id: str = "scripted/merge-model"
+    slots: int = 4
+    requests: Counter = field(default_factory=Counter)  # "merge" / "score" → requests answered
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    def start(self) -> ScriptedServer:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(port, ready), daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def _serve(self, port: int, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_get("/info", self._info)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", port).start())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        if body.get("logprobs"):
+            self.requests["score"] += 1
+            distribution = self.score(*parse_deita(prompt))
+            return web.json_response(_score_reply(distribution, body.get("top_logprobs") or 1))
+        self.requests["merge"] += 1
+        return web.json_response(_reply(json.dumps(self.merge(prompt, body)), None))
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _score_reply(distribution: dict[str, float], top_n: int) -> dict:
+    ranked = sorted(distribution.items(), key=lambda kv: -kv[1])[:top_n]
+    tops = [{"token": token, "logprob": math.log(p), "bytes": None} for token, p in ranked]
+    logprobs = {"content": [{"token": ranked[0][0], "logprob": math.log(ranked[0][1]), "top_logprobs": tops}]}
+    return _reply(ranked[0][0], logprobs)
+
+
+def _reply(content: str, logprobs: dict | None) -> dict:
+    return {
+        "id": "scripted",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "scripted",
+        "system_fingerprint": "scripted",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": logprobs,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
