@@ -17,6 +17,7 @@ the two apart). A variant identical to its original (a one-sentence answer) is n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -131,7 +132,10 @@ async def check_scorer(
     """Score every row and its variants concurrently (through the scorer's cache) and count the rankings."""
     if len(rows) < 2:
         raise ValueError(f"the scorer check needs at least 2 rows, got {len(rows)}")
-    scorer.counts = ScoreCounts()  # the check's scores are not the run's: keep their accounting apart
+    # The check measures the scorer, missing digits included (counted as wrong): it never stops on them,
+    # and its scores stay out of the run's missing-digit accounting. The requests are the same either way.
+    lenient = dataclasses.replace(scorer.config, max_missing_score_fraction=1.0)
+    scorer = dataclasses.replace(scorer, config=lenient, counts=ScoreCounts())
     variants = [
         (name, index, {**rows[index], "output": text})
         for name, corrupt in CORRUPTIONS.items()

@@ -14,7 +14,7 @@ from datasets import Dataset, load_dataset
 
 from mergeit_hf.cli import main
 from mergeit_hf.loading import load_rows
-from mergeit_hf.pipeline import _read_parquet, save
+from mergeit_hf.pipeline import read_parquet, save
 from mergeit_hf.publish import push_to_hub
 from tests.conftest import shared
 
@@ -123,7 +123,7 @@ def test_card_renders_with_yaml_and_counts_equal_to_the_data(cli_run):
     assert header["configs"][0]["data_files"][0]["path"] == "data/train-*"
     record = json.loads((output / "mergeit" / "run.json").read_text())
     final = _final(output)
-    pairs = _read_parquet([output / "mergeit" / "pairs.parquet"])
+    pairs = read_parquet([output / "mergeit" / "pairs.parquet"])
     counts = record["counts"]
     assert counts["final rows"] == len(final)
     assert counts["merges accepted"] == list(final["origin"]).count("merged")

@@ -30,7 +30,7 @@ MAX_UPLOAD = "20mb"
 EXAMPLE = "Example data (42 hand-written Alpaca rows)"
 SOURCES = [EXAMPLE, "Upload a file", "Hub dataset"]
 PAIR_COLUMNS = ["cluster", "similarity", "instruction a", "instruction b"]
-MERGE_COLUMNS = ["decision", "q(a)", "q(b)", "q(merged)", "source a", "source b", "merged", "why"]
+MERGE_COLUMNS = ["decision", "q(a)", "q(b)", "q(merged)", "retention a / b", "source a", "source b", "merged", "why"]
 
 
 def example_path() -> Path:
@@ -148,6 +148,7 @@ def _merges_table(rows: list[dict]) -> pd.DataFrame:
                 score(row["quality_a"]),
                 score(row["quality_b"]),
                 score(row["quality_merged"]),
+                f"{score(row['retention_a'])} / {score(row['retention_b'])}",
                 row["a_instruction"],
                 row["b_instruction"],
                 f"{row['merged_instruction']}\n\n{row['merged_output']}",

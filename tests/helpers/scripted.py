@@ -8,18 +8,16 @@ gate and retention code run unchanged; only the model's answers are scripted. Me
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.helpers.servers import free_port
+from tests.helpers.servers import LoopbackServer
 
 _DEITA = re.compile(r"#Question#:\n(.*)\n#Response#:\n(.*) \n##Quality: $", re.DOTALL)
 MergeScript = Callable[[str, dict], dict[str, str]]  # (prompt, request body) → merged fields
@@ -40,34 +38,16 @@ def parse_deita(prompt: str) -> tuple[str, str]:
 
 
 @dataclass
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     merge: MergeScript
     score: ScoreScript
     model_id: str = "scripted/merge-model"
     slots: int = 4
     requests: Counter = field(default_factory=Counter)  # "merge" / "score" → requests answered
-    url: str = ""
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
 
-    def start(self) -> ScriptedServer:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(port, ready), daemon=True).start()
-        ready.wait(10)
-        return self
-
-    def _serve(self, port: int, ready: threading.Event) -> None:
-        self._loop = asyncio.new_event_loop()
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/info", self._info)
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", port).start())
-        ready.set()
-        self._loop.run_forever()
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
@@ -81,11 +61,6 @@ class ScriptedServer:
             return web.json_response(_score_reply(distribution, body.get("top_logprobs") or 1))
         self.requests["merge"] += 1
         return web.json_response(_reply(json.dumps(self.merge(prompt, body)), None))
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def _score_reply(distribution: dict[str, float], top_n: int) -> dict:

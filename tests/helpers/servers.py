@@ -75,8 +75,42 @@ class LlamaServer:
             self.process.kill()
 
 
+class LoopbackServer:
+    """An aiohttp app on a free loopback port, served from its own thread; subclasses add ``routes``."""
+
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(port, ready), daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def _serve(self, port: int, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.routes(app)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", port).start())
+        ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
 @dataclass
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """An HTTP proxy in front of a real server that answers some requests with faults.
 
     ``faults`` is consumed one per chat-completion request: "429" (with Retry-After: 1), "503", "424",
@@ -95,27 +129,9 @@ class FaultProxy:
     active: int = 0  # chat requests being answered right now
     spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each answered chat request
     seen: Counter = field(default_factory=Counter)
-    url: str = ""
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
 
-    def start(self) -> FaultProxy:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(port, ready), daemon=True).start()
-        ready.wait(10)
-        return self
-
-    def _serve(self, port: int, ready: threading.Event) -> None:
-        self._loop = asyncio.new_event_loop()
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", port).start())
-        ready.set()
-        self._loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -154,8 +170,3 @@ class FaultProxy:
                     self.forwarded += 1
                     self.bodies.append(body)
                 return web.Response(body=payload, status=upstream.status, content_type=upstream.content_type)
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
