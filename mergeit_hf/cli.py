@@ -141,9 +141,12 @@ def _run(args: argparse.Namespace) -> int:
         print(report.summary())
         print(stage1.summary())
         pairs = stage1.n_pairs if args.max_pairs is None else min(args.max_pairs, stage1.n_pairs)
+        attempts = config.gate_retries + 1
+        check = 4 * min(config.scorer_check_rows, stage1.n_selected) if pairs else 0
         print(
-            f"dry run: {pairs} pairs to merge → {pairs * 4} LLM calls (1 merge + 3 quality scores per pair), "
-            f"up to {pairs * (4 + config.parse_retries)} with parse retries; none made"
+            f"dry run: {pairs} pairs to merge → {pairs * 4 + check} LLM calls (1 merge + 3 quality scores per pair, "
+            f"{check} for the scorer check), up to {pairs * (2 + attempts * (2 + config.parse_retries)) + check} "
+            "with parse and gate retries; none made"
         )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")

@@ -47,11 +47,6 @@ class Stage1Result:
     def n_unpaired_selected(self) -> int:
         return self.n_selected - self.n_paired_rows
 
-    @property
-    def llm_calls_upper_bound(self) -> int:
-        """Merge calls (with parse retries) plus three quality scores per pair."""
-        return self.n_pairs * (1 + self.config.parse_retries + 3)
-
     def summary(self) -> str:
         return (
             f"{self.n_rows} rows → {self.topics.n_clusters} topics ({self.topics.method}) → "
