@@ -86,7 +86,7 @@ def report(results: list[dict], n_pairs: int) -> str:
 def merges_by_eye(result: dict) -> str:
     out = [f"# Merges by {result['model']}\n"]
     for row in result["pairs"]:
-        out.append(f"## {row['pair_id']} — {row['merge_status']} ({row['rejection_cause'] or 'accepted'})")
+        out.append(f"## {row['pair_id']} — {row['merge_status']} ({row['rejection_cause'] or row['merge_status']})")
         out.append(f"reason: {row['merge_reason']}\n")
         for side in ("a", "b"):
             out.append(f"**{side}** (retention {row[f'retention_{side}']}): {row[f'{side}_instruction']}")

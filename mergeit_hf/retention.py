@@ -50,6 +50,7 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:[,_]\d{3})+|\d+)(?:\.\d+)?%?"
 _QUOTED = re.compile(r"\"([^\"\n]{1,120})\"|“([^”\n]{1,120})”|(?<![A-Za-z])'([^'\n]{1,120})'(?![A-Za-z])")
 _BACKTICKED = re.compile(r"`([^`\n]{1,80})`")
 _DOTTED = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\b")
+_MISSING_SPACE = re.compile(r"[a-z]+\.[A-Z][a-z]*")  # "minds.The": prose missing a space, not code
 _SNAKE = re.compile(r"\b[A-Za-z][A-Za-z0-9]*_[A-Za-z0-9_]+\b")
 _CAMEL = re.compile(r"\b[a-z]+[A-Z][A-Za-z0-9]*\b")
 _CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\(")
@@ -132,7 +133,9 @@ def salient_items(text: str, partner_texts: Sequence[str] = ()) -> dict[str, Ite
             items.setdefault(" ".join(quoted.lower().split()), "quoted")
     for pattern in (_BACKTICKED, _DOTTED, _SNAKE, _CAMEL, _CALL):
         for match in pattern.finditer(text):
-            items.setdefault((match.group(1) if pattern.groups else match.group()).strip(), "code")
+            item = (match.group(1) if pattern.groups else match.group()).strip()
+            if not _MISSING_SPACE.fullmatch(item):
+                items.setdefault(item, "code")
     for match in _NAME.finditer(text):
         items.setdefault(match.group().lower(), "name")
     partner_words = set().union(*(_words(t) for t in partner_texts)) if partner_texts else set()
