@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="'smollm2' or a GGUF path (repeatable)")
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--check-rows", type=int, default=32)
+    parser.add_argument("--out", default="quality.out.md", help="markdown file for the table")
     args = parser.parse_args()
     rows, _ = m.load_rows(shared_file("gpteacher_roleplay.json"))
     stage1 = m.run_stage1(rows, m.MergeItConfig())
@@ -116,7 +117,7 @@ def main() -> None:
         Path(f"quality.{name}.json").write_text(json.dumps(summary, indent=1))
     text = report(results, len(pairs))
     print(text)
-    Path("quality.out.md").write_text(text + "\n")
+    Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
