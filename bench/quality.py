@@ -43,9 +43,11 @@ def measure(model: str | None, pairs, rows, args) -> dict:
     started = time.perf_counter()
     check = run_scorer_check(rows, merger, args.check_rows)
     print(check.report(), flush=True)
-    outcomes, stats, model_id = run_sync(merger.merge_pairs(pairs.to_list(), merger.templates()))
+    batch = run_sync(merger.merge_pairs(pairs.to_list(), merger.templates()))
+    model_id, stats = batch.merge_model, batch.stats
     merged = pairs
-    for name, values in outcome_columns(outcomes, model_id, config, merger.templates()).items():
+    columns = outcome_columns(batch.outcomes, config, merger.templates(), batch.merge_model, batch.quality_model)
+    for name, values in columns.items():
         merged = merged.add_column(name, values)
     scored = regate.scored_pairs(merged)
     table = regate.sweep(scored, ALPHAS, RETENTIONS)

@@ -22,6 +22,7 @@ PROVENANCE_FEATURES = Features(
         "instruction": Value("string"),
         "input": Value("string"),
         "output": Value("string"),
+        "messages": [{"role": Value("string"), "content": Value("string")}],
         "origin": Value("string"),
         "source_ids": Sequence(Value("string")),
         "cluster_id": Value("int32"),
@@ -37,6 +38,7 @@ PROVENANCE_FEATURES = Features(
         "alpha": Value("float64"),
         "min_retention": Value("float64"),
         "merge_model": Value("string"),
+        "quality_model": Value("string"),
         "merge_template": Value("string"),
         "merge_template_sha256": Value("string"),
         "quality_template_sha256": Value("string"),
@@ -65,6 +67,7 @@ FATES = (
 )
 _MERGE_COLUMNS = (
     "merge_model",
+    "quality_model",
     "merge_template",
     "merge_template_sha256",
     "quality_template_sha256",
@@ -138,7 +141,16 @@ def assemble(
 
 def final_dataset(rows: list[dict]) -> Dataset:
     rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
+    for row in rows:
+        row["messages"] = to_messages(row["instruction"], row["input"], row["output"])
     return Dataset.from_list(rows, features=PROVENANCE_FEATURES)
+
+
+def to_messages(instruction: str, input: str | None, output: str) -> list[dict[str, str]]:
+    """The row as one user / assistant exchange (TRL's conversational format): the input, when there is
+    one, follows the instruction after a blank line, as in Alpaca's prompt."""
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[list[dict], dict[str, Fate]]:
@@ -184,7 +196,7 @@ def _merged_row(pair: dict) -> dict:
         alpha=pair["alpha"],
         min_retention=pair["min_retention"],
         created_at=pair["merged_at"],
-        **{name: pair[name] for name in _MERGE_COLUMNS},
+        **{name: pair.get(name) for name in _MERGE_COLUMNS},
     )
     return row
 

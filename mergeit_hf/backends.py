@@ -59,6 +59,17 @@ class ChatBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class CompletionBackend(Protocol):
+    """A server answering raw prompts (no chat template): ``completion_backend.CompletionEndpointBackend``."""
+
+    model_id: str
+    default_concurrency: int
+
+    async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply: ...
+
+    async def aclose(self) -> None: ...
+
+
 def json_response_format(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema in the form each server reads: TGI takes ``value``, llama.cpp's server ``schema``."""
     return {"type": "json_object", "value": schema, "schema": schema}
@@ -121,7 +132,56 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def retrying(attempts: int) -> AsyncRetrying:
+    """Transient failures retried with backoff (or the server's ``Retry-After``), the last error re-raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(attempts),
+        wait=_WaitHonouringRetryAfter(),
+        reraise=True,
+    )
+
+
+def failure(url: str, exc: BaseException, token: str | None) -> EndpointError:
+    """The error a caller sees once retries are spent: the URL, the status or error type, never the token."""
+    status = http_status(exc)
+    where = f"HTTP {status}" if status is not None else type(exc).__name__
+    return EndpointError(f"{url} failed ({where}) after retries: {redact(str(exc), token)[:300]}")
+
+
 # -- endpoint -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server says about itself: TGI's ``/info``, else the first model of ``/v1/models``."""
+
+    model_id: str
+    concurrency: int
+    served_name: str | None = None  # the name /v1/models lists, which vLLM wants in every request
+
+
+async def probe_server(url: str, token: str | None, role: str) -> ServerInfo:
+    """Fail fast on an unreachable server or a refused token; read its model id and concurrency."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, headers=headers) as http:
+        try:
+            info = await http.get(f"{url}/info")
+        except httpx.TransportError as exc:
+            raise EndpointError(
+                f"cannot reach the {role} {url}: {type(exc).__name__}: {redact(str(exc), token)}"
+            ) from None
+        if info.status_code == 200:
+            body = info.json()
+            concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
+            return ServerInfo(str(body.get("model_id") or url), concurrency)
+        models = await http.get(f"{url}/v1/models")
+        if models.status_code in (401, 403):
+            raise EndpointError(f"the {role} {url} refused the token (HTTP {models.status_code})")
+        if models.status_code == 200:
+            served = (models.json().get("data") or [{}])[0].get("id")
+            return ServerInfo(str(served or url), DEFAULT_CONCURRENCY, served)
+        return ServerInfo(url, DEFAULT_CONCURRENCY)
 
 
 class EndpointBackend:
@@ -131,7 +191,7 @@ class EndpointBackend:
         from huggingface_hub import AsyncInferenceClient
 
         self.url = url.rstrip("/")
-        self._token = token if token is not None else _token_from_environment()
+        self._token = token if token is not None else token_from_environment()
         self._client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=timeout_s)
         self._attempts = attempts
         self.model_id = self.url
@@ -149,43 +209,16 @@ class EndpointBackend:
                 f"HF_HUB_OFFLINE is set, and huggingface_hub then refuses every InferenceClient call, even to "
                 f"{self.url}. Unset it for stage 2 (the embedding model loads offline without it)."
             )
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, headers=headers) as http:
-            try:
-                info = await http.get(f"{self.url}/info")
-            except httpx.TransportError as exc:
-                raise EndpointError(
-                    f"cannot reach the LLM endpoint {self.url}: {type(exc).__name__}: {redact(str(exc), self._token)}"
-                ) from None
-            if info.status_code == 200:
-                body = info.json()
-                self.model_id = str(body.get("model_id") or self.url)
-                self.default_concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
-                return
-            models = await http.get(f"{self.url}/v1/models")
-            if models.status_code in (401, 403):
-                raise EndpointError(f"the LLM endpoint {self.url} refused the token (HTTP {models.status_code})")
-            if models.status_code == 200:
-                data = models.json().get("data") or [{}]
-                self.model_id = str(data[0].get("id") or self.url)
+        server = await probe_server(self.url, self._token, "LLM endpoint")
+        self.model_id, self.default_concurrency = server.model_id, server.concurrency
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(self._attempts),
-            wait=_WaitHonouringRetryAfter(),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in retrying(self._attempts):
                 with attempt:
                     output = await self._client.chat_completion(messages=messages, **params)
         except Exception as exc:
-            status = http_status(exc)
-            where = f"HTTP {status}" if status is not None else type(exc).__name__
-            raise EndpointError(
-                f"{self.url} failed ({where}) after retries: {redact(str(exc), self._token)[:300]}"
-            ) from None
+            raise failure(self.url, exc, self._token) from None
         return _reply_from_output(output)
 
     async def aclose(self) -> None:
@@ -194,7 +227,7 @@ class EndpointBackend:
             await close()
 
 
-def _token_from_environment() -> str | None:
+def token_from_environment() -> str | None:
     token = os.environ.get("HF_TOKEN")
     if token:
         return token

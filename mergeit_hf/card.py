@@ -19,6 +19,7 @@ DATA_GLOB = "data/train-*"
 COLUMN_DOCS = {
     "id": "row id: the input row's id (given, or a content hash), or `merged-<hash of pair_id>` for a merge",
     "instruction / input / output": "the training example",
+    "messages": "the same example as a user / assistant exchange (input after the instruction), for TRL's SFTTrainer",
     "origin": "`merged` (written by the LLM from two sources) or `original` (an input row kept as is)",
     "source_ids": "ids of the input rows this row derives from (two for a merge, itself for an original)",
     "cluster_id": "k-means topic of the row (stage 1)",
@@ -32,6 +33,7 @@ COLUMN_DOCS = {
     "alpha": "α of the gate q(merged) > α·(q(a) + q(b))",
     "min_retention": "the retention each source needed for the merge to be accepted",
     "merge_model": "model id reported by the endpoint's /info (or the local GGUF file name)",
+    "quality_model": "model id of the quality scorer: a scorer endpoint of its own, or the merge model",
     "merge_template / merge_template_sha256": "prompt template file and the sha256 of its exact text",
     "quality_template_sha256": "sha256 of the Deita quality prompt template",
     "generation_params": "JSON of the merge request's generation parameters",
@@ -61,6 +63,7 @@ class RunRecord:
     rejection_causes: dict[str, int] = field(default_factory=dict)
     scorer_check: dict[str, Any] | None = None
     regated_at: str | None = None
+    quality_model: str = ""
 
     @property
     def acceptance_rate(self) -> float:
@@ -107,6 +110,8 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         source=record.source,
         version=record.version,
         merge_model=record.merge_model,
+        quality_model=record.quality_model,
+        scorer_endpoint_set=bool(record.config.get("scorer_endpoint")),
         created_at=record.created_at,
         counts=list(record.counts.items()),
         acceptance_rate=record.acceptance_rate,

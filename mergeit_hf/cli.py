@@ -13,6 +13,10 @@ from mergeit_hf.errors import ConfigError, MergeItError
 
 EXIT_ERROR = 2
 INPUT_FORMATS = ["auto", "alpaca", "sharegpt", "seed_tasks"]
+SCORER_HELP = (
+    "quality scorer of its own (e.g. the Deita scorer behind vLLM/TGI), sent Deita's prompt as a raw completion "
+    "(else MERGEIT_SCORER_ENDPOINT, else the merge model scores)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("input", help="JSON / JSON lines / parquet file, or a Hub dataset name")
     run.add_argument("--output", required=True, type=Path, help="folder for data, card and run record")
     run.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
+    run.add_argument("--scorer-endpoint", help=SCORER_HELP)
     run.add_argument("--config", type=Path, help="YAML or JSON file of MergeItConfig parameters")
     run.add_argument("--preset", choices=["paper", "authors_scripts"], default=None, help="start from a preset")
     run.add_argument("--format", dest="input_format", default="auto", choices=INPUT_FORMATS)
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-scorer", help="does the quality scorer rank real answers above broken ones?")
     check.add_argument("input", help="JSON / JSON lines / parquet file, or a Hub dataset name")
     check.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
+    check.add_argument("--scorer-endpoint", help=SCORER_HELP)
     check.add_argument("--rows", type=int, default=32, help="real rows to score with their corruptions (32)")
     check.add_argument("--strict", action="store_true", help="exit non-zero when accuracy is below the threshold")
     check.add_argument("--min-accuracy", type=float, help="threshold (default 0.7)")
@@ -112,6 +118,7 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
         "min_retention": getattr(args, "min_retention", None),
         "gate_retries": getattr(args, "gate_retries", None),
         "local_model": getattr(args, "local_model", None),
+        "scorer_endpoint": getattr(args, "scorer_endpoint", None),
         "scorer_check_rows": 0 if getattr(args, "no_scorer_check", False) else None,
         "scorer_check_min_accuracy": getattr(args, "min_accuracy", None),
     }

@@ -69,6 +69,10 @@ class MergeItConfig:
         scorer_check_rows: rows of the selection scored with corrupted variants at the start of stage 2
             (``mergeit check-scorer``); 0 skips the check.
         scorer_check_min_accuracy: below this accuracy the scorer check warns that the gate is noise.
+        scorer_endpoint: URL of a server of its own for quality scores (the paper's Deita scorer behind
+            vLLM, TGI or llama.cpp), sent Deita's prompt as a raw completion with no chat template
+            (``/v1/completions`` with logprobs, else TGI's ``/generate``). None reads
+            ``MERGEIT_SCORER_ENDPOINT``; unset too, the merge model scores through its chat API.
     """
 
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -98,6 +102,7 @@ class MergeItConfig:
     local_model: str | None = None
     scorer_check_rows: int = 16
     scorer_check_min_accuracy: float = 0.7
+    scorer_endpoint: str | None = None
     preset: str = field(default="paper")
 
     def __post_init__(self) -> None:
@@ -137,6 +142,8 @@ class MergeItConfig:
             yield f"concurrency must be >= 1 or None, got {self.concurrency}"
         if not 0.0 <= self.max_missing_score_fraction <= 1.0:
             yield f"max_missing_score_fraction must lie in [0, 1], got {self.max_missing_score_fraction}"
+        if self.scorer_endpoint is not None and not str(self.scorer_endpoint).startswith(("http://", "https://")):
+            yield f"scorer_endpoint must be an http(s) URL, got {self.scorer_endpoint!r}"
         if self.request_timeout_s <= 0:
             yield f"request_timeout_s must be > 0, got {self.request_timeout_s}"
 

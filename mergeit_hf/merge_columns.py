@@ -10,7 +10,11 @@ from mergeit_hf.prompts import PromptTemplate
 
 
 def outcome_columns(
-    outcomes: list[MergeOutcome], model_id: str, config: MergeItConfig, templates: tuple[PromptTemplate, ...]
+    outcomes: list[MergeOutcome],
+    config: MergeItConfig,
+    templates: tuple[PromptTemplate, ...],
+    merge_model: str = "",
+    quality_model: str = "",
 ) -> dict[str, list]:
     """Stage 2 columns for a batch of pairs, provenance included.
 
@@ -42,7 +46,8 @@ def outcome_columns(
         "attempt_log": [json.dumps([a.to_dict() for a in o.gate_attempts], ensure_ascii=False) for o in outcomes],
         "alpha": [config.alpha] * n,
         "min_retention": [config.min_retention] * n,
-        "merge_model": [model_id] * n,
+        "merge_model": [merge_model] * n,
+        "quality_model": [quality_model] * n,
         "merge_template": [merge_template.name] * n,
         "merge_template_sha256": [merge_template.sha256] * n,
         "quality_template_sha256": [quality_template.sha256] * n,

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from mergeit_hf.backends import ChatBackend, ChatReply, EndpointBackend, LocalLlamaBackend, json_response_format
+from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder
 from mergeit_hf.errors import EndpointError, MergeItError
@@ -40,7 +43,16 @@ MERGE_SCHEMA: dict[str, Any] = {
 #: A gate retry at temperature 0 would return the same merge; retries then sample at this temperature.
 GATE_RETRY_TEMPERATURE = 0.7
 
-__all__ = ["MergeOutcome", "MergeStats", "Merger", "default_cache_dir", "merge_batch", "run_sync"]
+__all__ = [
+    "MergeBatch",
+    "MergeOutcome",
+    "MergeStats",
+    "Merger",
+    "Session",
+    "default_cache_dir",
+    "merge_batch",
+    "run_sync",
+]
 
 
 class MergeParseError(MergeItError, ValueError):
@@ -149,16 +161,62 @@ class MergeStats:
 
 
 @dataclass
-class _Run:
-    """Everything one call shares: the scheduler, the scorer, the merge template and the embedder."""
+class Session:
+    """What stage 2 holds open while it sends: the request cache, the merge scheduler and the quality
+    scorer (on its own scheduler when a scorer endpoint is set). Opened by ``Merger.session()``."""
 
-    scheduler: RequestScheduler
+    cache: RequestCache
+    merges: RequestScheduler | None  # None in a scoring-only session
     scorer: QualityScorer
+
+    @property
+    def merge_model(self) -> str:
+        return self.merges.backend.model_id if self.merges else ""
+
+    @property
+    def quality_model(self) -> str:
+        return self.scorer.scheduler.backend.model_id
+
+    @property
+    def requests_sent(self) -> int:
+        schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler) if s is not None}
+        return sum(s.requests_sent for s in schedulers.values())
+
+
+@dataclass(frozen=True)
+class MergeBatch:
+    """The outcomes of one ``merge_pairs`` call (input order), their counts, and the models that made them."""
+
+    outcomes: list[MergeOutcome]
+    stats: MergeStats
+    merge_model: str
+    quality_model: str
+
+
+@dataclass
+class _Run:
+    """Everything one call shares: the session, the merge template and the embedder."""
+
+    session: Session
     merge_template: PromptTemplate
     embedder: Embedder
     config: MergeItConfig
     stats: MergeStats
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def scheduler(self) -> RequestScheduler:
+        assert self.session.merges is not None, "merging needs a session opened with merging=True"
+        return self.session.merges
+
+    @property
+    def scorer(self) -> QualityScorer:
+        return self.session.scorer
+
+
+def stage2_templates(config: MergeItConfig) -> tuple[PromptTemplate, PromptTemplate]:
+    """The merge and quality templates ``config`` names, loaded (syntax errors name file and line)."""
+    return PromptTemplate.load(config.merge_template), PromptTemplate.load(config.quality_template)
 
 
 @dataclass(frozen=True)
@@ -167,7 +225,9 @@ class Merger:
 
     endpoint: URL of a TGI-compatible server; None reads ``MERGEIT_ENDPOINT`` at call time and falls
         back to the embedded llama.cpp model (``config.local_model``) when it is unset too.
-    config: stage 2 parameters (templates, generation, retries, concurrency, α, min_retention).
+    config: stage 2 parameters (templates, generation, retries, concurrency, α, min_retention, and
+        ``scorer_endpoint``: a server of its own for quality scores, else ``MERGEIT_SCORER_ENDPOINT``, else
+        the merge model scores too).
     cache_dir: folder of the request cache; None uses ``MERGEIT_CACHE`` or ~/.cache/mergeit-hf.
     use_cache: False sends every request, keeping nothing on disk.
     The token is read from ``HF_TOKEN`` or the HF login when requests are sent; it is never stored.
@@ -183,14 +243,18 @@ class Merger:
     def resolved_endpoint(self) -> str | None:
         return self.endpoint or os.environ.get("MERGEIT_ENDPOINT") or None
 
+    @property
+    def resolved_scorer_endpoint(self) -> str | None:
+        return self.config.scorer_endpoint or os.environ.get("MERGEIT_SCORER_ENDPOINT") or None
+
     def __getstate__(self) -> dict[str, Any]:
-        # The endpoint taken from the environment is part of what datasets fingerprints, so changing
-        # MERGEIT_ENDPOINT never reuses another endpoint's cached map results.
-        return {**self.__dict__, "_resolved_endpoint": self.resolved_endpoint}
+        # Endpoints taken from the environment are part of what datasets fingerprints, so changing
+        # MERGEIT_ENDPOINT or MERGEIT_SCORER_ENDPOINT never reuses another server's cached map results.
+        return {**self.__dict__, "_resolved": (self.resolved_endpoint, self.resolved_scorer_endpoint)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
-            if name != "_resolved_endpoint":
+            if name != "_resolved":
                 object.__setattr__(self, name, value)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -199,12 +263,12 @@ class Merger:
         batched = isinstance(batch["pair_id"], list)
         pairs = _rows_of(batch) if batched else [batch]
         templates = self.templates()
-        outcomes, _, model_id = run_sync(self.merge_pairs(pairs, templates))
-        columns = outcome_columns(outcomes, model_id, self.config, templates)
+        merged = run_sync(self.merge_pairs(pairs, templates))
+        columns = outcome_columns(merged.outcomes, self.config, templates, merged.merge_model, merged.quality_model)
         return columns if batched else {name: values[0] for name, values in columns.items()}
 
     def templates(self) -> tuple[PromptTemplate, PromptTemplate]:
-        return PromptTemplate.load(self.config.merge_template), PromptTemplate.load(self.config.quality_template)
+        return stage2_templates(self.config)
 
     def make_backend(self) -> ChatBackend:
         endpoint = self.resolved_endpoint
@@ -217,28 +281,61 @@ class Merger:
     def open_cache(self) -> RequestCache:
         return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
 
-    async def open_scheduler(self, backend: ChatBackend, cache: RequestCache) -> RequestScheduler:
+    async def open_scheduler(
+        self, backend: ChatBackend | CompletionEndpointBackend, cache: RequestCache
+    ) -> RequestScheduler:
         """Probe the backend (fail fast, read its concurrency) and bind it to the cache."""
         await backend.probe()
-        return RequestScheduler(backend, cache, self.config.concurrency or backend.default_concurrency)
+        # config.concurrency bounds the merge endpoint; a scorer endpoint says its own (``/info``).
+        concurrency = None if isinstance(backend, CompletionEndpointBackend) else self.config.concurrency
+        return RequestScheduler(backend, cache, concurrency or backend.default_concurrency)
+
+    @asynccontextmanager
+    async def session(
+        self,
+        quality_template: PromptTemplate | None = None,
+        counts: ScoreCounts | None = None,
+        merging: bool = True,
+    ) -> AsyncIterator[Session]:
+        """Open the cache and the backends, probe them, and close everything however the block ends.
+
+        merging: False opens only what scoring needs (the scorer check with a scorer endpoint of its own).
+        """
+        cache = self.open_cache()
+        scorer_url = self.resolved_scorer_endpoint
+        backends: list[Any] = []
+        try:
+            merges = None
+            if merging or not scorer_url:
+                backends.append(self.make_backend())
+                merges = await self.open_scheduler(backends[-1], cache)
+            scoring = merges
+            if scorer_url:
+                config = self.config
+                backends.append(
+                    CompletionEndpointBackend(
+                        scorer_url, timeout_s=config.request_timeout_s, attempts=config.request_retries
+                    )
+                )
+                scoring = await self.open_scheduler(backends[-1], cache)
+            assert scoring is not None
+            template = quality_template or self.templates()[1]
+            scorer = QualityScorer(scoring, template, self.config, counts or ScoreCounts(), raw=bool(scorer_url))
+            yield Session(cache, merges, scorer)
+        finally:
+            cache.close()
+            for backend in backends:
+                await backend.aclose()
 
     async def merge_pairs(
         self, pairs: list[dict[str, Any]], templates: tuple[PromptTemplate, PromptTemplate] | None = None
-    ) -> tuple[list[MergeOutcome], MergeStats, str]:
-        """Merge, score and gate every pair concurrently; returns outcomes in input order."""
-        backend, cache = self.make_backend(), self.open_cache()
-        try:
-            scheduler = await self.open_scheduler(backend, cache)
-            merge_template, quality_template = templates or self.templates()
-            counts = ScoreCounts()
-            run = _Run(
-                scheduler,
-                QualityScorer(scheduler, quality_template, self.config, counts),
-                merge_template,
-                Embedder(self.config.embedding_model, self.config.text_columns, self.config.embedding_batch_size),
-                self.config,
-                MergeStats(),
-            )
+    ) -> MergeBatch:
+        """Merge, score and gate every pair concurrently; outcomes in input order."""
+        merge_template, quality_template = templates or self.templates()
+        counts = ScoreCounts()
+        async with self.session(quality_template, counts) as session:
+            embedder = Embedder(self.config.embedding_model, self.config.text_columns, self.config.embedding_batch_size)
+            run = _Run(session, merge_template, embedder, self.config, MergeStats())
             progress = tqdm(total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs))
             progress.close()
@@ -248,11 +345,8 @@ class Merger:
                 counts.incomplete,
                 counts.unavailable,
             )
-            stats.requests_sent, stats.cache_hits = scheduler.requests_sent, cache.hits
-            return list(outcomes), stats, backend.model_id
-        finally:
-            cache.close()
-            await backend.aclose()
+            stats.requests_sent, stats.cache_hits = session.requests_sent, session.cache.hits
+            return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model)
 
 
 async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:

@@ -19,7 +19,7 @@ from mergeit_hf.card import RunRecord, build_card
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.merge_columns import outcome_columns
-from mergeit_hf.merging import MergeOutcome, Merger
+from mergeit_hf.merging import MergeOutcome, Merger, stage2_templates
 from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
 from mergeit_hf.scorer_check import ScorerCheck, run_scorer_check
 from mergeit_hf.stage1 import Stage1Result, run_stage1
@@ -99,8 +99,7 @@ def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: i
     from datasets import concatenate_datasets
 
     reason = f"not merged: this run was limited to {limit} pairs"
-    templates = Merger(config=config).templates()
-    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), "", config, templates)
+    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
     skipped = Dataset.from_dict({**rest.to_dict(), **columns})
     return concatenate_datasets([merged, skipped.cast(merged.features)])
 
@@ -170,8 +169,9 @@ def finish_run(
     assembly = assemble(stage1.selected, stage1.rows, merged_pairs, report, version=__version__, created_at=created_at)
     record = RunRecord(
         source=str(source) if not isinstance(source, Dataset) else "<in-memory Dataset>",
-        config=stage1.config.to_dict(),
-        merge_model=_merge_model(merged_pairs),
+        config=_recorded_config(stage1.config),
+        merge_model=_model(merged_pairs, "merge_model"),
+        quality_model=_model(merged_pairs, "quality_model"),
         created_at=created_at,
         version=__version__,
         counts=_counts(report, stage1, merged_pairs, assembly),
@@ -190,9 +190,18 @@ def finish_run(
     return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent)
 
 
-def _merge_model(merged_pairs: Dataset) -> str:
-    models = [m for m in merged_pairs["merge_model"] if m] if len(merged_pairs) else []
+def _model(merged_pairs: Dataset, column: str) -> str:
+    present = len(merged_pairs) and column in merged_pairs.column_names
+    models = [m for m in merged_pairs[column] if m] if present else []
     return models[0] if models else "none (no pair was merged)"
+
+
+def _recorded_config(config: MergeItConfig) -> dict[str, Any]:
+    # A URL can name private infrastructure: the card says a scorer endpoint was set, not where.
+    values = config.to_dict()
+    if values.get("scorer_endpoint"):
+        values["scorer_endpoint"] = "URL"
+    return values
 
 
 def _counts(report: LoadReport, stage1: Stage1Result, merged: Dataset, assembly: Assembly) -> dict[str, int]:

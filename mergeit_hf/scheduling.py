@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mergeit_hf.backends import ChatBackend, ChatReply
+from mergeit_hf.backends import ChatBackend, ChatReply, CompletionBackend
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.request_cache import RequestCache, payload_hash
 
 T = TypeVar("T")
+#: A chat request (messages, through the server's chat template) or a raw prompt sent byte for byte.
+Request = list[dict[str, str]] | str
 
 
 def default_cache_dir() -> Path:
@@ -29,9 +31,9 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class RequestScheduler:
-    """One backend, one cache, one bound on requests in flight, shared by everything a run sends."""
+    """One backend, one cache, one bound on requests in flight, shared by everything sent to that backend."""
 
-    backend: ChatBackend
+    backend: ChatBackend | CompletionBackend
     cache: RequestCache
     concurrency: int
     requests_sent: int = 0
@@ -42,13 +44,13 @@ class RequestScheduler:
         self._semaphore = asyncio.Semaphore(self.concurrency)
 
     async def complete(
-        self, template: PromptTemplate, messages: list[dict[str, str]], params: dict[str, Any]
+        self, template: PromptTemplate, request: Request, params: dict[str, Any]
     ) -> tuple[ChatReply, str]:
         """The reply and when it arrived (UTC, ISO seconds)."""
         payload = {
             "model": self.backend.model_id,
             "template_sha256": template.sha256,
-            "messages": messages,
+            "messages" if isinstance(request, list) else "prompt": request,
             "params": params,
         }
         key = payload_hash(payload)
@@ -56,15 +58,18 @@ class RequestScheduler:
         if cached is not None:
             return ChatReply.from_dict(cached), cached["completed_at"]
         if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
-            self._in_flight[key] = asyncio.ensure_future(self._send(key, payload, messages, params))
+            self._in_flight[key] = asyncio.ensure_future(self._send(key, payload, request, params))
         return await asyncio.shield(self._in_flight[key])
 
     async def _send(
-        self, key: str, payload: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any]
+        self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any]
     ) -> tuple[ChatReply, str]:
         try:
             async with self._semaphore:
-                reply = await self.backend.chat(messages, params)
+                if isinstance(request, list):
+                    reply = await self.backend.chat(request, params)  # type: ignore[union-attr]
+                else:
+                    reply = await self.backend.complete(request, params)  # type: ignore[union-attr]
         finally:
             self._in_flight.pop(key, None)
         self.requests_sent += 1

@@ -168,13 +168,7 @@ def run_scorer_check(rows: Sequence[Row], merger: Merger, n_rows: int | None = N
     sample = sample_rows(rows, n_rows or config.scorer_check_rows, config.seed)
 
     async def check() -> ScorerCheck:
-        backend, cache = merger.make_backend(), merger.open_cache()
-        try:
-            scheduler = await merger.open_scheduler(backend, cache)
-            scorer = QualityScorer(scheduler, merger.templates()[1], config, ScoreCounts())
-            return await check_scorer(sample, scorer, backend.model_id, config.scorer_check_min_accuracy)
-        finally:
-            cache.close()
-            await backend.aclose()
+        async with merger.session(merging=False) as session:
+            return await check_scorer(sample, session.scorer, session.quality_model, config.scorer_check_min_accuracy)
 
     return run_sync(check())

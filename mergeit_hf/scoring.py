@@ -42,20 +42,25 @@ class ScoreCounts:
 
 @dataclass
 class QualityScorer:
-    """Scores rows (instruction / input / output) with Deita's quality prompt through ``scheduler``."""
+    """Scores rows (instruction / input / output) with a Deita prompt through ``scheduler``.
+
+    raw: send the rendered prompt byte for byte as a raw completion (a scorer endpoint such as the Deita
+        scorer, which has no chat template); else as the user turn of a chat completion.
+    """
 
     scheduler: RequestScheduler
     template: PromptTemplate
     config: MergeItConfig
     counts: ScoreCounts
+    raw: bool = False
 
     async def score(self, row: dict[str, str]) -> QualityScore | EndpointError:
         """The score, or the endpoint's error (the caller fails that pair with it, never a default score)."""
         instruction = join_text((row["instruction"], row.get("input", "")))
         content = self.template.render(instruction=instruction, output=row["output"])
-        messages = [{"role": "user", "content": content}]
+        request = content if self.raw else [{"role": "user", "content": content}]
         try:
-            reply, _ = await self.scheduler.complete(self.template, messages, score_params(self.config))
+            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config))
         except EndpointError as exc:
             return exc
         score = expected_score(reply.first_top_logprobs)

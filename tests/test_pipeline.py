@@ -79,7 +79,12 @@ def test_local_export_round_trips_through_load_dataset(cli_run):
     loaded = _final(output)
     written = Dataset.from_parquet(str(output / "data" / "train-00000-of-00001.parquet"))
     assert loaded.to_list() == written.to_list()
-    assert loaded.column_names[:5] == ["id", "instruction", "input", "output", "origin"]
+    assert loaded.column_names[:6] == ["id", "instruction", "input", "output", "messages", "origin"]
+    # SFT-ready: every row also as the user / assistant exchange TRL's SFTTrainer reads as is.
+    for row in loaded:
+        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        assert row["messages"] == [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    assert any(row["input"] for row in loaded)  # the data has inputs, so the join was exercised
 
 
 def test_every_input_row_is_accounted_for(cli_run):

@@ -18,38 +18,13 @@ from mergeit_hf.backends import resolve_local_model
 from mergeit_hf.cli import main
 from mergeit_hf.errors import EndpointError, InputError
 from mergeit_hf.merging import Merger
-from mergeit_hf.pairing import PAIR_FEATURES
 from mergeit_hf.regate import OutputFolder
 from mergeit_hf.retention import numbers, retention
 from tests.conftest import shared
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_both
 from tests.helpers.scripted import ScriptedServer, peaked
 
 CONFIG = MergeItConfig(min_retention=0.5, alpha=0.75, scorer_check_rows=0)
-
-
-def _real_rows(name: str, indices: list[int]) -> list[dict]:
-    rows = json.loads(shared(name).read_text())
-    return [{"id": f"{name}:{i}", **rows[i]} for i in indices]
-
-
-def _pairs(*pairs: tuple[dict, dict]) -> Dataset:
-    columns: dict[str, list] = {name: [] for name in PAIR_FEATURES}
-    for a, b in pairs:
-        columns["pair_id"].append(f"{a['id']}+{b['id']}")
-        columns["cluster_id"].append(0)
-        columns["similarity"].append(0.8)
-        for side, row in (("a", a), ("b", b)):
-            for name in ("id", "instruction", "input", "output"):
-                columns[f"{side}_{name}"].append(row[name])
-    return Dataset.from_dict(columns, features=PAIR_FEATURES)
-
-
-def _both(a: dict, b: dict) -> dict:
-    return {
-        "instruction": f"{a['instruction']}\nThen, as a second task: {b['instruction']}",
-        "input": "\n".join(x for x in (a["input"], b["input"]) if x),
-        "output": f"{a['output']}\n\n{b['output']}",
-    }
 
 
 def _only_a(a: dict) -> dict:
@@ -64,12 +39,12 @@ def _changed_numbers(merged: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def roleplay():
-    return _real_rows("gpteacher_roleplay.json", [0, 1, 2, 3])
+    return real_rows("gpteacher_roleplay.json", [0, 1, 2, 3])
 
 
 @pytest.fixture(scope="module")
 def math_rows():
-    return _real_rows("gpteacher_toolformer.json", [17, 18])
+    return real_rows("gpteacher_toolformer.json", [17, 18])
 
 
 def _good_quality(instruction: str, output: str) -> dict[str, float]:
@@ -101,12 +76,12 @@ def test_one_source_dropped_both_kept_numbers_changed(roleplay, math_rows, tmp_p
     ma, mb = math_rows
     merges = {
         a1["instruction"]: _only_a(a1),  # b1 silently dropped
-        a2["instruction"]: _both(a2, b2),
-        ma["input"]: _changed_numbers(_both(ma, mb)),
+        a2["instruction"]: restate_both(a2, b2),
+        ma["input"]: _changed_numbers(restate_both(ma, mb)),
     }
     server = _server(merges)
     try:
-        merged = _pairs((a1, b1), (a2, b2), (ma, mb)).map(
+        merged = pairs_dataset((a1, b1), (a2, b2), (ma, mb)).map(
             Merger(endpoint=server.url, config=CONFIG, cache_dir=str(tmp_path)), batched=True
         )
     finally:
@@ -130,12 +105,12 @@ def test_gate_retries_ask_again_and_keep_the_best(roleplay, tmp_path):
     def merge(prompt: str, body: dict) -> dict:
         answers.append(body["seed"])
         full = body["seed"] != CONFIG.seed  # the first attempt drops b, the retry keeps both
-        return _both(a, b) if full else _only_a(a)
+        return restate_both(a, b) if full else _only_a(a)
 
     server = ScriptedServer(merge, _good_quality).start()
     config = MergeItConfig(**{**CONFIG.to_dict(), "gate_retries": 3})
     try:
-        merged = _pairs((a, b)).map(Merger(endpoint=server.url, config=config, cache_dir=str(tmp_path)))
+        merged = pairs_dataset((a, b)).map(Merger(endpoint=server.url, config=config, cache_dir=str(tmp_path)))
     finally:
         server.stop()
     assert merged[0]["merge_status"] == "accepted" and merged[0]["gate_attempts"] == 2
@@ -187,7 +162,7 @@ def scripted_run(tmp_path_factory):
         a = next(r for k, r in by_instruction.items() if k.startswith(a_instruction))
         b = next(r for k, r in by_instruction.items() if k.startswith(b_instruction))
         half = {**b, "output": b["output"][: len(b["output"]) * (len(a["output"]) % 3 + 1) // 3]}
-        return _both(a, half)
+        return restate_both(a, half)
 
     def score(instruction: str, output: str) -> dict[str, float]:
         return peaked(3 + len(output) % 4) if "as a second task" in instruction else peaked(2 + len(output) % 3)

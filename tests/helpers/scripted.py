@@ -20,6 +20,8 @@ from aiohttp import web
 from tests.helpers.servers import LoopbackServer
 
 _DEITA = re.compile(r"#Question#:\n(.*)\n#Response#:\n(.*) \n##Quality: $", re.DOTALL)
+#: TGI's validation error for a top_n_tokens above its --max-top-n-tokens (router/src/validation.rs).
+TGI_TOP_N_ERROR = "Input validation error: `top_n_tokens` must be >= 0 and <= {cap}. Given: {given}"
 MergeScript = Callable[[str, dict], dict[str, str]]  # (prompt, request body) → merged fields
 ScoreScript = Callable[[str, str], dict[str, float]]
 
@@ -87,3 +89,46 @@ def _reply(content: str, logprobs: dict | None) -> dict:
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
+
+
+@dataclass
+class TgiScorer(LoopbackServer):
+    """A TGI-shaped scorer: ``/info``, a ``/v1/completions`` without logprobs (as TGI's), and ``/generate``
+    with ``details`` and ``top_n_tokens`` capped at ``cap`` (422 above it, as TGI's default of 5)."""
+
+    score: ScoreScript
+    model_id: str = "scripted/deita-quality-scorer"
+    cap: int = 5
+    slots: int = 4
+    posted: list[tuple[str, dict]] = field(default_factory=list)  # (path, JSON body) of every request
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/info", self._info)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/generate", self._generate)
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.posted.append((request.path, body))
+        choice = {"index": 0, "text": "4", "logprobs": None, "finish_reason": "length"}
+        return web.json_response({"id": "", "object": "text_completion", "model": self.model_id, "choices": [choice]})
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.posted.append((request.path, body))
+        top_n = body["parameters"].get("top_n_tokens") or 0
+        if top_n > self.cap:
+            error = TGI_TOP_N_ERROR.format(cap=self.cap, given=top_n)
+            return web.json_response({"error": error, "error_type": "validation"}, status=422)
+        ranked = sorted(self.score(*parse_deita(body["inputs"])).items(), key=lambda kv: -kv[1])
+        tokens = [{"id": int(t), "text": t, "logprob": math.log(p), "special": False} for t, p in ranked]
+        details = {
+            "finish_reason": "length",
+            "generated_tokens": 1,
+            "tokens": tokens[:1],
+            "top_tokens": [tokens[:top_n]],
+        }
+        return web.json_response({"generated_text": ranked[0][0], "details": details})

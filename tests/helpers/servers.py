@@ -129,12 +129,15 @@ class FaultProxy(LoopbackServer):
     active: int = 0  # chat requests being answered right now
     spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each answered chat request
     seen: Counter = field(default_factory=Counter)
+    posted: list[tuple[str, bytes]] = field(default_factory=list)  # (path, body) of every POST, any route
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if request.method == "POST":
+            self.posted.append((request.path, body))
         if request.path == "/info" and self.info is not None:
             return web.json_response(self.info)
         is_chat = request.path.endswith("/chat/completions")
