@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from datasets import Dataset, Features, Sequence, Value
 
 from mergeit_hf.loading import LoadReport
+from mergeit_hf.pairing import group_sources
 
 PROVENANCE_FEATURES = Features(
     {
@@ -35,6 +36,9 @@ PROVENANCE_FEATURES = Features(
         "quality_b": Value("float64"),
         "retention_a": Value("float64"),
         "retention_b": Value("float64"),
+        "group_size": Value("int32"),
+        "quality_more": [Value("float64")],
+        "retention_more": [Value("float64")],
         "alpha": Value("float64"),
         "min_retention": Value("float64"),
         "merge_model": Value("string"),
@@ -86,6 +90,9 @@ _PAIR_DECISION_COLUMNS = (
     "quality_b",
     "retention_a",
     "retention_b",
+    "group_size",
+    "quality_more",
+    "retention_more",
     "alpha",
     "min_retention",
     *_MERGE_COLUMNS,
@@ -154,27 +161,27 @@ def to_messages(instruction: str, input: str | None, output: str) -> list[dict[s
 
 
 def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[list[dict], dict[str, Fate]]:
-    """Final rows from the pairs (a merge, or both originals with the pair's decision) and each source's fate."""
+    """Final rows from the pairs (a merge, or every original with the group's decision) and each source's fate."""
     rows: list[dict] = []
     fate: dict[str, Fate] = {}
     for pair in merged_pairs:
+        sources = group_sources(pair)
         if pair["merge_status"] == "accepted":
-            rows.append(_merged_row(pair))
-            for side in ("a", "b"):
-                fate[pair[f"{side}_id"]] = ("merged", pair["merge_reason"], rows[-1]["id"])
+            rows.append(_merged_row(pair, [source["id"] for source in sources]))
+            for source in sources:
+                fate[source["id"]] = ("merged", pair["merge_reason"], rows[-1]["id"])
             continue
         kind = f"kept: merge {pair['merge_status']}"  # rejected, failed or skipped
-        for side in ("a", "b"):
-            source = {name: pair[f"{side}_{name}"] for name in ("id", "instruction", "input", "output")}
+        for source in sources:
             row = _original_row({**source, "cluster_id": pair["cluster_id"]}, created_at, version)
-            # The pair's whole decision travels with both originals: scores, gate, model, template.
+            # The group's whole decision travels with every original: scores, gate, model, template.
             row.update({name: pair.get(name) for name in _PAIR_DECISION_COLUMNS})
             rows.append(row)
             fate[source["id"]] = (kind, pair["merge_reason"], row["id"])
     return rows, fate
 
 
-def _merged_row(pair: dict) -> dict:
+def _merged_row(pair: dict, source_ids: list[str]) -> dict:
     row = {name: None for name in PROVENANCE_FEATURES}
     row.update(
         id=merged_row_id(pair["pair_id"]),
@@ -182,7 +189,7 @@ def _merged_row(pair: dict) -> dict:
         input=pair["merged_input"],
         output=pair["merged_output"],
         origin="merged",
-        source_ids=[pair["a_id"], pair["b_id"]],
+        source_ids=source_ids,
         cluster_id=pair["cluster_id"],
         pair_id=pair["pair_id"],
         similarity=pair["similarity"],
@@ -193,6 +200,9 @@ def _merged_row(pair: dict) -> dict:
         quality_b=pair["quality_b"],
         retention_a=pair["retention_a"],
         retention_b=pair["retention_b"],
+        group_size=pair.get("group_size") or 2,
+        quality_more=pair.get("quality_more") or [],
+        retention_more=pair.get("retention_more") or [],
         alpha=pair["alpha"],
         min_retention=pair["min_retention"],
         created_at=pair["merged_at"],

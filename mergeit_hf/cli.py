@@ -147,13 +147,17 @@ def _run(args: argparse.Namespace) -> int:
         report, stage1 = pipeline.plan(args.input, config, column_map=column_map, input_format=args.input_format)
         print(report.summary())
         print(stage1.summary())
-        pairs = stage1.n_pairs if args.max_pairs is None else min(args.max_pairs, stage1.n_pairs)
+        groups = stage1.pairs.select(
+            range(stage1.n_pairs if args.max_pairs is None else min(args.max_pairs, stage1.n_pairs))
+        )
+        merges, scores = len(groups), len(groups) + (sum(groups["group_size"]) if len(groups) else 0)
         attempts = config.gate_retries + 1
-        check = 4 * min(config.scorer_check_rows, stage1.n_selected) if pairs else 0
+        check = 4 * min(config.scorer_check_rows, stage1.n_selected) if merges else 0
+        most = merges * attempts * (1 + config.parse_retries) + scores + merges * config.gate_retries
         print(
-            f"dry run: {pairs} pairs to merge → {pairs * 4 + check} LLM calls (1 merge + 3 quality scores per pair, "
-            f"{check} for the scorer check), up to {pairs * (2 + attempts * (2 + config.parse_retries)) + check} "
-            "with parse and gate retries; none made"
+            f"dry run: {merges} merges → {merges + scores + check} LLM calls ({merges} merges, {scores} quality "
+            f"scores of sources and merges, {check} for the scorer check), up to {most + check} with parse and gate "
+            "retries; none made"
         )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")

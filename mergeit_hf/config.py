@@ -23,6 +23,9 @@ DEFAULT_TAU = 0.60
 #: Chosen from the acceptance-against-min_retention table in the README (bench/quality.py).
 DEFAULT_MIN_RETENTION = 0.5
 
+#: Letters name a group's sources in the merge prompt and in reasons (a..e); the authors merge up to 5.
+MAX_GROUP_SIZE = 5
+
 ClusterCount = int | Literal["sqrt_half"]
 
 
@@ -41,6 +44,8 @@ class MergeItConfig:
         per_cluster_budget: if set, a fixed number of rows per cluster instead of the budget split by
             cluster size (authors' scripts: 75).
         tau: cosine-similarity threshold for pairing rows inside a cluster.
+        max_group_size: rows merged at once (2: the paper's pairs; the authors' scripts: up to 5). A group
+            of k rows is τ-similar pairwise, and its gate is q(m) > α·(2/k)·Σ q(s_i), Eq. 9 at k = 2.
         seed: seed for k-means and selection; the same seed gives the same output.
         minibatch_kmeans_above: above this many rows, k-means runs as streamed mini-batches so a
             million rows never sit in memory as one matrix.
@@ -81,6 +86,7 @@ class MergeItConfig:
     selection_budget: int | float = 0.19
     per_cluster_budget: int | None = None
     tau: float = DEFAULT_TAU
+    max_group_size: int = 2
     seed: int = 42
     minibatch_kmeans_above: int = 100_000
     embedding_batch_size: int = 64
@@ -127,6 +133,8 @@ class MergeItConfig:
             yield f"per_cluster_budget must be >= 1, got {self.per_cluster_budget}"
         if not -1.0 <= self.tau <= 1.0:
             yield f"tau is a cosine similarity and must lie in [-1, 1], got {self.tau}"
+        if not 2 <= self.max_group_size <= MAX_GROUP_SIZE:
+            yield f"max_group_size must lie in [2, {MAX_GROUP_SIZE}], got {self.max_group_size}"
         if self.alpha <= 0:
             yield f"alpha must be > 0, got {self.alpha}"
         for name in ("max_new_tokens", "request_retries", "top_logprobs", "embedding_batch_size"):

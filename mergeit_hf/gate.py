@@ -14,7 +14,7 @@ from typing import Literal
 from mergeit_hf.quality import gate_explanation, passes_gate
 from mergeit_hf.retention import LOST_ITEMS_SHOWN
 
-SIDES = ("a", "b")
+SIDES = ("a", "b", "c", "d", "e")  # a group's sources, in order
 RejectionCause = Literal["quality", "retention", "quality and retention"]
 
 
@@ -41,14 +41,14 @@ class GateDecision:
 def decide(
     attempt: AttemptScores, source_qualities: Sequence[float], alpha: float, min_retention: float
 ) -> GateDecision:
-    """Accept only if q(merged) > α·(q(a)+q(b)) and every source keeps at least ``min_retention``."""
-    qa, qb = source_qualities
-    quality_ok = passes_gate(attempt.quality_merged, qa, qb, alpha)
-    reasons = [gate_explanation(attempt.quality_merged, qa, qb, alpha)]
+    """Accept only if q(merged) > α·(2/k)·Σ q(s_i) (Eq. 9: α·(q(a)+q(b)) for a pair) and every source
+    keeps at least ``min_retention``."""
+    quality_ok = passes_gate(attempt.quality_merged, source_qualities, alpha)
+    reasons = [gate_explanation(attempt.quality_merged, source_qualities, alpha)]
     weakest = min(range(len(attempt.retentions)), key=lambda i: attempt.retentions[i])
     retention_ok = attempt.retentions[weakest] >= min_retention
     if not retention_ok:
-        side = SIDES[weakest] if len(attempt.retentions) == 2 else f"source {weakest + 1}"
+        side = SIDES[weakest]
         lost = attempt.lost[weakest] if attempt.lost else ()
         shown = ", ".join(lost[:LOST_ITEMS_SHOWN]) or "no listed item"
         reasons.append(

@@ -18,9 +18,11 @@ def outcome_columns(
 ) -> dict[str, list]:
     """Stage 2 columns for a batch of pairs, provenance included.
 
-    ``attempt_log`` is JSON (a list with one object per gate attempt: seed, merged fields, quality,
-    retentions, lost items, error): one string type whatever the batch holds, so ``datasets`` never
-    meets a batch whose nested type it cannot infer, and ``mergeit regate`` reads every attempt back.
+    Pairs fill ``quality_a/b`` and ``retention_a/b``; a group's further sources go to ``quality_more`` and
+    ``retention_more`` in the order of ``more_sources``. ``attempt_log`` is JSON (a list with one object
+    per gate attempt: seed, merged fields, quality, retentions, lost items, error): one string type whatever
+    the batch holds, so ``datasets`` never meets a batch whose nested type it cannot infer, and
+    ``mergeit regate`` reads every attempt back.
     """
     from mergeit_hf import __version__
 
@@ -28,6 +30,7 @@ def outcome_columns(
     generation = json.dumps(merge_params(config, 0), sort_keys=True)
     n = len(outcomes)
     retention = lambda o, i: o.retentions[i] if o.retentions else None  # noqa: E731
+    quality = lambda o, i: o.source_qualities[i] if len(o.source_qualities) > i else None  # noqa: E731
     return {
         "merged_instruction": [(o.merged or {}).get("instruction", "") for o in outcomes],
         "merged_input": [(o.merged or {}).get("input", "") for o in outcomes],
@@ -36,10 +39,13 @@ def outcome_columns(
         "merge_reason": [o.reason for o in outcomes],
         "rejection_cause": [o.rejection_cause or "" for o in outcomes],
         "quality_merged": [o.quality_merged for o in outcomes],
-        "quality_a": [o.quality_a for o in outcomes],
-        "quality_b": [o.quality_b for o in outcomes],
+        "quality_a": [quality(o, 0) for o in outcomes],
+        "quality_b": [quality(o, 1) for o in outcomes],
         "retention_a": [retention(o, 0) for o in outcomes],
         "retention_b": [retention(o, 1) for o in outcomes],
+        # Sources 3..k of a group (``more_sources``), in order; empty for pairs.
+        "quality_more": [list(o.source_qualities[2:]) for o in outcomes],
+        "retention_more": [list((o.retentions or ())[2:]) for o in outcomes],
         "quality_scores_incomplete": [o.scores_incomplete for o in outcomes],
         "merge_attempts": [o.attempts for o in outcomes],
         "gate_attempts": [len(o.gate_attempts) for o in outcomes],

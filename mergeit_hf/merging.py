@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,8 +23,9 @@ from mergeit_hf.backends import ChatBackend, ChatReply, EndpointBackend, LocalLl
 from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder
-from mergeit_hf.errors import EndpointError, MergeItError
-from mergeit_hf.gate import AttemptScores, GateDecision, best_attempt, decide
+from mergeit_hf.errors import EndpointError, MergeItError, TemplateError
+from mergeit_hf.gate import SIDES, AttemptScores, best_attempt, decide
+from mergeit_hf.pairing import group_sources
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.quality import QualityScore
 from mergeit_hf.request_cache import RequestCache
@@ -113,8 +114,7 @@ class MergeOutcome:
     reason: str
     merged: dict[str, str] | None = None
     quality_merged: float | None = None
-    quality_a: float | None = None
-    quality_b: float | None = None
+    source_qualities: tuple[float | None, ...] = ()  # one per source, in group order (a, b, ...)
     retentions: tuple[float, ...] | None = None
     rejection_cause: str | None = None
     attempts: int = 0  # merge requests sent (parse retries included)
@@ -216,7 +216,14 @@ class _Run:
 
 def stage2_templates(config: MergeItConfig) -> tuple[PromptTemplate, PromptTemplate]:
     """The merge and quality templates ``config`` names, loaded (syntax errors name file and line)."""
-    return PromptTemplate.load(config.merge_template), PromptTemplate.load(config.quality_template)
+    merge = PromptTemplate.load(config.merge_template)
+    if config.max_group_size > 2 and "sources" not in merge.variables:
+        # A pair template renders a and b only: the other members of a group would vanish from the prompt.
+        raise TemplateError(
+            f"{merge.path} uses only a and b, but max_group_size={config.max_group_size} merges groups: "
+            "loop over `sources` (every member of the group) as prompts/merge.jinja does"
+        )
+    return merge, PromptTemplate.load(config.quality_template)
 
 
 @dataclass(frozen=True)
@@ -357,24 +364,24 @@ async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> Me
 
 
 async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
-    a, b = _side(pair, "a"), _side(pair, "b")
-    first_merge = asyncio.ensure_future(_request_merge(run, a, b, 0))
-    score_a, score_b = await asyncio.gather(run.scorer.score(a), run.scorer.score(b))
-    for label, score in (("a", score_a), ("b", score_b)):
-        problem = _score_problem(label, score)
+    sources = _sources(pair)
+    first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
+    scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
+    for side, score in zip(SIDES, scores, strict=False):
+        problem = _score_problem(side, score)
         if problem:
             first_merge.cancel()
-            return _failed(problem, score_a, score_b, 0)
-    qualities = (score_a.value, score_b.value)
+            return _failed(problem, scores, 0)
+    qualities = tuple(score.value for score in scores)
     attempts: list[MergeAttempt] = []
-    incomplete = sum(not s.complete for s in (score_a, score_b))
+    incomplete = sum(not s.complete for s in scores)
     requests = 0
     for gate_attempt in range(run.config.gate_retries + 1):
-        merge = first_merge if gate_attempt == 0 else _request_merge(run, a, b, gate_attempt)
-        attempt, sent, score_m = await _attempt(run, a, b, merge, gate_attempt)
+        merge = first_merge if gate_attempt == 0 else _request_merge(run, sources, gate_attempt)
+        attempt, sent, score_m = await _attempt(run, sources, merge, gate_attempt)
         requests += sent
         if isinstance(score_m, EndpointError) or (score_m is not None and not score_m.available):
-            return _failed(_score_problem("merged", score_m), score_a, score_b, requests, attempt.merged)
+            return _failed(_score_problem("merged", score_m), scores, requests, attempt.merged)
         incomplete += score_m is not None and not score_m.complete
         attempts.append(attempt)
         if attempt.scores and decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention).accepted:
@@ -383,7 +390,7 @@ async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
 
 
 async def _attempt(
-    run: _Run, a: dict[str, str], b: dict[str, str], merge: Any, gate_attempt: int
+    run: _Run, sources: list[dict[str, str]], merge: Any, gate_attempt: int
 ) -> tuple[MergeAttempt, int, QualityScore | EndpointError | None]:
     """One merge, its score and its sources' retention; a merge that failed is recorded with its reason."""
     seed = merge_params(run.config, 0, gate_attempt)["seed"]
@@ -392,51 +399,42 @@ async def _attempt(
     except (MergeParseError, EndpointError) as exc:
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
         return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, None
-    score_m, retentions = await asyncio.gather(run.scorer.score(merged), _retentions(run, (a, b), merged))
+    score_m, retentions = await asyncio.gather(run.scorer.score(merged), _retentions(run, sources, merged))
     if not isinstance(score_m, QualityScore) or not score_m.available:
         return MergeAttempt(seed, merged, completed_at=completed_at), sent, score_m
     scores = AttemptScores(score_m.value, tuple(r.value for r in retentions), tuple(tuple(r.lost) for r in retentions))
     return MergeAttempt(seed, merged, scores, completed_at), sent, score_m
 
 
-async def _retentions(run: _Run, sources: tuple[dict[str, str], ...], merged: dict[str, str]) -> list:
+async def _retentions(run: _Run, sources: list[dict[str, str]], merged: dict[str, str]) -> list:
     chunks = merged_chunks(merged)
     async with run.embed_lock:  # one forward pass at a time: the model is shared by every pair
         vectors = await asyncio.to_thread(run.embedder.encode, [row_text(s) for s in sources] + chunks)
-    return source_retentions(sources, merged, vectors[: len(sources)], vectors[len(sources) :])
+    return source_retentions(tuple(sources), merged, vectors[: len(sources)], vectors[len(sources) :])
 
 
 def _outcome(
-    attempts: list[MergeAttempt], qualities: tuple[float, float], config: MergeItConfig, requests: int, incomplete: int
+    attempts: list[MergeAttempt], qualities: tuple[float, ...], config: MergeItConfig, requests: int, incomplete: int
 ) -> MergeOutcome:
-    scored = [(i, attempt) for i, attempt in enumerate(attempts) if attempt.scores is not None]
+    scored = [attempt for attempt in attempts if attempt.scores is not None]
     if not scored:
         errors = "; ".join(attempt.error for attempt in attempts)
-        return MergeOutcome("failed", errors, None, None, *qualities, attempts=requests, gate_attempts=tuple(attempts))
-    index, decision = best_attempt([a.scores for _, a in scored], qualities, config.alpha, config.min_retention)
-    kept = scored[index][1]
-    return _decided(kept, decision, qualities, requests, tuple(attempts), incomplete)
-
-
-def _decided(
-    kept: MergeAttempt,
-    decision: GateDecision,
-    qualities: tuple[float, float],
-    requests: int,
-    attempts: tuple[MergeAttempt, ...],
-    incomplete: int,
-) -> MergeOutcome:
+        return MergeOutcome(
+            "failed", errors, source_qualities=qualities, attempts=requests, gate_attempts=tuple(attempts)
+        )
+    index, decision = best_attempt([a.scores for a in scored], qualities, config.alpha, config.min_retention)
+    kept = scored[index]
     assert kept.scores is not None
     return MergeOutcome(
         "accepted" if decision.accepted else "rejected",
         decision.reason,
         kept.merged,
         kept.scores.quality_merged,
-        *qualities,
+        qualities,
         retentions=kept.scores.retentions,
         rejection_cause=decision.cause,
         attempts=requests,
-        gate_attempts=attempts,
+        gate_attempts=tuple(attempts),
         scores_incomplete=incomplete,
         completed_at=kept.completed_at,
     )
@@ -450,15 +448,17 @@ def _score_problem(label: str, score: QualityScore | EndpointError | None) -> st
     return ""
 
 
-def _failed(reason: str, score_a: Any, score_b: Any, attempts: int, merged: dict | None = None) -> MergeOutcome:
-    value = lambda s: s.value if isinstance(s, QualityScore) else None  # noqa: E731
-    return MergeOutcome("failed", reason, merged, None, value(score_a), value(score_b), attempts=attempts)
+def _failed(reason: str, scores: Sequence[Any], attempts: int, merged: dict | None = None) -> MergeOutcome:
+    qualities = tuple(s.value if isinstance(s, QualityScore) else None for s in scores)
+    return MergeOutcome("failed", reason, merged, None, qualities, attempts=attempts)
 
 
 async def _request_merge(
-    run: _Run, a: dict[str, str], b: dict[str, str], gate_attempt: int
+    run: _Run, sources: list[dict[str, str]], gate_attempt: int
 ) -> tuple[dict[str, str], int, str]:
-    messages = [{"role": "user", "content": run.merge_template.render(a=a, b=b)}]
+    # a and b stay for templates written for pairs; ``sources`` holds every member of a group.
+    prompt = run.merge_template.render(sources=sources, a=sources[0], b=sources[1])
+    messages = [{"role": "user", "content": prompt}]
     problems = []
     for parse_attempt in range(run.config.parse_retries + 1):
         params = merge_params(run.config, parse_attempt, gate_attempt)
@@ -486,8 +486,8 @@ def merge_params(config: MergeItConfig, parse_attempt: int, gate_attempt: int = 
     return params
 
 
-def _side(pair: dict[str, Any], side: str) -> dict[str, str]:
-    return {name: pair[f"{side}_{name}"] or "" for name in MERGE_FIELDS}
+def _sources(pair: dict[str, Any]) -> list[dict[str, str]]:
+    return [{name: source[name] for name in MERGE_FIELDS} for source in group_sources(pair)]
 
 
 def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:

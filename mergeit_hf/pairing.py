@@ -1,7 +1,14 @@
-"""Stage 1d: inside each cluster, pair rows whose cosine similarity is at least τ.
+"""Stage 1d: inside each cluster, group rows whose cosine similarity is at least τ.
 
-Greedy from the most similar pair down, each row in at most one pair. The result is a pairs
-``Dataset`` (one row per pair) that stage 2 maps over.
+Greedy from the most similar pair down, each row in at most one group. With ``max_group_size`` k > 2
+(the authors' scripts merge up to 5 rows), a group grows from its pair by the unused row most similar
+on average to the members, as long as that row is at least τ-similar to *every* member (complete
+linkage: no member is merged with a row unlike it), up to k rows. At k = 2 this is the paper's pairing.
+
+The result is a pairs ``Dataset`` (one row per group) that stage 2 maps over. The first two members are
+the ``a_*`` and ``b_*`` columns whatever k is; members 3..k are ``more_sources``, a list of
+{id, instruction, input, output} (empty for pairs), so pairs read as before and the Hub viewer shows a
+group as one row. ``similarity`` is the smallest pairwise similarity inside the group.
 """
 
 from __future__ import annotations
@@ -15,27 +22,37 @@ from mergeit_hf.clustering import iter_embeddings
 from mergeit_hf.config import MergeItConfig
 
 _SIDE_FIELDS = ("id", "instruction", "input", "output")
+SOURCE_STRUCT = {name: Value("string") for name in _SIDE_FIELDS}
 PAIR_FEATURES = Features(
     {
         "pair_id": Value("string"),
         "cluster_id": Value("int32"),
         "similarity": Value("float32"),
         **{f"{side}_{name}": Value("string") for side in ("a", "b") for name in _SIDE_FIELDS},
+        "group_size": Value("int32"),
+        "more_sources": [SOURCE_STRUCT],
     }
 )
 
 
 @dataclass(frozen=True)
 class PairMatch:
-    """Positions of two rows in the searched dataset and their cosine similarity."""
+    """Positions of a group's rows in the searched dataset (two for a pair) and their smallest similarity."""
 
-    a: int
-    b: int
+    members: tuple[int, ...]
     similarity: float
 
+    @property
+    def a(self) -> int:
+        return self.members[0]
 
-def match_cluster(embeddings: np.ndarray, tau: float) -> list[tuple[int, int, float]]:
-    """Greedy matching inside one cluster; returns (i, j, similarity) with i < j, local positions."""
+    @property
+    def b(self) -> int:
+        return self.members[1]
+
+
+def match_cluster(embeddings: np.ndarray, tau: float, max_group_size: int = 2) -> list[tuple[tuple[int, ...], float]]:
+    """Greedy disjoint groups inside one cluster: (local positions, smallest pairwise similarity)."""
     if len(embeddings) < 2:
         return []
     similarity = embeddings @ embeddings.T
@@ -46,17 +63,32 @@ def match_cluster(embeddings: np.ndarray, tau: float) -> list[tuple[int, int, fl
     # Most similar first; ties broken by position so the matching is deterministic.
     order = np.lexsort((upper_j, upper_i, -scores))
     used = np.zeros(len(embeddings), dtype=bool)
-    matches = []
+    groups = []
     for k in order:
         i, j = upper_i[k], upper_j[k]
         if not used[i] and not used[j]:
-            used[i] = used[j] = True
-            matches.append((int(i), int(j), float(scores[k])))
-    return matches
+            members = _grow([int(i), int(j)], similarity, used, tau, max_group_size)
+            used[members] = True
+            inside = similarity[np.ix_(members, members)][np.triu_indices(len(members), k=1)]
+            groups.append((tuple(members), float(inside.min())))
+    return groups
 
 
-def find_pair_matches(dataset: Dataset, tau: float) -> list[PairMatch]:
-    """All pairs of ``dataset`` (positions), cluster by cluster."""
+def _grow(members: list[int], similarity: np.ndarray, used: np.ndarray, tau: float, size: int) -> list[int]:
+    while len(members) < size:
+        free = ~used
+        free[members] = False
+        to_members = similarity[:, members]
+        eligible = free & (to_members.min(axis=1) >= tau)
+        if not eligible.any():
+            break
+        mean = np.where(eligible, to_members.mean(axis=1), -np.inf)
+        members.append(int(np.argmax(mean)))  # the first of equals: deterministic
+    return members
+
+
+def find_pair_matches(dataset: Dataset, tau: float, max_group_size: int = 2) -> list[PairMatch]:
+    """All groups of ``dataset`` (positions), cluster by cluster."""
     for column in ("id", "cluster_id", "embedding"):
         if column not in dataset.column_names:
             raise KeyError(f"pairing needs the {column!r} column; the dataset has {dataset.column_names}")
@@ -67,31 +99,42 @@ def find_pair_matches(dataset: Dataset, tau: float) -> list[PairMatch]:
     matches = []
     for cluster in np.unique(clusters):
         rows = np.flatnonzero(clusters == cluster)
-        for i, j, score in match_cluster(embeddings[rows], tau):
-            matches.append(PairMatch(int(rows[i]), int(rows[j]), score))
+        for members, score in match_cluster(embeddings[rows], tau, max_group_size):
+            matches.append(PairMatch(tuple(int(rows[m]) for m in members), score))
     return matches
 
 
 def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float | None = None) -> Dataset:
-    """The pairs ``Dataset``: both sides' fields and ids, ``cluster_id`` and ``similarity``."""
-    tau = (config or MergeItConfig()).tau if tau is None else tau
-    matches = find_pair_matches(dataset, tau)
+    """The pairs ``Dataset`` (one row per group): members' fields and ids, ``cluster_id``, ``similarity``."""
+    config = config or MergeItConfig()
+    tau = config.tau if tau is None else tau
+    matches = find_pair_matches(dataset, tau, config.max_group_size)
     columns: dict[str, list] = {name: [] for name in PAIR_FEATURES}
     source = {name: dataset[name] for name in (*_SIDE_FIELDS, "cluster_id")}
+    row = lambda position: {name: source[name][position] for name in _SIDE_FIELDS}  # noqa: E731
     for match in matches:
-        columns["pair_id"].append(f"{source['id'][match.a]}+{source['id'][match.b]}")
+        columns["pair_id"].append("+".join(source["id"][m] for m in match.members))
         columns["cluster_id"].append(source["cluster_id"][match.a])
         columns["similarity"].append(match.similarity)
         for side, position in (("a", match.a), ("b", match.b)):
             for name in _SIDE_FIELDS:
                 columns[f"{side}_{name}"].append(source[name][position])
+        columns["group_size"].append(len(match.members))
+        columns["more_sources"].append([row(m) for m in match.members[2:]])
     return Dataset.from_dict(columns, features=PAIR_FEATURES)
 
 
-def pairs_against_tau(dataset: Dataset, taus: list[float]) -> list[tuple[float, int, int]]:
-    """(τ, pairs, rows paired) for each τ: the measurement behind the default τ."""
+def group_sources(group: dict) -> list[dict[str, str]]:
+    """Every member of one pairs row, in order: a, b, then ``more_sources`` (id, instruction, input, output)."""
+    pair = [{name: group[f"{side}_{name}"] or "" for name in _SIDE_FIELDS} for side in ("a", "b")]
+    more = [{name: source.get(name) or "" for name in _SIDE_FIELDS} for source in group.get("more_sources") or []]
+    return pair + more
+
+
+def pairs_against_tau(dataset: Dataset, taus: list[float], max_group_size: int = 2) -> list[tuple[float, int, int]]:
+    """(τ, groups, rows grouped) for each τ: the measurement behind the default τ."""
     table = []
     for tau in taus:
-        matches = find_pair_matches(dataset, tau)
-        table.append((tau, len(matches), 2 * len(matches)))
+        matches = find_pair_matches(dataset, tau, max_group_size)
+        table.append((tau, len(matches), sum(len(m.members) for m in matches)))
     return table

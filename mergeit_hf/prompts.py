@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mergeit_hf.errors import TemplateError
@@ -55,6 +56,11 @@ class PromptTemplate:
     @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    @cached_property
+    def variables(self) -> frozenset[str]:
+        """The names the template reads from its context."""
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(self.source)))
 
     @cached_property
     def compiled(self) -> jinja2.Template:

@@ -35,7 +35,7 @@ REQUIRED_COLUMNS = ("merge_status", "quality_a", "quality_b", "attempt_log")
 class ScoredPair:
     """What the gate needs of one pair: its sources' qualities and every attempt's scores."""
 
-    qualities: tuple[float, float]
+    qualities: tuple[float, ...]  # one per source: a, b, then a group's further sources
     attempts: tuple[AttemptScores, ...]
 
 
@@ -68,11 +68,12 @@ class SweepTable:
 def scored_pairs(pairs: Dataset) -> list[ScoredPair]:
     """The pairs the gate decided (accepted or rejected), with every attempt that was scored."""
     found = []
-    for status, qa, qb, log in zip(
-        pairs["merge_status"], pairs["quality_a"], pairs["quality_b"], pairs["attempt_log"], strict=True
+    more = pairs["quality_more"] if "quality_more" in pairs.column_names else [[]] * len(pairs)
+    for status, qa, qb, rest, log in zip(
+        pairs["merge_status"], pairs["quality_a"], pairs["quality_b"], more, pairs["attempt_log"], strict=True
     ):
         if status in SCORED:
-            found.append(ScoredPair((qa, qb), _attempt_scores(json.loads(log))))
+            found.append(ScoredPair((qa, qb, *(rest or ())), _attempt_scores(json.loads(log))))
     return found
 
 
@@ -155,7 +156,8 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
         log = json.loads(row["attempt_log"])
         scored = [a for a in log if a.get("quality_merged") is not None]
         attempts = _attempt_scores(scored)
-        index, decision = best_attempt(attempts, (row["quality_a"], row["quality_b"]), alpha, min_retention)
+        qualities = (row["quality_a"], row["quality_b"], *(row.get("quality_more") or ()))
+        index, decision = best_attempt(attempts, qualities, alpha, min_retention)
         kept = scored[index]
         row.update(
             merge_status="accepted" if decision.accepted else "rejected",
@@ -164,6 +166,7 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
             quality_merged=kept["quality_merged"],
             retention_a=kept["retentions"][0],
             retention_b=kept["retentions"][1],
+            **({"retention_more": kept["retentions"][2:]} if "retention_more" in row else {}),
             merged_instruction=kept["merged"]["instruction"],
             merged_input=kept["merged"]["input"],
             merged_output=kept["merged"]["output"],

@@ -41,16 +41,20 @@ class Stage1Result:
 
     @property
     def n_paired_rows(self) -> int:
-        return 2 * len(self.pairs)
+        return int(sum(self.pairs["group_size"])) if len(self.pairs) else 0
 
     @property
     def n_unpaired_selected(self) -> int:
         return self.n_selected - self.n_paired_rows
 
+    @property
+    def _unit(self) -> str:
+        return "pairs" if self.config.max_group_size == 2 else f"groups of 2-{self.config.max_group_size}"
+
     def summary(self) -> str:
         return (
             f"{self.n_rows} rows → {self.topics.n_clusters} topics ({self.topics.method}) → "
-            f"{self.n_selected} selected → {self.n_pairs} pairs at τ={self.config.tau} "
+            f"{self.n_selected} selected → {self.n_pairs} {self._unit} at τ={self.config.tau} "
             f"({self.n_paired_rows} rows paired, {self.n_unpaired_selected} selected rows unpaired)"
         )
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mergeit_hf import ConfigError, MergeItConfig
-from mergeit_hf.quality import expected_score, gate_explanation, passes_gate
+from mergeit_hf.quality import expected_score, gate_explanation, gate_threshold, passes_gate
 
 
 def test_paper_defaults_and_authors_preset():
@@ -72,6 +72,10 @@ def test_missing_digits_are_counted_never_defaulted_to_three():
 
 
 def test_gate_is_strict_inequality():
-    assert passes_gate(4.6, 3.0, 3.0, 0.75)
-    assert not passes_gate(4.5, 3.0, 3.0, 0.75)
-    assert "4.500 <= 0.75·(3.000+3.000)=4.500" in gate_explanation(4.5, 3.0, 3.0, 0.75)
+    assert passes_gate(4.6, (3.0, 3.0), 0.75)
+    assert not passes_gate(4.5, (3.0, 3.0), 0.75)
+    assert "4.500 <= 0.75·(3.000+3.000)=4.500" in gate_explanation(4.5, (3.0, 3.0), 0.75)
+    # A group of k: α·(2/k)·Σ q — the same bar on the sources' mean as a pair's, Eq. 9 at k = 2.
+    assert gate_threshold((3.0, 3.0, 3.0, 3.0), 0.75) == pytest.approx(4.5)
+    assert not passes_gate(4.5, (2.0, 3.0, 4.0), 0.75) and passes_gate(4.51, (2.0, 3.0, 4.0), 0.75)
+    assert "0.75·(2/3)·(2.000+3.000+4.000)=4.500" in gate_explanation(4.5, (2.0, 3.0, 4.0), 0.75)

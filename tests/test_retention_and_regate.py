@@ -21,7 +21,7 @@ from mergeit_hf.merging import Merger
 from mergeit_hf.regate import OutputFolder
 from mergeit_hf.retention import numbers, retention
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restate_both
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked
 
 CONFIG = MergeItConfig(min_retention=0.5, alpha=0.75, scorer_check_rows=0)
@@ -76,8 +76,8 @@ def test_one_source_dropped_both_kept_numbers_changed(roleplay, math_rows, tmp_p
     ma, mb = math_rows
     merges = {
         a1["instruction"]: _only_a(a1),  # b1 silently dropped
-        a2["instruction"]: restate_both(a2, b2),
-        ma["input"]: _changed_numbers(restate_both(ma, mb)),
+        a2["instruction"]: restate_all(a2, b2),
+        ma["input"]: _changed_numbers(restate_all(ma, mb)),
     }
     server = _server(merges)
     try:
@@ -105,7 +105,7 @@ def test_gate_retries_ask_again_and_keep_the_best(roleplay, tmp_path):
     def merge(prompt: str, body: dict) -> dict:
         answers.append(body["seed"])
         full = body["seed"] != CONFIG.seed  # the first attempt drops b, the retry keeps both
-        return restate_both(a, b) if full else _only_a(a)
+        return restate_all(a, b) if full else _only_a(a)
 
     server = ScriptedServer(merge, _good_quality).start()
     config = MergeItConfig(**{**CONFIG.to_dict(), "gate_retries": 3})
@@ -162,7 +162,7 @@ def scripted_run(tmp_path_factory):
         a = next(r for k, r in by_instruction.items() if k.startswith(a_instruction))
         b = next(r for k, r in by_instruction.items() if k.startswith(b_instruction))
         half = {**b, "output": b["output"][: len(b["output"]) * (len(a["output"]) % 3 + 1) // 3]}
-        return restate_both(a, half)
+        return restate_all(a, half)
 
     def score(instruction: str, output: str) -> dict[str, float]:
         return peaked(3 + len(output) % 4) if "as a second task" in instruction else peaked(2 + len(output) % 3)

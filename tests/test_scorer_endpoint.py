@@ -16,7 +16,7 @@ from mergeit_hf.backends import local_model_path
 from mergeit_hf.cli import main
 from mergeit_hf.merging import Merger
 from mergeit_hf.quality import expected_score
-from tests.helpers.pairs import pairs_dataset, real_rows, restate_both
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, TgiScorer, peaked
 from tests.helpers.servers import FaultProxy
 
@@ -36,7 +36,7 @@ def _deita(row: dict) -> str:
 @pytest.fixture(scope="module")
 def pair():
     a, b = real_rows("gpteacher_roleplay.json", [0, 1])
-    return a, b, restate_both(a, b)
+    return a, b, restate_all(a, b)
 
 
 def _merge_server(merged: dict) -> ScriptedServer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from datasets.fingerprint import Hasher
 import mergeit_hf
 from mergeit_hf import MergeItConfig, embed_batch, run_stage1
 from mergeit_hf.clustering import fit_topic_clusters
-from mergeit_hf.pairing import match_cluster
+from mergeit_hf.pairing import find_pairs, match_cluster
 from mergeit_hf.selection import _facility_location, allocate_budget, plan_selection
 
 
@@ -51,13 +52,35 @@ def test_greedy_matching_takes_the_most_similar_first():
     matches = match_cluster(vectors, tau=0.2)
     similarity = vectors @ vectors.T
     used: set[int] = set()
-    for i, j, score in matches:  # each match is the best pair among rows still free
+    for (i, j), score in matches:  # each match is the best pair among rows still free
         free = [k for k in range(40) if k not in used]
         best = max(similarity[p, q] for p in free for q in free if p < q)
         assert score == pytest.approx(best, abs=1e-6)
         used |= {i, j}
     leftovers = [k for k in range(40) if k not in used]
     assert all(similarity[p, q] < 0.2 for p in leftovers for q in leftovers if p < q)
+
+
+def test_groups_grow_pairs_by_complete_linkage_on_real_rows(roleplay_stage1, small_config):
+    selected = roleplay_stage1.selected
+    vectors = np.asarray(selected["embedding"], dtype=np.float32)
+    position = {row_id: i for i, row_id in enumerate(selected["id"])}
+    pairs = find_pairs(selected, small_config)
+    groups = find_pairs(selected, dataclasses.replace(small_config, max_group_size=5))
+    assert set(pairs["group_size"]) == {2} and all(more == [] for more in pairs["more_sources"])
+    members = [pair_id.split("+") for pair_id in groups["pair_id"]]
+    assert [len(m) for m in members] == groups["group_size"] and max(groups["group_size"]) > 2
+    flat = [row_id for group in members for row_id in group]
+    assert len(flat) == len(set(flat))  # disjoint
+    for group, row, similarity in zip(members, groups, groups["similarity"], strict=True):
+        ids = [position[i] for i in group]
+        inside = vectors[ids] @ vectors[ids].T
+        assert inside[np.triu_indices(len(ids), 1)].min() >= small_config.tau - 1e-6  # every member with every other
+        assert similarity == pytest.approx(inside[np.triu_indices(len(ids), 1)].min(), abs=1e-5)
+        assert len({selected[i]["cluster_id"] for i in ids}) == 1
+        assert [row["a_id"], row["b_id"], *(m["id"] for m in row["more_sources"])] == group
+    # Each group starts from a pair the pair matching would make first: as many rows grouped, or more.
+    assert len(flat) >= 2 * len(pairs) and groups[0]["a_id"] == pairs[0]["a_id"]
 
 
 def test_selection_has_the_budgeted_size(roleplay_stage1):

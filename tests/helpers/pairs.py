@@ -15,23 +15,29 @@ def real_rows(name: str, indices: list[int]) -> list[dict]:
     return [{"id": f"{name}:{i}", **rows[i]} for i in indices]
 
 
-def pairs_dataset(*pairs: tuple[dict, dict]) -> Dataset:
-    """A pairs Dataset in stage 1's schema (one cluster, similarity 0.8) from (a, b) rows."""
+FIELDS = ("id", "instruction", "input", "output")
+
+
+def pairs_dataset(*groups: tuple[dict, ...]) -> Dataset:
+    """A pairs Dataset in stage 1's schema (one cluster, similarity 0.8) from (a, b, ...) rows."""
     columns: dict[str, list] = {name: [] for name in PAIR_FEATURES}
-    for a, b in pairs:
-        columns["pair_id"].append(f"{a['id']}+{b['id']}")
+    for group in groups:
+        columns["pair_id"].append("+".join(row["id"] for row in group))
         columns["cluster_id"].append(0)
         columns["similarity"].append(0.8)
-        for side, row in (("a", a), ("b", b)):
-            for name in ("id", "instruction", "input", "output"):
+        for side, row in zip(("a", "b"), group, strict=False):
+            for name in FIELDS:
                 columns[f"{side}_{name}"].append(row[name])
+        columns["group_size"].append(len(group))
+        columns["more_sources"].append([{name: row[name] for name in FIELDS} for row in group[2:]])
     return Dataset.from_dict(columns, features=PAIR_FEATURES)
 
 
-def restate_both(a: dict, b: dict) -> dict:
-    """A merge that keeps everything of both sources."""
+def restate_all(first: dict, *others: dict) -> dict:
+    """A merge that keeps everything of every source."""
+    rows = (first, *others)
     return {
-        "instruction": f"{a['instruction']}\nThen, as a second task: {b['instruction']}",
-        "input": "\n".join(x for x in (a["input"], b["input"]) if x),
-        "output": f"{a['output']}\n\n{b['output']}",
+        "instruction": first["instruction"] + "".join(f"\nThen, as a second task: {r['instruction']}" for r in others),
+        "input": "\n".join(r["input"] for r in rows if r["input"]),
+        "output": "\n\n".join(r["output"] for r in rows),
     }
