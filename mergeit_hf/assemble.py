@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from datasets import Dataset, Features, Sequence, Value
 
-from mergeit_hf.loading import LoadReport
+from mergeit_hf.loading import DroppedRow, LoadReport
 from mergeit_hf.pairing import group_sources
 
 PROVENANCE_FEATURES = Features(
@@ -62,6 +62,7 @@ ACCOUNTING_FEATURES = Features(
 )
 FATES = (
     "dropped",
+    "prefiltered",
     "not selected",
     "merged",
     "kept: merge rejected",
@@ -131,11 +132,13 @@ def assemble(
     *,
     version: str,
     created_at: str | None = None,
+    prefiltered: list[DroppedRow] | None = None,
 ) -> Assembly:
     """Build the final dataset and the accounting of every input row.
 
     selected: stage 1 rows kept by facility location; all_rows: every valid row (``selected`` column);
-    merged_pairs: the pairs dataset after stage 2 (``merge_status`` and the merged fields).
+    merged_pairs: the pairs dataset after stage 2 (``merge_status`` and the merged fields);
+    prefiltered: valid rows the prefilter left out before stage 1 (not in ``all_rows``).
     """
     created_at = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows, fate = pair_rows(merged_pairs, created_at, version)
@@ -143,7 +146,7 @@ def assemble(
         if row["id"] not in fate:
             rows.append(_original_row(row, created_at, version))
             fate[row["id"]] = ("kept: unpaired", UNPAIRED_DETAIL, row["id"])
-    return Assembly(final_dataset(rows), _accounting(all_rows, report, fate))
+    return Assembly(final_dataset(rows), _accounting(all_rows, report, fate, prefiltered or []))
 
 
 def final_dataset(rows: list[dict]) -> Dataset:
@@ -228,7 +231,7 @@ def _original_row(source: dict, created_at: str, version: str) -> dict:
     return row
 
 
-def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate]) -> Dataset:
+def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate], prefiltered: list[DroppedRow]) -> Dataset:
     columns: dict[str, list] = {name: [] for name in ACCOUNTING_FEATURES}
 
     def add(row_id: str | None, source_index: int, kind: str, detail: str, output_id: str | None) -> None:
@@ -237,6 +240,8 @@ def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate]) ->
 
     for dropped in report.dropped:
         add(dropped.id, dropped.source_index, "dropped", f"{dropped.reason} {dropped.detail}".strip(), None)
+    for left_out in prefiltered:
+        add(left_out.id, left_out.source_index, "prefiltered", left_out.detail, None)
     for row_id, source_index, selected in zip(
         all_rows["id"], all_rows["source_index"], all_rows["selected"], strict=True
     ):

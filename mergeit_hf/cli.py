@@ -146,6 +146,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         report, stage1 = pipeline.plan(args.input, config, column_map=column_map, input_format=args.input_format)
         print(report.summary())
+        if config.prefilter_top is not None:
+            from mergeit_hf.prefilter import prefilter_count
+
+            keep = prefilter_count(config.prefilter_top, report.rows_valid)
+            print(
+                f"prefilter: {2 * report.rows_valid} LLM calls (quality and complexity of every valid row) to keep "
+                f"the top {keep}; the stage 1 figures below are for all valid rows, before it"
+            )
         print(stage1.summary())
         groups = stage1.pairs.select(
             range(stage1.n_pairs if args.max_pairs is None else min(args.max_pairs, stage1.n_pairs))

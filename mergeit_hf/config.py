@@ -74,6 +74,12 @@ class MergeItConfig:
         scorer_check_rows: rows of the selection scored with corrupted variants at the start of stage 2
             (``mergeit check-scorer``); 0 skips the check.
         scorer_check_min_accuracy: below this accuracy the scorer check warns that the gate is noise.
+        complexity_scores: also score Deita's complexity of every source and merge (``complexity_*``
+            columns; informational, the gate does not read them).
+        complexity_template: template name in ``prompts/`` or path of Deita's complexity prompt.
+        prefilter_top: before stage 1, keep only this many rows (int) or this fraction of the valid rows
+            (float in (0, 1]) with the highest Deita quality × complexity, as the authors' scripts do
+            (35k of Alpaca's 52k); None scores nothing and keeps every row.
         scorer_endpoint: URL of a server of its own for quality scores (the paper's Deita scorer behind
             vLLM, TGI or llama.cpp), sent Deita's prompt as a raw completion with no chat template
             (``/v1/completions`` with logprobs, else TGI's ``/generate``). None reads
@@ -108,6 +114,9 @@ class MergeItConfig:
     local_model: str | None = None
     scorer_check_rows: int = 16
     scorer_check_min_accuracy: float = 0.7
+    complexity_scores: bool = False
+    complexity_template: str = "deita_complexity.jinja"
+    prefilter_top: int | float | None = None
     scorer_endpoint: str | None = None
     preset: str = field(default="paper")
 
@@ -129,6 +138,13 @@ class MergeItConfig:
             yield f"selection_budget as a fraction must lie in (0, 1], got {budget}"
         elif isinstance(budget, int) and budget < 1:
             yield f"selection_budget as a count must be >= 1, got {budget}"
+        top = self.prefilter_top
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int | float)):
+            yield f"prefilter_top must be a count, a fraction or None, got {top!r}"
+        elif isinstance(top, float) and not 0.0 < top <= 1.0:
+            yield f"prefilter_top as a fraction must lie in (0, 1], got {top}"
+        elif isinstance(top, int) and top < 1:
+            yield f"prefilter_top as a count must be >= 1, got {top}"
         if self.per_cluster_budget is not None and self.per_cluster_budget < 1:
             yield f"per_cluster_budget must be >= 1, got {self.per_cluster_budget}"
         if not -1.0 <= self.tau <= 1.0:

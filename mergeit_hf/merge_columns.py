@@ -31,7 +31,7 @@ def outcome_columns(
     n = len(outcomes)
     retention = lambda o, i: o.retentions[i] if o.retentions else None  # noqa: E731
     quality = lambda o, i: o.source_qualities[i] if len(o.source_qualities) > i else None  # noqa: E731
-    return {
+    columns = {
         "merged_instruction": [(o.merged or {}).get("instruction", "") for o in outcomes],
         "merged_input": [(o.merged or {}).get("input", "") for o in outcomes],
         "merged_output": [(o.merged or {}).get("output", "") for o in outcomes],
@@ -61,3 +61,12 @@ def outcome_columns(
         "merged_at": [o.completed_at for o in outcomes],
         "mergeit_version": [__version__] * n,
     }
+    if config.complexity_scores:
+        complexity = lambda o, i: o.source_complexities[i] if len(o.source_complexities) > i else None  # noqa: E731
+        columns |= {
+            "complexity_merged": [o.complexity_merged for o in outcomes],
+            "complexity_a": [complexity(o, 0) for o in outcomes],
+            "complexity_b": [complexity(o, 1) for o in outcomes],
+            "complexity_more": [list(o.source_complexities[2:]) for o in outcomes],
+        }
+    return columns

@@ -10,6 +10,7 @@ and the columns from ``merge_columns``. Each pair ends accepted, rejected or fai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -115,6 +116,8 @@ class MergeOutcome:
     merged: dict[str, str] | None = None
     quality_merged: float | None = None
     source_qualities: tuple[float | None, ...] = ()  # one per source, in group order (a, b, ...)
+    source_complexities: tuple[float, ...] = ()  # with ``complexity_scores``: Deita complexity per source
+    complexity_merged: float | None = None
     retentions: tuple[float, ...] | None = None
     rejection_cause: str | None = None
     attempts: int = 0  # merge requests sent (parse retries included)
@@ -202,6 +205,7 @@ class _Run:
     embedder: Embedder
     config: MergeItConfig
     stats: MergeStats
+    complexity: QualityScorer | None = None  # Deita's complexity prompt, with ``complexity_scores``
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -342,7 +346,7 @@ class Merger:
         counts = ScoreCounts()
         async with self.session(quality_template, counts) as session:
             embedder = Embedder(self.config.embedding_model, self.config.text_columns, self.config.embedding_batch_size)
-            run = _Run(session, merge_template, embedder, self.config, MergeStats())
+            run = _Run(session, merge_template, embedder, self.config, MergeStats(), complexity_scorer(session))
             progress = tqdm(total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs))
             progress.close()
@@ -356,8 +360,19 @@ class Merger:
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model)
 
 
+def complexity_scorer(session: Session) -> QualityScorer | None:
+    """Deita's complexity prompt on the scorer's scheduler, when ``complexity_scores`` asks for it."""
+    config = session.scorer.config
+    if not config.complexity_scores:
+        return None
+    template = PromptTemplate.load(config.complexity_template)
+    return dataclasses.replace(session.scorer, template=template, counts=ScoreCounts())
+
+
 async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:
     outcome = await _merge_one(run, pair)
+    if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
+        outcome = await _with_complexity(run.complexity, _sources(pair), outcome)
     run.stats.add(outcome)
     progress.update(1)
     return outcome
@@ -387,6 +402,17 @@ async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
         if attempt.scores and decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention).accepted:
             break  # the gate said yes: no retry can do better by its measure
     return _outcome(attempts, qualities, run.config, requests, incomplete)
+
+
+async def _with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], outcome: MergeOutcome) -> MergeOutcome:
+    assert outcome.merged is not None
+    scores = await asyncio.gather(*(scorer.score(row) for row in [*sources, outcome.merged]))
+    for label, score in zip([*SIDES[: len(sources)], "merged"], scores, strict=True):
+        if isinstance(score, EndpointError) or not score.available:
+            problem = _score_problem(label, score).replace("scoring", "scoring the complexity of", 1)
+            return dataclasses.replace(outcome, status="failed", reason=problem, rejection_cause=None)
+    values = tuple(score.value for score in scores)
+    return dataclasses.replace(outcome, source_complexities=values[:-1], complexity_merged=values[-1])
 
 
 async def _attempt(

@@ -20,6 +20,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.merge_columns import outcome_columns
 from mergeit_hf.merging import MergeOutcome, Merger, stage2_templates
+from mergeit_hf.prefilter import PrefilterResult, prefilter
 from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
 from mergeit_hf.scorer_check import ScorerCheck, run_scorer_check
 from mergeit_hf.stage1 import Stage1Result, run_stage1
@@ -120,8 +121,12 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model."""
     config = config or MergeItConfig()
-    report, stage1 = plan(source, config, column_map=column_map, input_format=input_format)
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache)
+    rows, report = load_rows(source, input_format=input_format, column_map=column_map)
+    prefiltered = prefilter(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
+    if prefiltered:
+        logger.info(prefiltered.summary())
+    stage1 = run_stage1(prefiltered.kept if prefiltered else rows, config)
     check = check_scorer_before_merging(stage1, merger)
     merged_pairs, sent = merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
@@ -129,7 +134,8 @@ def run_pipeline(
         report,
         stage1,
         merged_pairs,
-        sent,
+        sent + (prefiltered.requests_sent if prefiltered else 0),
+        prefiltered=prefiltered,
         scorer_check=check,
         endpoint_given=bool(merger.resolved_endpoint),
         license=license,
@@ -156,6 +162,7 @@ def finish_run(
     merged_pairs: Dataset,
     requests_sent: int,
     *,
+    prefiltered: PrefilterResult | None = None,
     scorer_check: ScorerCheck | None = None,
     endpoint_given: bool = False,
     license: str | None = None,
@@ -166,7 +173,16 @@ def finish_run(
     from mergeit_hf import __version__
 
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    assembly = assemble(stage1.selected, stage1.rows, merged_pairs, report, version=__version__, created_at=created_at)
+    left_out = prefiltered.dropped if prefiltered else []
+    assembly = assemble(
+        stage1.selected,
+        stage1.rows,
+        merged_pairs,
+        report,
+        version=__version__,
+        created_at=created_at,
+        prefiltered=left_out,
+    )
     record = RunRecord(
         source=str(source) if not isinstance(source, Dataset) else "<in-memory Dataset>",
         config=_recorded_config(stage1.config),
@@ -174,7 +190,7 @@ def finish_run(
         quality_model=_model(merged_pairs, "quality_model"),
         created_at=created_at,
         version=__version__,
-        counts=_counts(report, stage1, merged_pairs, assembly),
+        counts=_counts(report, stage1, merged_pairs, assembly, len(left_out)),
         drop_reasons=report.drop_counts,
         unreadable=report.unreadable_detail if not report.complete else "",
         scores_incomplete=int(sum(merged_pairs["quality_scores_incomplete"])) if len(merged_pairs) else 0,
@@ -204,12 +220,15 @@ def _recorded_config(config: MergeItConfig) -> dict[str, Any]:
     return values
 
 
-def _counts(report: LoadReport, stage1: Stage1Result, merged: Dataset, assembly: Assembly) -> dict[str, int]:
+def _counts(
+    report: LoadReport, stage1: Stage1Result, merged: Dataset, assembly: Assembly, prefiltered: int
+) -> dict[str, int]:
     statuses = Counter(merged["merge_status"]) if len(merged) else Counter()
     return {
         "input records": report.records_read,
         "input rows": report.rows_extracted,
         "valid rows": report.rows_valid,
+        **({"left out by the prefilter": prefiltered} if prefiltered else {}),
         "selected": stage1.n_selected,
         "pairs": stage1.n_pairs,
         "paired rows": stage1.n_paired_rows,

@@ -20,10 +20,12 @@ from aiohttp import web
 from tests.helpers.servers import LoopbackServer
 
 _DEITA = re.compile(r"#Question#:\n(.*)\n#Response#:\n(.*) \n##Quality: $", re.DOTALL)
+_DEITA_COMPLEXITY = re.compile(r"\n##Query: (.*)  \n##Complexity: $", re.DOTALL)
 #: TGI's validation error for a top_n_tokens above its --max-top-n-tokens (router/src/validation.rs).
 TGI_TOP_N_ERROR = "Input validation error: `top_n_tokens` must be >= 0 and <= {cap}. Given: {given}"
 MergeScript = Callable[[str, dict], dict[str, str]]  # (prompt, request body) → merged fields
 ScoreScript = Callable[[str, str], dict[str, float]]
+ComplexityScript = Callable[[str], dict[str, float]]  # query → {digit: probability}
 
 
 def peaked(digit: int, mass: float = 0.9) -> dict[str, float]:
@@ -45,7 +47,9 @@ class ScriptedServer(LoopbackServer):
     score: ScoreScript
     model_id: str = "scripted/merge-model"
     slots: int = 4
-    requests: Counter = field(default_factory=Counter)  # "merge" / "score" → requests answered
+    complexity: ComplexityScript | None = None
+    requests: Counter = field(default_factory=Counter)  # "merge" / "score" / "complexity" → requests answered
+    prompts: list[str] = field(default_factory=list)  # every prompt received, in arrival order
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/info", self._info)
@@ -57,6 +61,13 @@ class ScriptedServer(LoopbackServer):
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         prompt = body["messages"][-1]["content"]
+        self.prompts.append(prompt)
+        query = _DEITA_COMPLEXITY.search(prompt)
+        if body.get("logprobs") and query:
+            if self.complexity is None:
+                raise web.HTTPBadRequest(text="no complexity script")
+            self.requests["complexity"] += 1
+            return web.json_response(_score_reply(self.complexity(query.group(1)), body.get("top_logprobs") or 1))
         if body.get("logprobs"):
             self.requests["score"] += 1
             distribution = self.score(*parse_deita(prompt))
