@@ -13,20 +13,29 @@ from mergeit_hf.config import MergeItConfig
 
 _STREAM_CHUNK_ROWS = 8192
 _MINIBATCH_EPOCHS = 3
+_PCA_SAMPLE_ROWS = 50_000
 
 
 @dataclass(frozen=True, eq=False)
 class TopicClusters:
     """Fitted topic centroids; calling it on a batch assigns each row to its nearest centroid."""
 
-    centroids: np.ndarray  # (n_clusters, dim) float32
+    centroids: np.ndarray  # (n_clusters, dim) float32, in the PCA space when there is one
     method: str = "kmeans"
+    pca_mean: np.ndarray | None = None  # (dim,) with ``pca_components``: embeddings are projected first
+    pca_components: np.ndarray | None = None  # (dim, kept dims) float32
 
     @property
     def n_clusters(self) -> int:
         return int(self.centroids.shape[0])
 
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.pca_components is None:
+            return embeddings
+        return (embeddings - self.pca_mean) @ self.pca_components
+
     def assign(self, embeddings: np.ndarray) -> np.ndarray:
+        embeddings = self.project(embeddings)
         # Squared euclidean distance minus the per-row constant |x|²: same argmin as KMeans.predict.
         distances = (self.centroids**2).sum(axis=1) - 2.0 * embeddings @ self.centroids.T
         return distances.argmin(axis=1).astype(np.int32)
@@ -59,20 +68,36 @@ def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) ->
     if len(dataset) == 0:
         raise ValueError("cannot cluster an empty dataset")
     n_clusters = config.resolve_n_clusters(len(dataset))
+    pca = _fit_pca(dataset, config.pca_variance, config.seed) if config.pca_variance else None
     if len(dataset) <= config.minibatch_kmeans_above:
-        return _fit_full(dataset, n_clusters, config.seed)
-    return _fit_streamed(dataset, n_clusters, config.seed)
+        return _fit_full(dataset, n_clusters, config.seed, pca)
+    return _fit_streamed(dataset, n_clusters, config.seed, pca)
 
 
-def _fit_full(dataset: Dataset, n_clusters: int, seed: int) -> TopicClusters:
+def _fit_pca(dataset: Dataset, variance: float, seed: int) -> TopicClusters:
+    """PCA keeping ``variance`` of the variance (the authors' scripts: 0.95), fitted on up to
+    ``_PCA_SAMPLE_ROWS`` rows drawn at random: the components of a million rows need no more."""
+    from sklearn.decomposition import PCA
+
+    rows = np.random.default_rng(seed).permutation(len(dataset))[:_PCA_SAMPLE_ROWS]
+    sample = np.asarray(dataset.select(np.sort(rows))["embedding"], dtype=np.float32)
+    pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(sample)
+    # No centroids yet: this carries the projection to the k-means fit below.
+    return TopicClusters(
+        np.empty((0, 0), np.float32), "", pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32)
+    )
+
+
+def _fit_full(dataset: Dataset, n_clusters: int, seed: int, pca: TopicClusters | None) -> TopicClusters:
     from sklearn.cluster import KMeans
 
     embeddings = np.concatenate(list(iter_embeddings(dataset)))
+    embeddings = pca.project(embeddings) if pca else embeddings
     model = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(embeddings)
-    return TopicClusters(model.cluster_centers_.astype(np.float32), method="kmeans")
+    return _fitted(model.cluster_centers_, "kmeans", pca)
 
 
-def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int) -> TopicClusters:
+def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int, pca: TopicClusters | None) -> TopicClusters:
     from sklearn.cluster import MiniBatchKMeans
 
     chunk_rows = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)  # the first chunk must seed every centroid
@@ -80,8 +105,15 @@ def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int) -> TopicClusters
     for _ in range(_MINIBATCH_EPOCHS):
         for chunk in iter_embeddings(dataset, chunk_rows):
             if len(chunk) >= n_clusters or hasattr(model, "cluster_centers_"):
-                model.partial_fit(chunk)
-    return TopicClusters(model.cluster_centers_.astype(np.float32), method="minibatch_kmeans")
+                model.partial_fit(pca.project(chunk) if pca else chunk)
+    return _fitted(model.cluster_centers_, "minibatch_kmeans", pca)
+
+
+def _fitted(centroids: np.ndarray, method: str, pca: TopicClusters | None) -> TopicClusters:
+    if pca is None:
+        return TopicClusters(centroids.astype(np.float32), method)
+    dims = pca.pca_components.shape[1]
+    return TopicClusters(centroids.astype(np.float32), f"pca {dims}d + {method}", pca.pca_mean, pca.pca_components)
 
 
 def add_clusters(dataset: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Dataset:

@@ -19,6 +19,13 @@ def test_paper_defaults_and_authors_preset():
     )
     authors = MergeItConfig.authors_scripts()
     assert (authors.per_cluster_budget, authors.tau, authors.alpha) == (75, 0.55, 0.5)
+    assert (authors.pca_variance, authors.max_group_size, authors.temperature, authors.gate_retries) == (
+        0.95,
+        5,
+        0.25,
+        3,
+    )
+    assert round(authors.prefilter_top * 52_002) == 35_000
     assert authors.resolve_n_clusters(52_002) == round(math.sqrt(52_002 / 2))
     assert paper.resolve_n_clusters(50) == 50  # never more clusters than rows
 
@@ -32,6 +39,11 @@ def test_paper_defaults_and_authors_preset():
         ("n_clusters", 0, "n_clusters"),
         ("alpha", 0, "alpha"),
         ("concurrency", 0, "concurrency"),
+        ("max_group_size", 6, r"max_group_size must lie in \[2, 5\], got 6"),
+        ("prefilter_top", 1.5, "prefilter_top as a fraction"),
+        ("prefilter_top", 0, "prefilter_top as a count"),
+        ("pca_variance", 1.0, "pca_variance is a share"),
+        ("scorer_endpoint", "localhost:80", "scorer_endpoint must be an http"),
     ],
 )
 def test_bad_values_are_named(field, value, message):

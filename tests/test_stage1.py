@@ -174,3 +174,19 @@ def test_unbatched_map_and_missing_columns():
     assert len(one[0]["embedding"]) == 384
     with pytest.raises(KeyError, match="embedding needs column"):
         Dataset.from_dict({"prompt": ["x"]}).map(embed_batch, batched=True)
+
+
+def test_pca_before_kmeans_keeps_the_asked_share_of_variance(roleplay_stage1, small_config):
+    rows = roleplay_stage1.rows
+    topics = fit_topic_clusters(rows, dataclasses.replace(small_config, pca_variance=0.95))
+    vectors = np.asarray(rows["embedding"], dtype=np.float32)
+    projected = topics.project(vectors)
+    dims = topics.pca_components.shape[1]
+    assert topics.method == f"pca {dims}d + kmeans" and 10 < dims < vectors.shape[1]
+    centered = vectors - vectors.mean(axis=0)
+    kept = ((projected - projected.mean(axis=0)) ** 2).sum() / (centered**2).sum()
+    assert kept >= 0.95 - 0.01  # PCA was fitted on this very set: the share it keeps is the share asked for
+    labels = rows.map(topics, batched=True)["cluster_id"]
+    assert len(set(labels)) == topics.n_clusters == small_config.n_clusters
+    nearest = ((projected[:, None, :] - topics.centroids[None]) ** 2).sum(-1).argmin(1)
+    assert list(nearest) == list(labels)  # rows go to the nearest centroid in the PCA space
