@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from mergeit_hf.backends import ChatBackend, ChatReply, EndpointBackend, LocalLlamaBackend, json_response_format
+from mergeit_hf.batched_embedding import EmbeddingBatcher
 from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder
@@ -42,6 +43,9 @@ MERGE_SCHEMA: dict[str, Any] = {
     "required": list(MERGE_FIELDS),
     "additionalProperties": False,
 }
+#: Pairs in flight per server slot when merging a stream: a pair's requests are partly sequential
+#: (merge and source scores, then the merge's score), so a few pairs per slot keep every slot busy.
+WINDOW_PER_SLOT = 4
 #: A gate retry at temperature 0 would return the same merge; retries then sample at this temperature.
 GATE_RETRY_TEMPERATURE = 0.7
 
@@ -202,11 +206,10 @@ class _Run:
 
     session: Session
     merge_template: PromptTemplate
-    embedder: Embedder
+    embeddings: EmbeddingBatcher
     config: MergeItConfig
     stats: MergeStats
     complexity: QualityScorer | None = None  # Deita's complexity prompt, with ``complexity_scores``
-    embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def scheduler(self) -> RequestScheduler:
@@ -339,16 +342,31 @@ class Merger:
                 await backend.aclose()
 
     async def merge_pairs(
-        self, pairs: list[dict[str, Any]], templates: tuple[PromptTemplate, PromptTemplate] | None = None
+        self,
+        pairs: Iterable[dict[str, Any]],
+        templates: tuple[PromptTemplate, PromptTemplate] | None = None,
+        window: int | Literal["auto"] | None = None,
+        total: int | None = None,
     ) -> MergeBatch:
-        """Merge, score and gate every pair concurrently; outcomes in input order."""
+        """Merge, score and gate every pair concurrently; outcomes in input order.
+
+        window: pairs in flight at once, taken from ``pairs`` as earlier ones finish, so a long stream keeps
+            the server's slots busy without a gap between batches; "auto" is 4 × the endpoint's concurrency
+            (a pair's requests are partly sequential); None starts every pair at once (a ``map`` batch).
+        """
         merge_template, quality_template = templates or self.templates()
         counts = ScoreCounts()
         async with self.session(quality_template, counts) as session:
-            embedder = Embedder(self.config.embedding_model, self.config.text_columns, self.config.embedding_batch_size)
-            run = _Run(session, merge_template, embedder, self.config, MergeStats(), complexity_scorer(session))
-            progress = tqdm(total=len(pairs), desc="Merging pairs", unit="pair", disable=not self.show_progress)
-            outcomes = await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs))
+            config = self.config
+            embedder = Embedder(config.embedding_model, config.text_columns, config.embedding_batch_size)
+            run = _Run(
+                session, merge_template, EmbeddingBatcher(embedder), config, MergeStats(), complexity_scorer(session)
+            )
+            if window == "auto":
+                window = WINDOW_PER_SLOT * (session.merges.concurrency if session.merges else 1)
+            total = total if total is not None else (len(pairs) if isinstance(pairs, Sized) else None)
+            progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
+            outcomes = await _merge_in_order(run, pairs, window, progress)
             progress.close()
             stats = run.stats
             stats.scores, stats.scores_incomplete, stats.scores_unavailable = (
@@ -367,6 +385,24 @@ def complexity_scorer(session: Session) -> QualityScorer | None:
         return None
     template = PromptTemplate.load(config.complexity_template)
     return dataclasses.replace(session.scorer, template=template, counts=ScoreCounts())
+
+
+async def _merge_in_order(
+    run: _Run, pairs: Iterable[dict[str, Any]], window: int | None, progress: Any
+) -> list[MergeOutcome]:
+    if window is None:
+        return list(await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs)))
+    started: list[asyncio.Task] = []
+    pending: set[asyncio.Task] = set()
+    for pair in pairs:
+        if len(pending) >= window:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a run-stopping error (e.g. too many missing digits) stops feeding at once
+        task = asyncio.ensure_future(_merge_and_track(run, pair, progress))
+        started.append(task)
+        pending.add(task)
+    return list(await asyncio.gather(*started))
 
 
 async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:
@@ -434,8 +470,7 @@ async def _attempt(
 
 async def _retentions(run: _Run, sources: list[dict[str, str]], merged: dict[str, str]) -> list:
     chunks = merged_chunks(merged)
-    async with run.embed_lock:  # one forward pass at a time: the model is shared by every pair
-        vectors = await asyncio.to_thread(run.embedder.encode, [row_text(s) for s in sources] + chunks)
+    vectors = await run.embeddings.encode([row_text(s) for s in sources] + chunks)
     return source_retentions(tuple(sources), merged, vectors[: len(sources)], vectors[len(sources) :])
 
 

