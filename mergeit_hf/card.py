@@ -66,6 +66,7 @@ class RunRecord:
     scorer_check: dict[str, Any] | None = None
     regated_at: str | None = None
     quality_model: str = ""
+    embedding_source: str = ""
 
     @property
     def acceptance_rate(self) -> float:
@@ -113,6 +114,7 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         version=record.version,
         merge_model=record.merge_model,
         quality_model=record.quality_model,
+        embedding_source=record.embedding_source,
         scorer_endpoint_set=bool(record.config.get("scorer_endpoint")),
         created_at=record.created_at,
         counts=list(record.counts.items()),

@@ -72,6 +72,9 @@ class MergeItConfig:
         min_retention: accept a merge only if each source keeps at least this retention (module
             ``retention``: semantic and lexical coverage of the source in the merge, in [0, 1]); 0 turns
             the retention gate off. Default chosen from the table in the README (bench/quality.py).
+        compute_retention: False skips the retention embeddings (``retention_*`` columns empty, retention
+            gate off; set ``min_retention: 0`` too). For CPU clients of large endpoints: MiniLM on 2 CPU cores
+            embeds about 5 merges' texts a second, which then bounds stage 2 (README, *Throughput*).
         gate_retries: when the gate rejects a merge, ask for up to this many new merges (new seed;
             sampled at 0.7 when ``temperature`` is 0) and keep the best one (paper: 0; authors' scripts: 3).
         local_model: the embedded llama.cpp model used when no endpoint is given: a GGUF path, or
@@ -116,6 +119,7 @@ class MergeItConfig:
     top_logprobs: int = 20
     max_missing_score_fraction: float = 0.25
     min_retention: float = DEFAULT_MIN_RETENTION
+    compute_retention: bool = True
     gate_retries: int = 0
     local_model: str | None = None
     scorer_check_rows: int = 16
@@ -153,6 +157,11 @@ class MergeItConfig:
             yield f"prefilter_top as a count must be >= 1, got {top}"
         if self.per_cluster_budget is not None and self.per_cluster_budget < 1:
             yield f"per_cluster_budget must be >= 1, got {self.per_cluster_budget}"
+        if not self.compute_retention and self.min_retention > 0:
+            yield (
+                f"compute_retention=False measures no retention, so min_retention={self.min_retention} "
+                "cannot apply: set it to 0"
+            )
         if self.pca_variance is not None and not 0.0 < self.pca_variance < 1.0:
             yield f"pca_variance is a share of the variance and must lie in (0, 1), got {self.pca_variance}"
         if not -1.0 <= self.tau <= 1.0:

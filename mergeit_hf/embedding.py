@@ -40,12 +40,28 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def resolve_device(device: str = "auto") -> str:
+    """ "auto": CUDA where present, else Apple's MPS, else the CPU; anything else is passed to torch as is."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 @functools.lru_cache(maxsize=4)
-def load_model(model: str, device: str = "cpu") -> SentenceTransformer:
-    """Load a sentence-transformers model once per process (never per batch)."""
+def load_model(model: str, device: str = "auto") -> SentenceTransformer:
+    """Load a sentence-transformers model once per process (never per batch), where the hardware is."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model_path(model), device=device)
+    return SentenceTransformer(resolve_model_path(model), device=resolve_device(device))
+
+
+def embedding_dimension(model: str) -> int:
+    return int(load_model(model).get_sentence_embedding_dimension())
 
 
 def join_text(values: tuple[str | None, ...]) -> str:
@@ -65,7 +81,7 @@ class Embedder:
     model: str = DEFAULT_EMBEDDING_MODEL
     text_columns: tuple[str, ...] = ("instruction", "input")
     batch_size: int = 64
-    device: str = "cpu"
+    device: str = "auto"  # CUDA, else MPS, else CPU (``resolve_device``)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         missing = [column for column in self.text_columns if column not in batch]

@@ -45,6 +45,10 @@ def decide(
     keeps at least ``min_retention``."""
     quality_ok = passes_gate(attempt.quality_merged, source_qualities, alpha)
     reasons = [gate_explanation(attempt.quality_merged, source_qualities, alpha)]
+    if not attempt.retentions:  # compute_retention off: nothing measured, nothing gated
+        reasons.append("retention not measured")
+        quality_cause: RejectionCause = "quality"
+        return GateDecision(quality_ok, None if quality_ok else quality_cause, "; ".join(reasons))
     weakest = min(range(len(attempt.retentions)), key=lambda i: attempt.retentions[i])
     retention_ok = attempt.retentions[weakest] >= min_retention
     if not retention_ok:
@@ -76,5 +80,7 @@ def best_attempt(
     for index, decision in enumerate(decisions):
         if decision.accepted:
             return index, decision
-    index = max(range(len(attempts)), key=lambda i: (attempts[i].quality_merged, attempts[i].min_retention))
+    index = max(
+        range(len(attempts)), key=lambda i: (attempts[i].quality_merged, min(attempts[i].retentions, default=0))
+    )
     return index, decisions[index]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import Dataset, Features, Value
+import numpy as np
+from datasets import Dataset, Features, Sequence, Value
 
 from mergeit_hf.errors import InputError
 
@@ -31,6 +32,8 @@ ROW_FEATURES = Features(
         "source_index": Value("int64"),
     }
 )
+#: An input column of this name holds embeddings computed elsewhere (a GPU box, a TEI server): kept.
+EMBEDDING_COLUMN = "embedding"
 _HUMAN_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
 _MAX_LISTED_PROBLEMS = 5
@@ -112,8 +115,30 @@ def load_rows(
         candidates = _sharegpt_rows(records, report)
     else:
         candidates = _seed_task_rows(records, report)
-    rows = _validate(candidates, report)
-    return Dataset.from_dict(rows, features=ROW_FEATURES), report
+    rows = Dataset.from_dict(_validate(candidates, report), features=ROW_FEATURES)
+    if fmt == "alpaca" and EMBEDDING_COLUMN in columns:
+        rows = _with_given_embeddings(records, rows, report.source)
+    return rows, report
+
+
+def _with_given_embeddings(records: Iterable[dict], rows: Dataset, source: str) -> Dataset:
+    """The input's own ``embedding`` of every kept row, checked: one length, numbers, all finite."""
+    indices = rows["source_index"]
+    if isinstance(records, Dataset):
+        values = records.select(indices)[EMBEDDING_COLUMN]
+    else:
+        values = [records[i].get(EMBEDDING_COLUMN) for i in indices]  # type: ignore[index]
+    try:
+        vectors = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError):
+        lengths = sorted({len(v) if isinstance(v, list | tuple) else -1 for v in values})
+        raise InputError(
+            f"{source}: the {EMBEDDING_COLUMN!r} column must hold one list of numbers of one length per row; "
+            f"found lengths {lengths[:5]} (-1: not a list)"
+        ) from None
+    if vectors.ndim != 2 or not np.isfinite(vectors).all():
+        raise InputError(f"{source}: the {EMBEDDING_COLUMN!r} column holds empty, NaN or infinite vectors")
+    return rows.add_column(EMBEDDING_COLUMN, list(vectors), feature=Sequence(Value("float32")))
 
 
 # -- reading ------------------------------------------------------------------------------------------

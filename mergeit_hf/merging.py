@@ -142,6 +142,7 @@ class MergeStats:
     scores_unavailable: int = 0
     requests_sent: int = 0
     cache_hits: int = 0
+    idle_releases: int = 0  # answers that freed a slot no request was waiting for (``RequestScheduler``)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     rejection_causes: dict[str, int] = field(default_factory=dict)
 
@@ -375,6 +376,7 @@ class Merger:
                 counts.unavailable,
             )
             stats.requests_sent, stats.cache_hits = session.requests_sent, session.cache.hits
+            stats.idle_releases = session.merges.idle_releases if session.merges else 0
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model)
 
 
@@ -461,11 +463,16 @@ async def _attempt(
     except (MergeParseError, EndpointError) as exc:
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
         return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, None
-    score_m, retentions = await asyncio.gather(run.scorer.score(merged), _retentions(run, sources, merged))
+    measured = _retentions(run, sources, merged) if run.config.compute_retention else _no_retentions()
+    score_m, retentions = await asyncio.gather(run.scorer.score(merged), measured)
     if not isinstance(score_m, QualityScore) or not score_m.available:
         return MergeAttempt(seed, merged, completed_at=completed_at), sent, score_m
     scores = AttemptScores(score_m.value, tuple(r.value for r in retentions), tuple(tuple(r.lost) for r in retentions))
     return MergeAttempt(seed, merged, scores, completed_at), sent, score_m
+
+
+async def _no_retentions() -> list:
+    return []
 
 
 async def _retentions(run: _Run, sources: list[dict[str, str]], merged: dict[str, str]) -> list:

@@ -191,6 +191,7 @@ def finish_run(
         config=_recorded_config(stage1.config),
         merge_model=_model(merged_pairs, "merge_model"),
         quality_model=_model(merged_pairs, "quality_model"),
+        embedding_source=stage1.embedding_source,
         created_at=created_at,
         version=__version__,
         counts=_counts(report, stage1, merged_pairs, assembly, len(left_out)),
@@ -298,12 +299,12 @@ def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
     alpha, min_retention = float(record.config["alpha"]), float(record.config["min_retention"])
     table = regate.sweep(regate.scored_pairs(scored), current=(alpha, min_retention))
     folder = EXTRAS_FOLDER
-    return {
-        f"{folder}/{figures.RETENTION_FIGURE}": figures.retention_figure(
+    images = {f"{folder}/{figures.SWEEP_FIGURE}": figures.sweep_figure(table)}
+    if any(value is not None for value in scored["retention_a"]):  # none with compute_retention off
+        images[f"{folder}/{figures.RETENTION_FIGURE}"] = figures.retention_figure(
             scored["retention_a"], scored["retention_b"], scored["merge_status"], min_retention
-        ),
-        f"{folder}/{figures.SWEEP_FIGURE}": figures.sweep_figure(table),
-    }
+        )
+    return images
 
 
 def retention_quartiles(pairs: Dataset) -> list[float]:

@@ -37,6 +37,10 @@ class RequestScheduler:
     cache: RequestCache
     concurrency: int
     requests_sent: int = 0
+    #: Answers after which no request was waiting for the freed slot: the server then idles until the next
+    #: one is ready. A stream keeps this near ``concurrency`` (the final drain); batches add it per batch.
+    idle_releases: int = 0
+    _waiting: int = field(default=0, init=False)
     _semaphore: asyncio.Semaphore = field(init=False)
     _in_flight: dict[str, asyncio.Future] = field(default_factory=dict, init=False)
 
@@ -64,12 +68,17 @@ class RequestScheduler:
     async def _send(
         self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any]
     ) -> tuple[ChatReply, str]:
+        self._waiting += 1
         try:
             async with self._semaphore:
-                if isinstance(request, list):
-                    reply = await self.backend.chat(request, params)  # type: ignore[union-attr]
-                else:
-                    reply = await self.backend.complete(request, params)  # type: ignore[union-attr]
+                self._waiting -= 1
+                try:
+                    if isinstance(request, list):
+                        reply = await self.backend.chat(request, params)  # type: ignore[union-attr]
+                    else:
+                        reply = await self.backend.complete(request, params)  # type: ignore[union-attr]
+                finally:
+                    self.idle_releases += self._waiting == 0
         finally:
             self._in_flight.pop(key, None)
         self.requests_sent += 1

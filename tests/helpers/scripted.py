@@ -62,6 +62,17 @@ class ScriptedServer(LoopbackServer):
         self._slots = asyncio.Semaphore(self.slots)
         app.router.add_get("/info", self._info)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/stats", self._stats)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """What the server saw, for a client in another process (bench/merge.py); ?reset=1 starts over."""
+        stats = {"requests": sum(self.requests.values()), "max_held": max(self.held, default=0)}
+        stats["slot_seconds"] = self.slot_seconds
+        if request.query.get("reset"):
+            self.requests.clear()
+            self.held.clear()
+            self.slot_seconds = 0.0
+        return web.json_response(stats)
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})

@@ -1,0 +1,129 @@
+"""Issue 10: slots kept busy across batches, embeddings where the hardware is, and embeddings brought along.
+
+The scripted server holds each request for a fixed time in one of its slots and records how many requests
+it held as each arrived: whether the client keeps the slots full is a property of its scheduling, read
+without timing anything.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mergeit_hf import MergeItConfig, load_rows, run_stage1
+from mergeit_hf.embedding import Embedder, resolve_device
+from mergeit_hf.errors import ConfigError, InputError
+from mergeit_hf.merging import Merger
+from mergeit_hf.pipeline import merge_stage
+from mergeit_hf.scheduling import run_sync
+from tests.conftest import shared
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
+from tests.helpers.scripted import ScriptedServer, peaked
+
+SLOTS = 8
+NO_RETENTION = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
+
+
+@pytest.fixture(scope="module")
+def many_pairs():
+    rows = real_rows("gpteacher_roleplay.json", list(range(120)))
+    return pairs_dataset(*zip(rows[::2], rows[1::2], strict=True)), rows
+
+
+def _slot_server(rows: list[dict]) -> ScriptedServer:
+    by_line = {row["instruction"].split("\n")[0]: row for row in rows}
+
+    def merge(prompt: str, body: dict) -> dict:
+        lines = [part.split("\n")[0] for part in prompt.split("Instruction: ")[1:]]
+        return restate_all(*(by_line[line] for line in lines))
+
+    def score(instruction: str, output: str) -> dict[str, float]:
+        return peaked(6) if "as a second task" in instruction else peaked(3)
+
+    return ScriptedServer(merge, score, slots=SLOTS, latency_s=0.3).start()
+
+
+def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tmp_path):
+    pairs, rows = many_pairs
+    server = _slot_server(rows)
+    try:
+        stream_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "a"))
+        stream = run_sync(stream_merger.merge_pairs(iter(pairs), window="auto", total=len(pairs))).stats
+        held = list(server.held)
+        merged, sent = merge_stage(pairs, stream_merger)  # the CLI's path: the same stream, from the cache
+        batches_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "b"))
+        batches = [
+            run_sync(batches_merger.merge_pairs(pairs.select(range(i, i + 6)).to_list())).stats for i in range(0, 60, 6)
+        ]
+    finally:
+        server.stop()
+    assert merged["pair_id"] == pairs["pair_id"] and sent == 0  # input order kept; a rerun re-sends nothing
+    assert set(merged["merge_status"]) == {"accepted"}
+    assert max(held) == SLOTS  # the concurrency /info announced: reached, never exceeded
+    # A slot freed with no request waiting idles the server. The stream has one ready at every answer but
+    # those of its final drain (at most one per slot); map batches of 6 pairs drain at every boundary.
+    assert stream.requests_sent == 240 and stream.idle_releases <= SLOTS, stream.idle_releases
+    idle_in_batches = sum(s.idle_releases for s in batches)
+    assert idle_in_batches >= 10 * SLOTS / 2, idle_in_batches
+
+
+def test_retention_can_be_left_out_but_never_silently(many_pairs, tmp_path):
+    pairs, rows = many_pairs
+    with pytest.raises(ConfigError, match=r"compute_retention=False measures no retention, so min_retention=0.5"):
+        MergeItConfig(compute_retention=False)
+    server = _slot_server(rows)
+    try:
+        merged, _ = merge_stage(
+            pairs.select(range(3)), Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path))
+        )
+    finally:
+        server.stop()
+    assert all("retention not measured" in reason for reason in merged["merge_reason"])
+    assert merged["retention_a"] == [None] * 3 and merged["merge_status"] == ["accepted"] * 3
+
+
+def test_embeddings_go_where_the_hardware_is():
+    assert Embedder().device == "auto"
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") in {expected, "mps"} and resolve_device("cpu") == "cpu"
+
+
+@pytest.fixture(scope="module")
+def rows_with_embeddings(tmp_path_factory):
+    """120 real rows with embeddings computed beforehand, as on another machine, saved with the data."""
+    rows = json.loads(shared("gpteacher_roleplay.json").read_text())[:120]
+    vectors = Embedder().encode(["\n".join(x for x in (r["instruction"], r["input"]) if x) for r in rows])
+    folder = tmp_path_factory.mktemp("byo")
+    path = folder / "with_embeddings.json"
+    path.write_text(json.dumps([{**r, "embedding": (v * 3.0).tolist()} for r, v in zip(rows, vectors, strict=True)]))
+    (folder / "plain.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_embeddings_brought_with_the_input_are_used_as_they_are(rows_with_embeddings, monkeypatch):
+    config = MergeItConfig(n_clusters=6, selection_budget=0.6, tau=0.5)
+    plain = run_stage1(load_rows(rows_with_embeddings / "plain.json")[0], config)
+    given, _ = load_rows(rows_with_embeddings / "with_embeddings.json")
+    monkeypatch.setattr(Embedder, "encode", lambda self, texts: pytest.fail("the input's embeddings were recomputed"))
+    stage1 = run_stage1(given, config)
+    assert stage1.embedding_source == "the input's 'embedding' column (384 dimensions, L2-normalised)"
+    assert plain.embedding_source.endswith(" on cpu")
+    vectors = np.asarray(stage1.rows["embedding"])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)  # scaled by 3 in the file
+    assert stage1.pairs["pair_id"] == plain.pairs["pair_id"]  # the same vectors, the same stage 1
+
+
+def test_embeddings_of_the_wrong_shape_are_named(rows_with_embeddings, tmp_path):
+    rows = json.loads((rows_with_embeddings / "with_embeddings.json").read_text())[:10]
+    short = [{**r, "embedding": r["embedding"][:100]} for r in rows]
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    with pytest.raises(InputError, match=r"'embedding' column has 100 dimensions, but .*all-MiniLM-L6-v2 makes 384"):
+        run_stage1(load_rows(tmp_path / "short.json")[0], MergeItConfig(n_clusters=2))
+    ragged = [{**r, "embedding": r["embedding"][: 384 - i]} for i, r in enumerate(rows)]
+    (tmp_path / "ragged.json").write_text(json.dumps(ragged))
+    with pytest.raises(InputError, match=r"one list of numbers of one length per row; found lengths \[375, 376"):
+        load_rows(tmp_path / "ragged.json")
