@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,15 @@ def load_model(model: str, device: str = "auto") -> SentenceTransformer:
 
 
 def embedding_dimension(model: str) -> int:
-    return int(load_model(model).get_sentence_embedding_dimension())
+    """The model's output size, read from its files where they say it (no torch for a check at scale)."""
+    folder = Path(resolve_model_path(model))
+    modules = folder / "modules.json"
+    if modules.is_file():
+        kinds = [entry.get("type", "") for entry in json.loads(modules.read_text())]
+        pooling = folder / "1_Pooling" / "config.json"
+        if pooling.is_file() and not any("Dense" in kind for kind in kinds):
+            return int(json.loads(pooling.read_text())["word_embedding_dimension"])
+    return int(load_model(model).get_embedding_dimension())
 
 
 def join_text(values: tuple[str | None, ...]) -> str:

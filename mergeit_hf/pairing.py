@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset, Features, Value
 
-from mergeit_hf.clustering import iter_embeddings
+from mergeit_hf.clustering import column_values, take_embeddings
 from mergeit_hf.config import MergeItConfig
 
 _SIDE_FIELDS = ("id", "instruction", "input", "output")
+_CANDIDATE_BLOCK = 8192
 SOURCE_STRUCT = {name: Value("string") for name in _SIDE_FIELDS}
 PAIR_FEATURES = Features(
     {
@@ -62,15 +63,22 @@ def match_cluster(embeddings: np.ndarray, tau: float, max_group_size: int = 2) -
     upper_i, upper_j, scores = upper_i[keep], upper_j[keep], scores[keep]
     # Most similar first; ties broken by position so the matching is deterministic.
     order = np.lexsort((upper_j, upper_i, -scores))
+    upper_i, upper_j = upper_i[order], upper_j[order]
     used = np.zeros(len(embeddings), dtype=bool)
     groups = []
-    for k in order:
-        i, j = upper_i[k], upper_j[k]
-        if not used[i] and not used[j]:
-            members = _grow([int(i), int(j)], similarity, used, tau, max_group_size)
-            used[members] = True
-            inside = similarity[np.ix_(members, members)][np.triu_indices(len(members), k=1)]
-            groups.append((tuple(members), float(inside.min())))
+    # A dense topic has a million candidate pairs, nearly all with a row already taken: each block drops
+    # those in numpy first, and only the rest go through the (order-dependent) loop.
+    for start in range(0, len(upper_i), _CANDIDATE_BLOCK):
+        if used.sum() > len(used) - 2:
+            break  # every row is in a group
+        block_i, block_j = upper_i[start : start + _CANDIDATE_BLOCK], upper_j[start : start + _CANDIDATE_BLOCK]
+        open_ = ~(used[block_i] | used[block_j])
+        for i, j in zip(block_i[open_].tolist(), block_j[open_].tolist(), strict=True):
+            if not used[i] and not used[j]:
+                members = _grow([i, j], similarity, used, tau, max_group_size)
+                used[members] = True
+                inside = similarity[np.ix_(members, members)][np.triu_indices(len(members), k=1)]
+                groups.append((tuple(members), float(inside.min())))
     return groups
 
 
@@ -94,12 +102,11 @@ def find_pair_matches(dataset: Dataset, tau: float, max_group_size: int = 2) -> 
             raise KeyError(f"pairing needs the {column!r} column; the dataset has {dataset.column_names}")
     if len(dataset) == 0:
         return []
-    clusters = np.asarray(dataset["cluster_id"])
-    embeddings = np.concatenate(list(iter_embeddings(dataset)))
+    clusters = np.asarray(column_values(dataset, "cluster_id"))
     matches = []
-    for cluster in np.unique(clusters):
+    for cluster in np.unique(clusters):  # one cluster's embeddings in memory at a time
         rows = np.flatnonzero(clusters == cluster)
-        for members, score in match_cluster(embeddings[rows], tau, max_group_size):
+        for members, score in match_cluster(take_embeddings(dataset, rows), tau, max_group_size):
             matches.append(PairMatch(tuple(int(rows[m]) for m in members), score))
     return matches
 
@@ -110,7 +117,7 @@ def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float
     tau = config.tau if tau is None else tau
     matches = find_pair_matches(dataset, tau, config.max_group_size)
     columns: dict[str, list] = {name: [] for name in PAIR_FEATURES}
-    source = {name: dataset[name] for name in (*_SIDE_FIELDS, "cluster_id")}
+    source = {name: column_values(dataset, name) for name in (*_SIDE_FIELDS, "cluster_id")}
     row = lambda position: {name: source[name][position] for name in _SIDE_FIELDS}  # noqa: E731
     for match in matches:
         columns["pair_id"].append("+".join(source["id"][m] for m in match.members))

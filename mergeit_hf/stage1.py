@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Sequence, Value
+from datasets import Dataset, Value
 
-from mergeit_hf.clustering import TopicClusters, fit_topic_clusters
+from mergeit_hf.clustering import TopicClusters, assign_topics, column_values, fit_topic_clusters, iter_embeddings
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder, embedding_dimension, resolve_device
 from mergeit_hf.errors import InputError
@@ -79,12 +79,23 @@ def run_stage1(rows: Dataset, config: MergeItConfig | None = None, **map_kwargs:
     seconds["embed"] = _lap(started)
     started = time.perf_counter()
     topics = fit_topic_clusters(rows, config)
-    rows = rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs)
+    large = len(rows) > config.minibatch_kmeans_above  # numpy in chunks: no per-row Python at a million rows
+    if large:
+        rows = rows.add_column("cluster_id", assign_topics(rows, topics), feature=Value("int32"))
+    else:
+        rows = rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs)
     seconds["cluster"] = _lap(started)
     started = time.perf_counter()
     plan = plan_selection(rows, config)
-    rows = rows.map(plan, batched=True, desc="Marking selection", **map_kwargs)
-    selected = rows.filter(is_selected, batched=True, desc="Keeping selection", **map_kwargs)
+    if large:
+        ranks = np.fromiter(
+            (plan.rank_by_id.get(i, -1) for i in column_values(rows, "id")), dtype=np.int64, count=len(rows)
+        )
+        rows = rows.add_column("selected", ranks >= 0).add_column("selection_rank", ranks)
+        selected = rows.select(np.flatnonzero(ranks >= 0))
+    else:
+        rows = rows.map(plan, batched=True, desc="Marking selection", **map_kwargs)
+        selected = rows.filter(is_selected, batched=True, desc="Keeping selection", **map_kwargs)
     seconds["select"] = _lap(started)
     started = time.perf_counter()
     pairs = find_pairs(selected, config)
@@ -96,21 +107,29 @@ def given_embeddings(rows: Dataset, config: MergeItConfig) -> tuple[Dataset, str
     """Embeddings the input brought (computed on a GPU box or a TEI server), used as they are once checked:
     the configured model's dimension (retention embeds merges with that model), L2-normalised here so a
     dot product stays a cosine and τ means what it says."""
-    vectors = np.asarray(rows[EMBEDDING_COLUMN], dtype=np.float32)
     expected = embedding_dimension(config.embedding_model)
-    if vectors.shape[1] != expected:
-        raise InputError(
-            f"the input's {EMBEDDING_COLUMN!r} column has {vectors.shape[1]} dimensions, but {config.embedding_model} "
-            f"makes {expected}: embed with the configured model, or drop the column to embed here"
-        )
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
+    norms = []
+    for chunk in iter_embeddings(rows):
+        if chunk.shape[1] != expected:
+            raise InputError(
+                f"the input's {EMBEDDING_COLUMN!r} column has {chunk.shape[1]} dimensions, but "
+                f"{config.embedding_model} makes {expected}: embed with the configured model, or drop the column"
+            )
+        norms.append(np.linalg.norm(chunk, axis=1))
+    lengths = np.concatenate(norms)
+    if (lengths == 0).any():
         raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
-    normalised = list(vectors / norms)
-    rows = rows.remove_columns(EMBEDDING_COLUMN).add_column(
-        EMBEDDING_COLUMN, normalised, feature=Sequence(Value("float32"))
-    )
+    if not np.allclose(lengths, 1.0, atol=1e-4):
+        rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN], output_all_columns=True).map(
+            _normalised, batched=True, batch_size=8192, desc="Normalising the given embeddings"
+        )
+        rows = rows.with_format(None)
     return rows, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
+
+
+def _normalised(batch: dict[str, Any]) -> dict[str, Any]:
+    vectors = np.asarray(batch[EMBEDDING_COLUMN], dtype=np.float32)
+    return {EMBEDDING_COLUMN: vectors / np.linalg.norm(vectors, axis=1, keepdims=True)}
 
 
 def _lap(started: float) -> float:
