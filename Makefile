@@ -35,7 +35,7 @@ test: setup browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	cd bench && ../$(PY) stage1.py && ../$(PY) merge.py
+	cd bench && ../$(PY) stage1.py && ../$(PY) merge.py && ../$(PY) scale.py
 
 clean:
 	rm -rf out test-artifacts build dist

@@ -25,6 +25,7 @@ RETRYABLE_STATUS = frozenset({424, 429, 502, 503, 504})
 DEFAULT_CONCURRENCY = 8
 _MAX_RETRY_AFTER_S = 120.0
 _PROBE_TIMEOUT_S = 10.0
+_HTTPX_DEFAULT_CONNECTIONS = 100
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_TOP_LOGPROBS = 1000
 
@@ -211,6 +212,26 @@ class EndpointBackend:
             )
         server = await probe_server(self.url, self._token, "LLM endpoint")
         self.model_id, self.default_concurrency = server.model_id, server.concurrency
+
+    async def size_pool(self, connections: int) -> None:
+        """Let ``connections`` requests be in flight at once.
+
+        huggingface_hub's client keeps httpx's default pool of 100 connections, fewer than TGI's default
+        128 slots: measured, a 128-slot server then never held more than 100 requests. Before the client's
+        first request, its session is replaced by the same one (hub's request and response hooks) with a
+        pool as large as the concurrency. Where the client's internals differ, its default pool stays.
+        """
+        if connections <= _HTTPX_DEFAULT_CONNECTIONS or getattr(self._client, "_async_client", "other") is not None:
+            return
+        try:
+            import httpx2
+            from huggingface_hub.utils._http import async_hf_request_event_hook, async_hf_response_event_hook
+        except ImportError:
+            return
+        hooks = {"request": [async_hf_request_event_hook], "response": [async_hf_response_event_hook]}
+        limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+        session = httpx2.AsyncClient(event_hooks=hooks, follow_redirects=True, timeout=None, limits=limits)
+        self._client._async_client = await self._client.exit_stack.enter_async_context(session)
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
         try:

@@ -46,8 +46,9 @@ class CompletionEndpointBackend:
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 120.0, attempts: int = 6):
         self.url = url.rstrip("/")
         self._token = token if token is not None else token_from_environment()
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._http = httpx.AsyncClient(timeout=timeout_s, headers=headers)
+        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        self._timeout_s = timeout_s
+        self._http = httpx.AsyncClient(timeout=timeout_s, headers=self._headers)
         self._attempts = attempts
         self.model_id = self.url
         self.default_concurrency = DEFAULT_CONCURRENCY
@@ -65,6 +66,12 @@ class CompletionEndpointBackend:
             server.concurrency,
             server.served_name,
         )
+
+    async def size_pool(self, connections: int) -> None:
+        """A connection pool as large as the concurrency (httpx's default of 100 would cap it)."""
+        await self._http.aclose()
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, limits=limits)
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply:
         """The first generated token's top alternatives after ``prompt``, sent byte for byte."""

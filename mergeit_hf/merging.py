@@ -303,7 +303,11 @@ class Merger:
         await backend.probe()
         # config.concurrency bounds the merge endpoint; a scorer endpoint says its own (``/info``).
         concurrency = None if isinstance(backend, CompletionEndpointBackend) else self.config.concurrency
-        return RequestScheduler(backend, cache, concurrency or backend.default_concurrency)
+        concurrency = concurrency or backend.default_concurrency
+        size_pool = getattr(backend, "size_pool", None)
+        if size_pool is not None:
+            await size_pool(concurrency)
+        return RequestScheduler(backend, cache, concurrency)
 
     @asynccontextmanager
     async def session(

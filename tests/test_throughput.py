@@ -32,7 +32,7 @@ def many_pairs():
     return pairs_dataset(*zip(rows[::2], rows[1::2], strict=True)), rows
 
 
-def _slot_server(rows: list[dict]) -> ScriptedServer:
+def _slot_server(rows: list[dict], slots: int = SLOTS, latency_s: float = 0.3) -> ScriptedServer:
     by_line = {row["instruction"].split("\n")[0]: row for row in rows}
 
     def merge(prompt: str, body: dict) -> dict:
@@ -42,7 +42,7 @@ def _slot_server(rows: list[dict]) -> ScriptedServer:
     def score(instruction: str, output: str) -> dict[str, float]:
         return peaked(6) if "as a second task" in instruction else peaked(3)
 
-    return ScriptedServer(merge, score, slots=SLOTS, latency_s=0.3).start()
+    return ScriptedServer(merge, score, slots=slots, latency_s=latency_s).start()
 
 
 def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tmp_path):
@@ -67,6 +67,18 @@ def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tm
     assert stream.requests_sent == 240 and stream.idle_releases <= SLOTS, stream.idle_releases
     idle_in_batches = sum(s.idle_releases for s in batches)
     assert idle_in_batches >= 10 * SLOTS / 2, idle_in_batches
+
+
+def test_a_tgi_sized_endpoint_gets_all_its_slots(many_pairs, tmp_path):
+    """huggingface_hub's HTTP pool holds 100 connections; TGI's default is 128 slots, all of them used."""
+    pairs, rows = many_pairs
+    server = _slot_server(rows, slots=128, latency_s=1.0)
+    try:
+        merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path))
+        merge_stage(pairs, merger)  # 60 pairs: 180 requests are ready at once (a merge and two scores each)
+    finally:
+        server.stop()
+    assert max(server.held) == 128
 
 
 def test_retention_can_be_left_out_but_never_silently(many_pairs, tmp_path):
