@@ -12,11 +12,10 @@ import pytest
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.cli import main
 from mergeit_hf.errors import TemplateError
 from mergeit_hf.merging import Merger
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
+from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked
 
 _EXAMPLE = re.compile(r"## Example ([A-E])\nInstruction: (.*)")
@@ -76,19 +75,14 @@ def group_run(tmp_path_factory):
     long keep every source, the others drop their last one."""
     folder = tmp_path_factory.mktemp("group-run")
     rows = json.loads(shared("gpteacher_roleplay.json").read_text())[:80]
-    (folder / "rows.json").write_text(json.dumps(rows))
 
     def merge(prompt: str, body: dict) -> dict:
         members = _members(prompt, rows)
         return restate_all(*members) if len(members[0]["output"]) % 2 else restate_all(*members[:-1])
 
     server = ScriptedServer(merge, _score).start()
-    config = folder / "config.yaml"
-    config.write_text("n_clusters: 4\nselection_budget: 0.9\ntau: 0.45\nmax_group_size: 4\nscorer_check_rows: 0\n")
-    output = folder / "out"
-    args = ["run", str(folder / "rows.json"), "--output", str(output), "--endpoint", server.url]
-    assert main([*args, "--config", str(config), "--cache-dir", str(folder / "cache")]) == 0
-    yield output, rows
+    config = "n_clusters: 4\nselection_budget: 0.9\ntau: 0.45\nmax_group_size: 4\nscorer_check_rows: 0\n"
+    yield cli_run(folder, rows, server.url, config), rows
     server.stop()
 
 

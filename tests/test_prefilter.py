@@ -8,10 +8,9 @@ import math
 import pytest
 from datasets import Dataset
 
-from mergeit_hf.cli import main
 from mergeit_hf.quality import expected_score
 from tests.conftest import shared
-from tests.helpers.pairs import restate_all
+from tests.helpers.pairs import cli_run, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked
 
 #: Deita's complexity prompt as its model card (hkust-nlp/deita-complexity-scorer) writes it.
@@ -38,23 +37,19 @@ def _value(distribution: dict[str, float]) -> float:
 def prefilter_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prefilter-run")
     rows = json.loads(shared("gpteacher_roleplay.json").read_text())[:N_ROWS]
-    (folder / "rows.json").write_text(json.dumps(rows))
 
     def merge(prompt: str, body: dict) -> dict:
         lines = [part.split("\n")[0] for part in prompt.split("Instruction: ")[1:]]
         return restate_all(*(next(r for r in rows if r["instruction"].startswith(line)) for line in lines))
 
     server = ScriptedServer(merge, _quality, complexity=_complexity).start()
-    config = folder / "config.yaml"
-    config.write_text(
+    config = (
         f"n_clusters: 3\nselection_budget: 0.9\ntau: 0.4\nprefilter_top: {TOP}\ncomplexity_scores: true\n"
         "scorer_check_rows: 0\n"
     )
-    args = ["run", str(folder / "rows.json"), "--endpoint", server.url, "--config", str(config)]
-    args += ["--cache-dir", str(folder / "cache")]
-    assert main([*args, "--output", str(folder / "out")]) == 0
+    cli_run(folder, rows, server.url, config)
     first = sum(server.requests.values())
-    assert main([*args, "--output", str(folder / "again")]) == 0
+    cli_run(folder, rows, server.url, config, output="again")
     yield folder, rows, server, first
     server.stop()
 

@@ -21,7 +21,7 @@ from mergeit_hf.merging import Merger
 from mergeit_hf.regate import OutputFolder
 from mergeit_hf.retention import numbers, retention
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
+from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked
 
 CONFIG = MergeItConfig(min_retention=0.5, alpha=0.75, scorer_check_rows=0)
@@ -153,7 +153,6 @@ def scripted_run(tmp_path_factory):
     whole and half of the second's output, so retention and quality both vary across pairs."""
     folder = tmp_path_factory.mktemp("scripted-run")
     rows = json.loads(shared("gpteacher_roleplay.json").read_text())[:80]
-    (folder / "rows.json").write_text(json.dumps(rows))
     by_instruction = {r["instruction"]: r for r in rows}
 
     def merge(prompt: str, body: dict) -> dict:
@@ -168,12 +167,8 @@ def scripted_run(tmp_path_factory):
         return peaked(3 + len(output) % 4) if "as a second task" in instruction else peaked(2 + len(output) % 3)
 
     server = ScriptedServer(merge, score).start()
-    config = folder / "config.yaml"
-    config.write_text("n_clusters: 6\nselection_budget: 0.8\ntau: 0.5\nscorer_check_rows: 8\n")
-    output = folder / "out"
-    args = ["run", str(folder / "rows.json"), "--output", str(output), "--endpoint", server.url]
-    assert main([*args, "--config", str(config), "--cache-dir", str(folder / "cache")]) == 0
-    yield output, server
+    config = "n_clusters: 6\nselection_budget: 0.8\ntau: 0.5\nscorer_check_rows: 8\n"
+    yield cli_run(folder, rows, server.url, config), server
     server.stop()
 
 

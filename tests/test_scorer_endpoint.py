@@ -46,19 +46,27 @@ def _merge_server(merged: dict) -> ScriptedServer:
     return ScriptedServer(lambda prompt, body: merged, no_scores_here).start()
 
 
-@pytest.mark.server
-def test_scores_are_deita_raw_completions_at_the_scorer_endpoint(pair, llama_server, tmp_path):
+def _merge_one_pair(pair: tuple, scorer, config: MergeItConfig, tmp_path) -> tuple[ScriptedServer, dict]:
+    """Map the pair through a Merger whose merges come from a scripted chat server and whose scores come
+    from ``scorer`` (stopped afterwards, as is the merge server); the merge server and the merged row."""
     a, b, merged = pair
-    merges, recorder = _merge_server(merged), FaultProxy(llama_server.url).start()
-    config = MergeItConfig(
-        scorer_endpoint=recorder.url, top_logprobs=TOP, max_missing_score_fraction=1.0, scorer_check_rows=0
-    )
+    merges = _merge_server(merged)
     try:
         out = pairs_dataset((a, b)).map(Merger(endpoint=merges.url, config=config, cache_dir=str(tmp_path)))
     finally:
         merges.stop()
-        recorder.stop()
-    row = out[0]
+        scorer.stop()
+    return merges, out[0]
+
+
+@pytest.mark.server
+def test_scores_are_deita_raw_completions_at_the_scorer_endpoint(pair, llama_server, tmp_path):
+    a, b, merged = pair
+    recorder = FaultProxy(llama_server.url).start()
+    config = MergeItConfig(
+        scorer_endpoint=recorder.url, top_logprobs=TOP, max_missing_score_fraction=1.0, scorer_check_rows=0
+    )
+    merges, row = _merge_one_pair(pair, recorder, config, tmp_path)
     assert row["merge_status"] in {"accepted", "rejected"}, row["merge_reason"]
     assert row["merge_model"] == "scripted/merge-model"
     assert row["quality_model"].endswith(local_model_path().name)  # what /v1/models names
@@ -85,14 +93,9 @@ def _deita_distribution(instruction: str, output: str) -> dict[str, float]:
 def test_tgi_scorer_falls_back_to_generate_and_counts_hidden_digits(pair, tmp_path):
     a, b, merged = pair
     # One slot: requests arrive one at a time, so the route and the cap are learnt in a known order.
-    merges, scorer = _merge_server(merged), TgiScorer(_deita_distribution, slots=1).start()
+    scorer = TgiScorer(_deita_distribution, slots=1).start()
     config = MergeItConfig(scorer_endpoint=scorer.url, alpha=0.6, min_retention=0.0, max_missing_score_fraction=1.0)
-    try:
-        out = pairs_dataset((a, b)).map(Merger(endpoint=merges.url, config=config, cache_dir=str(tmp_path)))
-    finally:
-        merges.stop()
-        scorer.stop()
-    row = out[0]
+    _, row = _merge_one_pair(pair, scorer, config, tmp_path)
     paths = [path for path, _ in scorer.posted]
     # One try of /v1/completions (TGI's has no logprobs), then /generate; its 422 names the cap, sent again at 5.
     assert paths[0] == "/v1/completions" and set(paths[1:]) == {"/generate"} and len(paths) == 1 + 3 + 1, paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from datasets import Dataset
 
@@ -41,3 +42,16 @@ def restate_all(first: dict, *others: dict) -> dict:
         "input": "\n".join(r["input"] for r in rows if r["input"]),
         "output": "\n\n".join(r["output"] for r in rows),
     }
+
+
+def cli_run(folder: Path, rows: list[dict], endpoint: str, config_yaml: str, output: str = "out") -> Path:
+    """`mergeit run` on ``rows`` (written as JSON) with the config given, against ``endpoint``; the output
+    folder, after asserting the run exited 0. The request cache sits in ``folder``, so reruns are free."""
+    from mergeit_hf.cli import main
+
+    data, config = folder / "rows.json", folder / "config.yaml"
+    data.write_text(json.dumps(rows))
+    config.write_text(config_yaml)
+    args = ["run", str(data), "--output", str(folder / output), "--endpoint", endpoint, "--config", str(config)]
+    assert main([*args, "--cache-dir", str(folder / "cache")]) == 0
+    return folder / output
