@@ -15,7 +15,7 @@ from mergeit_hf import MergeItConfig
 from mergeit_hf.errors import TemplateError
 from mergeit_hf.merging import Merger
 from tests.conftest import shared
-from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restate_all
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_all, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked
 
 _EXAMPLE = re.compile(r"## Example ([A-E])\nInstruction: (.*)")
@@ -80,10 +80,9 @@ def group_run(tmp_path_factory):
         members = _members(prompt, rows)
         return restate_all(*members) if len(members[0]["output"]) % 2 else restate_all(*members[:-1])
 
-    server = ScriptedServer(merge, _score).start()
     config = "n_clusters: 4\nselection_budget: 0.9\ntau: 0.45\nmax_group_size: 4\nscorer_check_rows: 0\n"
-    yield cli_run(folder, rows, server.url, config), rows
-    server.stop()
+    for output, _ in served_cli_run(folder, rows, merge, _score, config):
+        yield output, rows
 
 
 def test_group_run_accounts_for_every_row(group_run):

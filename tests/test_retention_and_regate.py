@@ -21,7 +21,7 @@ from mergeit_hf.merging import Merger
 from mergeit_hf.regate import OutputFolder
 from mergeit_hf.retention import numbers, retention
 from tests.conftest import shared
-from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restate_all
+from tests.helpers.pairs import pairs_dataset, real_rows, restate_all, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked
 
 CONFIG = MergeItConfig(min_retention=0.5, alpha=0.75, scorer_check_rows=0)
@@ -166,10 +166,8 @@ def scripted_run(tmp_path_factory):
     def score(instruction: str, output: str) -> dict[str, float]:
         return peaked(3 + len(output) % 4) if "as a second task" in instruction else peaked(2 + len(output) % 3)
 
-    server = ScriptedServer(merge, score).start()
     config = "n_clusters: 6\nselection_budget: 0.8\ntau: 0.5\nscorer_check_rows: 8\n"
-    yield cli_run(folder, rows, server.url, config), server
-    server.stop()
+    yield from served_cli_run(folder, rows, merge, score, config)
 
 
 def test_run_reports_retention_causes_and_the_scorer_check(scripted_run):

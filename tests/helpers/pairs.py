@@ -55,3 +55,15 @@ def cli_run(folder: Path, rows: list[dict], endpoint: str, config_yaml: str, out
     args = ["run", str(data), "--output", str(folder / output), "--endpoint", endpoint, "--config", str(config)]
     assert main([*args, "--cache-dir", str(folder / "cache")]) == 0
     return folder / output
+
+
+def served_cli_run(folder: Path, rows: list[dict], merge, score, config_yaml: str, **server_options):
+    """For a fixture's ``yield from``: a scripted server answering ``merge`` and ``score``, one ``cli_run``
+    against it, then (output folder, server) until the fixture ends; the server stops after."""
+    from tests.helpers.scripted import ScriptedServer
+
+    server = ScriptedServer(merge, score, **server_options).start()
+    try:
+        yield cli_run(folder, rows, server.url, config_yaml), server
+    finally:
+        server.stop()
