@@ -76,7 +76,11 @@ def best_attempt(
     """The first accepted attempt (retries stop there), else the one with the highest quality; None if empty."""
     if not attempts:
         return None
-    decisions = [decide(a, source_qualities, alpha, min_retention) for a in attempts]
+    return choose(attempts, [decide(a, source_qualities, alpha, min_retention) for a in attempts])
+
+
+def choose(attempts: Sequence[AttemptScores], decisions: Sequence[GateDecision]) -> tuple[int, GateDecision]:
+    """Given each attempt's decision: the first accepted one, else the one with the highest quality."""
     for index, decision in enumerate(decisions):
         if decision.accepted:
             return index, decision

@@ -26,7 +26,7 @@ from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder
 from mergeit_hf.errors import EndpointError, MergeItError, TemplateError
-from mergeit_hf.gate import SIDES, AttemptScores, best_attempt, decide
+from mergeit_hf.gate import SIDES, AttemptScores, GateDecision, choose, decide
 from mergeit_hf.pairing import group_sources
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.quality import QualityScore
@@ -431,6 +431,7 @@ async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
             return _failed(problem, scores, 0)
     qualities = tuple(score.value for score in scores)
     attempts: list[MergeAttempt] = []
+    decisions: list[GateDecision] = []  # one per scored attempt, each decided once
     incomplete = sum(not s.complete for s in scores)
     requests = 0
     for gate_attempt in range(run.config.gate_retries + 1):
@@ -441,9 +442,11 @@ async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
             return _failed(_score_problem("merged", score_m), scores, requests, attempt.merged)
         incomplete += score_m is not None and not score_m.complete
         attempts.append(attempt)
-        if attempt.scores and decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention).accepted:
-            break  # the gate said yes: no retry can do better by its measure
-    return _outcome(attempts, qualities, run.config, requests, incomplete)
+        if attempt.scores:
+            decisions.append(decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention))
+            if decisions[-1].accepted:
+                break  # the gate said yes: no retry can do better by its measure
+    return _outcome(attempts, decisions, qualities, requests, incomplete)
 
 
 async def _with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], outcome: MergeOutcome) -> MergeOutcome:
@@ -486,7 +489,11 @@ async def _retentions(run: _Run, sources: list[dict[str, str]], merged: dict[str
 
 
 def _outcome(
-    attempts: list[MergeAttempt], qualities: tuple[float, ...], config: MergeItConfig, requests: int, incomplete: int
+    attempts: list[MergeAttempt],
+    decisions: list[GateDecision],
+    qualities: tuple[float, ...],
+    requests: int,
+    incomplete: int,
 ) -> MergeOutcome:
     scored = [attempt for attempt in attempts if attempt.scores is not None]
     if not scored:
@@ -494,7 +501,7 @@ def _outcome(
         return MergeOutcome(
             "failed", errors, source_qualities=qualities, attempts=requests, gate_attempts=tuple(attempts)
         )
-    index, decision = best_attempt([a.scores for a in scored], qualities, config.alpha, config.min_retention)
+    index, decision = choose([a.scores for a in scored], decisions)
     kept = scored[index]
     assert kept.scores is not None
     return MergeOutcome(
