@@ -13,6 +13,8 @@ from mergeit_hf.config import MergeItConfig
 
 _STREAM_CHUNK_ROWS = 8192
 KMEANS_SAMPLE_ROWS = 100_000
+#: A fitted PCA: the mean and the (dim, kept dims) components that project an embedding.
+Projection = tuple[np.ndarray, np.ndarray]
 _PCA_SAMPLE_ROWS = 50_000
 
 
@@ -94,37 +96,36 @@ def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) ->
     return _fit_streamed(dataset, n_clusters, config.seed, pca)
 
 
-def _fit_pca(dataset: Dataset, variance: float, seed: int) -> TopicClusters:
+def _fit_pca(dataset: Dataset, variance: float, seed: int) -> Projection:
     """PCA keeping ``variance`` of the variance (the authors' scripts: 0.95), fitted on up to
     ``_PCA_SAMPLE_ROWS`` rows drawn at random: the components of a million rows need no more."""
     from sklearn.decomposition import PCA
 
     rows = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:_PCA_SAMPLE_ROWS])
-    sample = take_embeddings(dataset, rows)
-    pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(sample)
-    # No centroids yet: this carries the projection to the k-means fit below.
-    return TopicClusters(
-        np.empty((0, 0), np.float32), "", pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32)
-    )
+    pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(take_embeddings(dataset, rows))
+    return pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32)
 
 
-def _fit_full(dataset: Dataset, n_clusters: int, seed: int, pca: TopicClusters | None) -> TopicClusters:
+def _project(embeddings: np.ndarray, pca: Projection | None) -> np.ndarray:
+    return embeddings if pca is None else (embeddings - pca[0]) @ pca[1]
+
+
+def _fit_full(dataset: Dataset, n_clusters: int, seed: int, pca: Projection | None) -> TopicClusters:
     from sklearn.cluster import KMeans
 
     embeddings = np.concatenate(list(iter_embeddings(dataset)))
-    embeddings = pca.project(embeddings) if pca else embeddings
+    embeddings = _project(embeddings, pca)
     model = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(embeddings)
     return _fitted(model.cluster_centers_, "kmeans", pca)
 
 
-def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int, pca: TopicClusters | None) -> TopicClusters:
+def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int, pca: Projection | None) -> TopicClusters:
     """Mini-batch k-means on a random sample of ``KMEANS_SAMPLE_ROWS`` rows: the centroids of 120 topics
     need no more, and assigning every row afterwards is one matrix product per chunk."""
     from sklearn.cluster import MiniBatchKMeans
 
     rows = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:KMEANS_SAMPLE_ROWS])
-    sample = take_embeddings(dataset, rows)
-    sample = pca.project(sample) if pca else sample
+    sample = _project(take_embeddings(dataset, rows), pca)
     batch = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)
     model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, batch_size=batch, n_init=3).fit(sample)
     return _fitted(model.cluster_centers_, "minibatch_kmeans", pca)
@@ -135,11 +136,11 @@ def assign_topics(dataset: Dataset, topics: TopicClusters) -> np.ndarray:
     return np.concatenate([topics.assign(chunk) for chunk in iter_embeddings(dataset)]).astype(np.int32)
 
 
-def _fitted(centroids: np.ndarray, method: str, pca: TopicClusters | None) -> TopicClusters:
+def _fitted(centroids: np.ndarray, method: str, pca: Projection | None) -> TopicClusters:
     if pca is None:
         return TopicClusters(centroids.astype(np.float32), method)
-    dims = pca.pca_components.shape[1]
-    return TopicClusters(centroids.astype(np.float32), f"pca {dims}d + {method}", pca.pca_mean, pca.pca_components)
+    mean, components = pca
+    return TopicClusters(centroids.astype(np.float32), f"pca {components.shape[1]}d + {method}", mean, components)
 
 
 def add_clusters(dataset: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Dataset:

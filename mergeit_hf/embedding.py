@@ -66,10 +66,11 @@ def embedding_dimension(model: str) -> int:
     folder = Path(resolve_model_path(model))
     modules = folder / "modules.json"
     if modules.is_file():
-        kinds = [entry.get("type", "") for entry in json.loads(modules.read_text())]
-        pooling = folder / "1_Pooling" / "config.json"
-        if pooling.is_file() and not any("Dense" in kind for kind in kinds):
-            return int(json.loads(pooling.read_text())["word_embedding_dimension"])
+        entries = json.loads(modules.read_text())
+        poolings = [folder / e.get("path", "") / "config.json" for e in entries if "Pooling" in e.get("type", "")]
+        dense = any("Dense" in e.get("type", "") for e in entries)
+        if poolings and poolings[0].is_file() and not dense:
+            return int(json.loads(poolings[0].read_text())["word_embedding_dimension"])
     return int(load_model(model).get_embedding_dimension())
 
 

@@ -389,8 +389,7 @@ def complexity_scorer(session: Session) -> QualityScorer | None:
     config = session.scorer.config
     if not config.complexity_scores:
         return None
-    template = PromptTemplate.load(config.complexity_template)
-    return dataclasses.replace(session.scorer, template=template, counts=ScoreCounts())
+    return session.scorer.with_template(PromptTemplate.load(config.complexity_template))
 
 
 async def _merge_in_order(
@@ -412,16 +411,16 @@ async def _merge_in_order(
 
 
 async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:
-    outcome = await _merge_one(run, pair)
+    sources = _sources(pair)
+    outcome = await _merge_one(run, sources)
     if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
-        outcome = await _with_complexity(run.complexity, _sources(pair), outcome)
+        outcome = await _with_complexity(run.complexity, sources, outcome)
     run.stats.add(outcome)
     progress.update(1)
     return outcome
 
 
-async def _merge_one(run: _Run, pair: dict[str, Any]) -> MergeOutcome:
-    sources = _sources(pair)
+async def _merge_one(run: _Run, sources: list[dict[str, str]]) -> MergeOutcome:
     first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
     scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
     for side, score in zip(SIDES, scores, strict=False):

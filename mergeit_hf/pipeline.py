@@ -40,6 +40,7 @@ class PipelineResult:
     record: RunRecord
     card: DatasetCard
     requests_sent: int
+    figures: dict[str, bytes] = dataclasses.field(default_factory=dict)  # the images the card shows, by repo path
 
     @property
     def final(self) -> Dataset:
@@ -206,8 +207,8 @@ def finish_run(
         source_datasets=_hub_source(source),
         general_size=general_size,
     )
-    card = build_card(record, assembly.final, merged_pairs)
-    return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent)
+    card, figures = card_and_figures(record, assembly.final, _pairs_for_export(merged_pairs))
+    return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent, figures)
 
 
 def _model(merged_pairs: Dataset, column: str) -> str:
@@ -253,29 +254,33 @@ def _hub_source(source: str | Path | Dataset) -> list[str]:
 
 def save(result: PipelineResult, folder: str | Path) -> list[Path]:
     """Write the repository layout (data, card, figures, accounting, pairs, run record) to ``folder``."""
-    return write_output(folder, result.final, result.merged_pairs, result.assembly.accounting, result.record)
+    record = dataclasses.asdict(result.record)
+    return write_repo_folder(folder, result.final, result.card, _extras(result), record, files=result.figures)
 
 
 def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api: Any = None) -> Any:
     """Push the same layout as ``save`` to a Hub dataset repo, in one commit."""
-    pairs = _pairs_for_export(result.merged_pairs)
-    card, figures = card_and_figures(result.record, result.final, pairs)
     return push_to_hub(
         result.final,
         repo_id,
-        card,
-        extras={"accounting": result.assembly.accounting, "pairs": pairs},
-        files=figures,
+        result.card,
+        extras=_extras(result),
+        files=result.figures,
         run_record=dataclasses.asdict(result.record),
         private=private,
         api=api,
     )
 
 
+def _extras(result: PipelineResult) -> dict[str, Dataset]:
+    return {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
+
+
 def write_output(
     folder: str | Path, final: Dataset, pairs: Dataset, accounting: Dataset, record: RunRecord
 ) -> list[Path]:
-    """One writer for ``save`` and ``mergeit regate``: what a run folder holds, built the same way."""
+    """A run folder written again from its parts (``mergeit regate``, ``mergeit card``): card and figures are
+    rebuilt from the record, the layout is ``save``'s."""
     pairs = _pairs_for_export(pairs)
     card, figures = card_and_figures(record, final, pairs)
     extras = {"accounting": accounting, "pairs": pairs}

@@ -22,7 +22,7 @@ from mergeit_hf.merging import Merger
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.quality import QualityScore
 from mergeit_hf.scheduling import run_sync
-from mergeit_hf.scoring import QualityScorer, ScoreCounts
+from mergeit_hf.scoring import QualityScorer
 
 PREFILTER_REASON = "prefilter"
 
@@ -81,9 +81,7 @@ async def _score_all(rows: Dataset, merger: Merger) -> tuple[list[float], list[f
     complexity_template = PromptTemplate.load(config.complexity_template)
     texts = rows.select_columns(["instruction", "input", "output"]).to_list()
     async with merger.session(merging=False) as session:
-        complexity = QualityScorer(
-            session.scorer.scheduler, complexity_template, config, ScoreCounts(), raw=session.scorer.raw
-        )
+        complexity = session.scorer.with_template(complexity_template)
         # disable=None: a bar on a terminal, none in logs (52k rows are 104k scores: worth watching).
         progress = tqdm(total=2 * len(texts), desc="Prefilter scores", unit="score", disable=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ class QualityScorer:
     config: MergeItConfig
     counts: ScoreCounts
     raw: bool = False
+
+    def with_template(self, template: PromptTemplate) -> QualityScorer:
+        """The same scheduler and route with another Deita prompt (complexity), counted apart."""
+        return dataclasses.replace(self, template=template, counts=ScoreCounts())
 
     async def score(self, row: dict[str, str]) -> QualityScore | EndpointError:
         """The score, or the endpoint's error (the caller fails that pair with it, never a default score)."""

@@ -109,15 +109,9 @@ def _facility_location(
         return [0]
     if len(embeddings) > dense_limit:
         return _by_pieces(embeddings, n_keep, seed, dense_limit)
-    return _greedy(embeddings, n_keep, seed, "lazy")
-
-
-def _greedy(embeddings: np.ndarray, n_keep: int, seed: int, optimizer: str) -> list[int]:
-    if n_keep >= len(embeddings):
-        return list(range(len(embeddings)))
     vectors = embeddings.astype(np.float64)  # apricot's kernels take float64
     similarity = (1.0 + vectors @ vectors.T) / 2.0
-    selector = _apricot_facility_location()(n_keep, metric="precomputed", optimizer=optimizer, random_state=seed)
+    selector = _apricot_facility_location()(n_keep, metric="precomputed", optimizer="lazy", random_state=seed)
     return [int(i) for i in selector.fit(similarity).ranking]
 
 
