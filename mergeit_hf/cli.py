@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--general-size", type=int, help="|G| for the card's merge weight ω = |D|/|G|")
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
     _add_gate_options(run)
+    run.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model")
     run.add_argument("--gate-retries", type=int, help="new merges asked for when the gate rejects one")
     run.add_argument("--no-scorer-check", action="store_true", help="skip the scorer check at the start of stage 2")
     card = commands.add_parser("card", help="render README.md of an output folder again")
@@ -79,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="quality gate: q(merged) > alpha·(q(a)+q(b))")
     parser.add_argument("--min-retention", type=float, help="each source's retention must reach this (0 to 1)")
-    parser.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model (run only)")
 
 
 def _floats(text: str) -> list[float]:
@@ -227,13 +227,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _regate(args: argparse.Namespace) -> int:
-    from mergeit_hf.regate import OutputFolder, regate_folder
+    from mergeit_hf.regate import OutputFolder, regate_output
 
-    alpha, min_retention = OutputFolder.open(args.folder).thresholds
+    out = OutputFolder.open(args.folder)
+    alpha, min_retention = out.thresholds
     alpha = alpha if args.alpha is None else args.alpha
     min_retention = min_retention if args.min_retention is None else args.min_retention
     MergeItConfig(alpha=alpha, min_retention=min_retention)  # the same validation as a run's
-    out = regate_folder(args.folder, alpha, min_retention)
+    out = regate_output(out, alpha, min_retention)
     counts = out.record.counts
     print(
         f"re-gated {args.folder} at alpha={alpha}, min_retention={min_retention}: "

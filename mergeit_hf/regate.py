@@ -179,9 +179,13 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
 
 def regate_folder(folder: str | Path, alpha: float, min_retention: float) -> OutputFolder:
     """Rewrite data, pairs, accounting, run record and card of ``folder`` for new thresholds."""
+    return regate_output(OutputFolder.open(folder), alpha, min_retention)
+
+
+def regate_output(out: OutputFolder, alpha: float, min_retention: float) -> OutputFolder:
+    """``regate_folder`` on a folder already read (the CLI reads it once, for its thresholds too)."""
     from mergeit_hf.pipeline import write_output
 
-    out = OutputFolder.open(folder)
     pairs = regate_pairs(out.pairs, alpha, min_retention)
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows, fate = pair_rows(pairs, created_at, out.record.version)
