@@ -24,7 +24,7 @@ from mergeit_hf.errors import EndpointError
 RETRYABLE_STATUS = frozenset({424, 429, 502, 503, 504})
 DEFAULT_CONCURRENCY = 8
 _MAX_RETRY_AFTER_S = 120.0
-_PROBE_TIMEOUT_S = 10.0
+_PROBE_CONNECT_TIMEOUT_S = 10.0
 _HTTPX_DEFAULT_CONNECTIONS = 100
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_TOP_LOGPROBS = 1000
@@ -162,27 +162,39 @@ class ServerInfo:
     served_name: str | None = None  # the name /v1/models lists, which vLLM wants in every request
 
 
-async def probe_server(url: str, token: str | None, role: str) -> ServerInfo:
-    """Fail fast on an unreachable server or a refused token; read its model id and concurrency."""
+async def probe_server(url: str, token: str | None, role: str, read_timeout_s: float) -> ServerInfo:
+    """Fail fast on an unreachable server or a refused token; read its model id and concurrency.
+
+    Connecting fails within seconds, but an answer may take as long as any request: llama.cpp's
+    one-slot server answers ``/v1/models`` only after the generation it is running (another client's,
+    or one this run abandoned on a timeout), so a short read timeout would call a busy server dead.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S, headers=headers) as http:
-        try:
-            info = await http.get(f"{url}/info")
-        except httpx.TransportError as exc:
-            raise EndpointError(
-                f"cannot reach the {role} {url}: {type(exc).__name__}: {redact(str(exc), token)}"
-            ) from None
+    timeout = httpx.Timeout(read_timeout_s, connect=_PROBE_CONNECT_TIMEOUT_S)
+    async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
+        info = await _probe_get(http, f"{url}/info", role, token)
         if info.status_code == 200:
             body = info.json()
             concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
             return ServerInfo(str(body.get("model_id") or url), concurrency)
-        models = await http.get(f"{url}/v1/models")
+        models = await _probe_get(http, f"{url}/v1/models", role, token)
         if models.status_code in (401, 403):
             raise EndpointError(f"the {role} {url} refused the token (HTTP {models.status_code})")
         if models.status_code == 200:
             served = (models.json().get("data") or [{}])[0].get("id")
             return ServerInfo(str(served or url), DEFAULT_CONCURRENCY, served)
         return ServerInfo(url, DEFAULT_CONCURRENCY)
+
+
+async def _probe_get(http: httpx.AsyncClient, address: str, role: str, token: str | None) -> httpx.Response:
+    try:
+        return await http.get(address)
+    except httpx.TransportError as exc:
+        what = "did not answer" if isinstance(exc, httpx.TimeoutException) else "cannot reach"
+        raise EndpointError(
+            f"{what} the {role} {address} ({type(exc).__name__}: {redact(str(exc), token) or 'no detail'}); "
+            "is it running, and is request_timeout_s long enough for it to finish its current work?"
+        ) from None
 
 
 class EndpointBackend:
@@ -194,6 +206,7 @@ class EndpointBackend:
         self.url = url.rstrip("/")
         self._token = token if token is not None else token_from_environment()
         self._client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=timeout_s)
+        self._timeout_s = timeout_s
         self._attempts = attempts
         self.model_id = self.url
         self.default_concurrency = DEFAULT_CONCURRENCY
@@ -210,7 +223,7 @@ class EndpointBackend:
                 f"HF_HUB_OFFLINE is set, and huggingface_hub then refuses every InferenceClient call, even to "
                 f"{self.url}. Unset it for stage 2 (the embedding model loads offline without it)."
             )
-        server = await probe_server(self.url, self._token, "LLM endpoint")
+        server = await probe_server(self.url, self._token, "LLM endpoint", self._timeout_s)
         self.model_id, self.default_concurrency = server.model_id, server.concurrency
 
     async def size_pool(self, connections: int) -> None:

@@ -60,7 +60,7 @@ class CompletionEndpointBackend:
         return f"CompletionEndpointBackend(url={self.url!r}, route={self.route!r})"
 
     async def probe(self) -> None:
-        server = await probe_server(self.url, self._token, "scorer endpoint")
+        server = await probe_server(self.url, self._token, "scorer endpoint", self._timeout_s)
         self.model_id, self.default_concurrency, self._served_name = (
             server.model_id,
             server.concurrency,

@@ -56,6 +56,8 @@ def llama_server(tmp_path_factory):
 
 @pytest.fixture
 def fault_proxy(llama_server):
+    # Requests an earlier test abandoned still run on the one-slot server; these tests count and time theirs.
+    llama_server.wait_idle()
     proxy = FaultProxy(llama_server.url).start()
     yield proxy
     proxy.stop()

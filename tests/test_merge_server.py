@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,14 +10,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
+from aiohttp import web
 from datasets.fingerprint import Hasher
 
 import mergeit_hf
 from mergeit_hf import EndpointError, MergeItConfig, QualityScoringError
 from mergeit_hf.merging import Merger
-from tests.helpers.servers import free_port
+from tests.helpers.servers import LoopbackServer, free_port
 
 pytestmark = pytest.mark.server
 STATUSES = {"accepted", "rejected", "failed"}
@@ -113,6 +116,33 @@ def test_unreachable_endpoint_fails_fast_naming_the_url_not_the_token(pairs, mon
         pairs.map(Merger(endpoint=url, cache_dir=str(tmp_path)), batched=True)
     assert time.monotonic() - started < 15
     assert url in str(error.value) and "hf_secret_token_123" not in str(error.value)
+
+
+@dataclass
+class _BusyServer(LoopbackServer):
+    """Answers ``/v1/models`` only after ``busy_s``, as llama.cpp's one-slot server does mid-generation."""
+
+    busy_s: float = 1.5
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self._models)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.busy_s)
+        return web.json_response({"data": [{"id": "busy/model"}]})
+
+
+def test_probe_waits_for_a_busy_server_as_long_as_a_request_may(monkeypatch):
+    monkeypatch.setattr(mergeit_hf.backends, "_PROBE_CONNECT_TIMEOUT_S", 0.3)  # shorter than the busy wait
+    server = _BusyServer().start()
+    try:
+        probe = mergeit_hf.backends.probe_server
+        served = mergeit_hf.merging.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
+        assert served.model_id == "busy/model"
+        with pytest.raises(EndpointError, match=r"did not answer the LLM endpoint .*/v1/models.*request_timeout_s"):
+            mergeit_hf.merging.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
+    finally:
+        server.stop()
 
 
 def test_missing_digit_scores_stop_the_run(roleplay_stage1, llama_server, tmp_path):
