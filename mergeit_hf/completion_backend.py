@@ -48,7 +48,8 @@ class CompletionEndpointBackend:
         self._token = token if token is not None else token_from_environment()
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._timeout_s = timeout_s
-        self._http = httpx.AsyncClient(timeout=timeout_s, headers=self._headers)
+        self._limits = httpx.Limits()  # httpx's defaults until ``size_pool`` knows the concurrency
+        self._http: httpx.AsyncClient | None = None  # opened by the first request, inside the running loop
         self._attempts = attempts
         self.model_id = self.url
         self.default_concurrency = DEFAULT_CONCURRENCY
@@ -69,9 +70,13 @@ class CompletionEndpointBackend:
 
     async def size_pool(self, connections: int) -> None:
         """A connection pool as large as the concurrency (httpx's default of 100 would cap it)."""
-        await self._http.aclose()
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, limits=limits)
+        await self.aclose()
+        self._limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, limits=self._limits)
+        return self._http
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply:
         """The first generated token's top alternatives after ``prompt``, sent byte for byte."""
@@ -132,7 +137,7 @@ class CompletionEndpointBackend:
         try:
             async for attempt in retrying(self._attempts):
                 with attempt:
-                    response = await self._http.post(self.url + path, json=body)
+                    response = await self._client().post(self.url + path, json=body)
                     if response.status_code in _ABSENT:
                         return None
                     if response.status_code == 422 and path == "/generate":
@@ -148,7 +153,9 @@ class CompletionEndpointBackend:
         return None  # unreachable: the retry loop either returns or raises
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 class _CappedTopN(Exception):

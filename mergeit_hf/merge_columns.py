@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.merging import MergeOutcome, merge_params
+from mergeit_hf.merge_results import MergeOutcome
+from mergeit_hf.merging import merge_params
 from mergeit_hf.prompts import PromptTemplate
 
 

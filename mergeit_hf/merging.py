@@ -3,15 +3,15 @@
 ``pairs.map(mergeit_hf.merge_batch, batched=True)`` (or unbatched) adds the merged fields, the quality
 scores, each source's retention, the gate's decision and the provenance of the merge. ``Merger(...)``
 builds a configured callable of the same kind. Requests run concurrently under a bound and are cached
-(``scheduling``), scores come from ``scoring``, retention from ``retention``, the decision from ``gate``
-and the columns from ``merge_columns``. Each pair ends accepted, rejected or failed with a reason.
+(``scheduling``), answers are parsed by ``merge_output``, scores come from ``scoring``, retention from
+``retention``, the decision from ``gate``, results are ``merge_results`` and the columns
+``merge_columns``. Each pair ends accepted, rejected or failed with a reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence, Sized
 from contextlib import asynccontextmanager
@@ -20,13 +20,15 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from mergeit_hf.backends import ChatBackend, ChatReply, EndpointBackend, LocalLlamaBackend, json_response_format
+from mergeit_hf.backends import ChatBackend, EndpointBackend, LocalLlamaBackend, json_response_format
 from mergeit_hf.batched_embedding import EmbeddingBatcher
 from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embedding import Embedder
-from mergeit_hf.errors import EndpointError, MergeItError, TemplateError
+from mergeit_hf.errors import EndpointError, TemplateError
 from mergeit_hf.gate import SIDES, AttemptScores, GateDecision, choose, decide
+from mergeit_hf.merge_output import MERGE_FIELDS, MERGE_SCHEMA, MergeParseError, parse_merge_output
+from mergeit_hf.merge_results import MergeAttempt, MergeBatch, MergeOutcome, MergeStats
 from mergeit_hf.pairing import group_sources
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.quality import QualityScore
@@ -35,14 +37,6 @@ from mergeit_hf.retention import merged_chunks, row_text, source_retentions
 from mergeit_hf.scheduling import RequestScheduler, default_cache_dir, run_sync
 from mergeit_hf.scoring import QualityScorer, ScoreCounts
 
-MergeStatus = Literal["accepted", "rejected", "failed", "skipped"]
-MERGE_FIELDS = ("instruction", "input", "output")
-MERGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {name: {"type": "string"} for name in MERGE_FIELDS},
-    "required": list(MERGE_FIELDS),
-    "additionalProperties": False,
-}
 #: Pairs in flight per server slot when merging a stream: a pair's requests are partly sequential
 #: (merge and source scores, then the merge's score), so a few pairs per slot keep every slot busy.
 WINDOW_PER_SLOT = 4
@@ -59,113 +53,6 @@ __all__ = [
     "merge_batch",
     "run_sync",
 ]
-
-
-class MergeParseError(MergeItError, ValueError):
-    """The model's answer is not the JSON object the merge prompt asks for."""
-
-
-def parse_merge_output(reply: ChatReply) -> dict[str, str]:
-    """Strict: one JSON object with exactly instruction/input/output, all strings, instruction and
-    output non-empty."""
-    if reply.finish_reason == "length":
-        raise MergeParseError("answer cut off at max_new_tokens")
-    try:
-        # strict=False admits raw newlines inside strings, which small models emit; the structure stays strict.
-        value = json.loads(reply.content, strict=False)
-    except json.JSONDecodeError as exc:
-        raise MergeParseError(f"not JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise MergeParseError(f"JSON {type(value).__name__}, expected an object")
-    if set(value) != set(MERGE_FIELDS):
-        raise MergeParseError(f"keys {sorted(value)}, expected {list(MERGE_FIELDS)}")
-    if not all(isinstance(value[name], str) for name in MERGE_FIELDS):
-        raise MergeParseError("every field must be a string")
-    merged = {name: value[name].strip() for name in MERGE_FIELDS}
-    empty = [name for name in ("instruction", "output") if not merged[name]]
-    if empty:
-        raise MergeParseError(f"empty {' and '.join(empty)}")
-    return merged
-
-
-@dataclass(frozen=True)
-class MergeAttempt:
-    """One merge the gate looked at (or the reason there was none to look at)."""
-
-    seed: int
-    merged: dict[str, str] | None = None
-    scores: AttemptScores | None = None
-    completed_at: str = ""
-    error: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        scores = self.scores
-        return {
-            "seed": self.seed,
-            "error": self.error,
-            "merged": self.merged,
-            "quality_merged": scores.quality_merged if scores else None,
-            "retentions": list(scores.retentions) if scores else None,
-            "lost": [list(items) for items in scores.lost] if scores else None,
-            "completed_at": self.completed_at,
-        }
-
-
-@dataclass(frozen=True)
-class MergeOutcome:
-    """What happened to one pair: the kept attempt, the gate's decision, and every attempt made."""
-
-    status: MergeStatus
-    reason: str
-    merged: dict[str, str] | None = None
-    quality_merged: float | None = None
-    source_qualities: tuple[float | None, ...] = ()  # one per source, in group order (a, b, ...)
-    source_complexities: tuple[float, ...] = ()  # with ``complexity_scores``: Deita complexity per source
-    complexity_merged: float | None = None
-    retentions: tuple[float, ...] | None = None
-    rejection_cause: str | None = None
-    attempts: int = 0  # merge requests sent (parse retries included)
-    gate_attempts: tuple[MergeAttempt, ...] = ()
-    scores_incomplete: int = 0
-    completed_at: str = ""
-
-
-@dataclass
-class MergeStats:
-    """Counts over a run; ``acceptance_rate`` and ``incomplete_fraction`` explain it at a glance."""
-
-    accepted: int = 0
-    rejected: int = 0
-    failed: int = 0
-    scores: int = 0
-    scores_incomplete: int = 0
-    scores_unavailable: int = 0
-    requests_sent: int = 0
-    cache_hits: int = 0
-    idle_releases: int = 0  # answers that freed a slot no request was waiting for (``RequestScheduler``)
-    failure_reasons: dict[str, int] = field(default_factory=dict)
-    rejection_causes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def pairs(self) -> int:
-        return self.accepted + self.rejected + self.failed
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.pairs if self.pairs else 0.0
-
-    @property
-    def incomplete_fraction(self) -> float:
-        return self.scores_incomplete / self.scores if self.scores else 0.0
-
-    def add(self, outcome: MergeOutcome) -> None:
-        setattr(self, outcome.status, getattr(self, outcome.status) + 1)
-        if outcome.status == "failed":
-            kind = outcome.reason.split(":")[0]
-            self.failure_reasons[kind] = self.failure_reasons.get(kind, 0) + 1
-        if outcome.rejection_cause:
-            cause = outcome.rejection_cause
-            self.rejection_causes[cause] = self.rejection_causes.get(cause, 0) + 1
 
 
 @dataclass
@@ -189,16 +76,6 @@ class Session:
     def requests_sent(self) -> int:
         schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler) if s is not None}
         return sum(s.requests_sent for s in schedulers.values())
-
-
-@dataclass(frozen=True)
-class MergeBatch:
-    """The outcomes of one ``merge_pairs`` call (input order), their counts, and the models that made them."""
-
-    outcomes: list[MergeOutcome]
-    stats: MergeStats
-    merge_model: str
-    quality_model: str
 
 
 @dataclass

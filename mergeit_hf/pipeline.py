@@ -19,7 +19,8 @@ from mergeit_hf.card import RunRecord, build_card
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.merge_columns import outcome_columns
-from mergeit_hf.merging import MergeOutcome, Merger, stage2_templates
+from mergeit_hf.merge_results import MergeOutcome
+from mergeit_hf.merging import Merger, stage2_templates
 from mergeit_hf.prefilter import PrefilterResult, prefilter
 from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
 from mergeit_hf.scheduling import run_sync

@@ -11,7 +11,7 @@ import pytest
 
 from mergeit_hf import TemplateError
 from mergeit_hf.backends import ChatReply
-from mergeit_hf.merging import MergeParseError, parse_merge_output
+from mergeit_hf.merge_output import MergeParseError, parse_merge_output
 from mergeit_hf.prompts import PromptTemplate
 
 ROOT = Path(__file__).resolve().parent.parent
