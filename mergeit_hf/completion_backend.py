@@ -48,7 +48,7 @@ class CompletionEndpointBackend:
         self._token = token if token is not None else token_from_environment()
         self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._timeout_s = timeout_s
-        self._limits = httpx.Limits()  # httpx's defaults until ``size_pool`` knows the concurrency
+        self._limits: httpx.Limits | None = None  # None: httpx's default pool, until ``size_pool`` sizes it
         self._http: httpx.AsyncClient | None = None  # opened by the first request, inside the running loop
         self._attempts = attempts
         self.model_id = self.url
@@ -75,7 +75,8 @@ class CompletionEndpointBackend:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, limits=self._limits)
+            pool = {"limits": self._limits} if self._limits else {}
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, **pool)
         return self._http
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply:

@@ -67,15 +67,12 @@ class LlamaServer:
         server.stop()
         raise RuntimeError(f"llama.cpp server did not answer within {timeout_s}s")
 
-    def wait_idle(self, timeout_s: float = 600) -> float:
+    def wait_idle(self, timeout_s: float = 600) -> None:
         """Wait until the server has finished what earlier tests left it (abandoned requests still run).
 
         It answers ``/v1/models`` only between generations, so an answer means no work is in progress.
-        Returns the seconds waited.
         """
-        started = time.monotonic()
         httpx.get(f"{self.url}/v1/models", timeout=timeout_s).raise_for_status()
-        return time.monotonic() - started
 
     def stop(self) -> None:
         self.process.terminate()
