@@ -30,6 +30,8 @@ browser:
 lint: setup
 	$(VENV)/bin/ruff check mergeit_hf tests bench spaces examples
 	$(VENV)/bin/ruff format --check mergeit_hf tests bench spaces examples
+	# No upward import, no import circle: the contracts in pyproject.toml ([tool.importlinter]).
+	$(VENV)/bin/lint-imports
 
 test: setup browser lint
 	$(PY) -m pytest -q -p no:cacheprovider

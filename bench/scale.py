@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets import Dataset
 
 import mergeit_hf as m
-from mergeit_hf.selection import _facility_location, facility_location_value
+from mergeit_hf.stage1.selection import _facility_location, facility_location_value
 
 DIM, TOPICS, CHUNK = 384, 300, 20_000
 FOLDER = Path.home() / ".cache" / "mergeit-bench" / "scale"

@@ -1,8 +1,8 @@
 """mergeit-hf: MergeIT (Cai et al., arXiv 2503.00034) as Hugging Face ``datasets`` stages."""
 
-from mergeit_hf.clustering import TopicClusters, add_clusters, fit_topic_clusters
+from mergeit_hf._version import __version__
 from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
-from mergeit_hf.embedding import Embedder, embed_batch
+from mergeit_hf.engines.datasets_engine import run_stage1
 from mergeit_hf.errors import (
     ConfigError,
     EndpointError,
@@ -11,15 +11,15 @@ from mergeit_hf.errors import (
     QualityScoringError,
     TemplateError,
 )
-from mergeit_hf.loading import LoadReport, load_rows
-from mergeit_hf.merging import Merger, MergeStats, merge_batch
-from mergeit_hf.pairing import find_pairs, pairs_against_tau
-from mergeit_hf.pipeline import PipelineResult, run_pipeline
-from mergeit_hf.publish import push_to_hub, write_repo_folder
-from mergeit_hf.selection import SelectionPlan, add_selection, is_selected, plan_selection
-from mergeit_hf.stage1 import Stage1Result, run_stage1
-
-__version__ = "0.1.0"
+from mergeit_hf.inputs.loading import LoadReport, load_rows
+from mergeit_hf.output.publish import push_to_hub, write_repo_folder
+from mergeit_hf.run.pipeline import PipelineResult, run_pipeline
+from mergeit_hf.stage1.embedding import Embedder, embed_batch
+from mergeit_hf.stage1.pairs import find_pairs, pairs_against_tau
+from mergeit_hf.stage1.result import Stage1Result
+from mergeit_hf.stage1.selection import SelectionPlan, add_selection, is_selected, plan_selection
+from mergeit_hf.stage1.topics import TopicClusters, add_clusters, fit_topic_clusters
+from mergeit_hf.stage2.merger import Merger, MergeStats, merge_batch
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",

@@ -2,6 +2,6 @@
 
 import sys
 
-from mergeit_hf.cli import main
+from mergeit_hf.run.cli import main
 
 sys.exit(main())

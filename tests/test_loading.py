@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mergeit_hf import InputError, load_rows
-from mergeit_hf.loading import content_id
+from mergeit_hf.inputs.loading import content_id
 from tests.conftest import shared
 
 

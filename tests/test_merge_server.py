@@ -17,8 +17,9 @@ from aiohttp import web
 from datasets.fingerprint import Hasher
 
 import mergeit_hf
+import mergeit_hf.endpoints.transport
 from mergeit_hf import EndpointError, MergeItConfig, QualityScoringError
-from mergeit_hf.merging import Merger
+from mergeit_hf.stage2.merger import Merger
 from tests.helpers.servers import LoopbackServer, free_port
 
 pytestmark = pytest.mark.server
@@ -73,7 +74,7 @@ def test_merger_hashes_identically_in_a_new_process():
     merger = Merger(endpoint="http://127.0.0.1:8080", config=FAST)
     code = (
         "from datasets.fingerprint import Hasher; from mergeit_hf import MergeItConfig; "
-        "from mergeit_hf.merging import Merger; "
+        "from mergeit_hf.stage2.merger import Merger; "
         f"print(Hasher.hash(Merger(endpoint='http://127.0.0.1:8080', config=MergeItConfig(**{FAST.to_dict()!r}))))"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -104,7 +105,7 @@ def test_an_endpoint_that_keeps_failing_fails_pairs_with_a_reason(pairs, fault_p
 def test_concurrency_and_model_id_come_from_info(fault_proxy):
     fault_proxy.info = {"model_id": "hkust-nlp/deita-quality-scorer", "max_concurrent_requests": 3}
     backend = Merger(endpoint=fault_proxy.url).make_backend()
-    mergeit_hf.merging.run_sync(backend.probe())
+    mergeit_hf.stage2.merger.run_sync(backend.probe())
     assert (backend.model_id, backend.default_concurrency) == ("hkust-nlp/deita-quality-scorer", 3)
 
 
@@ -133,14 +134,14 @@ class _BusyServer(LoopbackServer):
 
 
 def test_probe_waits_for_a_busy_server_as_long_as_a_request_may(monkeypatch):
-    monkeypatch.setattr(mergeit_hf.backends, "_PROBE_CONNECT_TIMEOUT_S", 0.3)  # shorter than the busy wait
+    monkeypatch.setattr(mergeit_hf.endpoints.transport, "_PROBE_CONNECT_TIMEOUT_S", 0.3)  # shorter than the busy wait
     server = _BusyServer().start()
     try:
-        probe = mergeit_hf.backends.probe_server
-        served = mergeit_hf.merging.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
+        probe = mergeit_hf.endpoints.transport.probe_server
+        served = mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
         assert served.model_id == "busy/model"
         with pytest.raises(EndpointError, match=r"did not answer the LLM endpoint .*/v1/models.*request_timeout_s"):
-            mergeit_hf.merging.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
+            mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
     finally:
         server.stop()
 

@@ -12,10 +12,11 @@ import pytest
 import yaml
 from datasets import Dataset, load_dataset
 
-from mergeit_hf.cli import main
-from mergeit_hf.loading import load_rows
-from mergeit_hf.pipeline import read_parquet, save
-from mergeit_hf.publish import push_to_hub
+from mergeit_hf.inputs.loading import load_rows
+from mergeit_hf.output.folder import read_parquet
+from mergeit_hf.output.publish import push_to_hub
+from mergeit_hf.run.cli import main
+from mergeit_hf.run.pipeline import save
 from tests.conftest import shared
 
 pytestmark = pytest.mark.server

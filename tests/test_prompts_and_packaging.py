@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mergeit_hf import TemplateError
-from mergeit_hf.backends import ChatReply
-from mergeit_hf.merge_output import MergeParseError, parse_merge_output
+from mergeit_hf.endpoints.base import ChatReply
 from mergeit_hf.prompts import PromptTemplate
+from mergeit_hf.stage2.merge_output import MergeParseError, parse_merge_output
 
 ROOT = Path(__file__).resolve().parent.parent
 

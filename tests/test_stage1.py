@@ -15,9 +15,9 @@ from datasets.fingerprint import Hasher
 
 import mergeit_hf
 from mergeit_hf import MergeItConfig, embed_batch, run_stage1
-from mergeit_hf.clustering import fit_topic_clusters
-from mergeit_hf.pairing import find_pairs, match_cluster
-from mergeit_hf.selection import _facility_location, allocate_budget, facility_location_value, plan_selection
+from mergeit_hf.stage1.pairs import find_pairs, match_cluster
+from mergeit_hf.stage1.selection import _facility_location, allocate_budget, facility_location_value, plan_selection
+from mergeit_hf.stage1.topics import fit_topic_clusters
 
 
 def test_embedding_is_normalised_float32(roleplay_stage1):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from mergeit_hf import MergeItConfig, load_rows, run_stage1
-from mergeit_hf.embedding import Embedder, resolve_device
+from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.errors import ConfigError, InputError
-from mergeit_hf.merging import Merger
-from mergeit_hf.pipeline import merge_stage
-from mergeit_hf.scheduling import run_sync
+from mergeit_hf.stage1.embedding import Embedder, resolve_device
+from mergeit_hf.stage2.merger import Merger
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked

@@ -20,9 +20,10 @@ import pandas as pd
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
-from mergeit_hf.merging import Merger
-from mergeit_hf.pipeline import finish_run, save, with_skipped
+from mergeit_hf.engines.datasets_engine import with_skipped
 from mergeit_hf.resources import resource_dir
+from mergeit_hf.run.pipeline import finish_run, save
+from mergeit_hf.stage2.merger import Merger
 
 MAX_ROWS = int(os.environ.get("MERGEIT_SPACE_MAX_ROWS", "2000"))
 MAX_PAIRS = int(os.environ.get("MERGEIT_SPACE_MAX_PAIRS", "12"))

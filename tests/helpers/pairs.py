@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from mergeit_hf.pairing import PAIR_FEATURES
+from mergeit_hf.stage1.pairs import PAIR_FEATURES
 from tests.conftest import shared
 
 
@@ -47,7 +47,7 @@ def restate_all(first: dict, *others: dict) -> dict:
 def cli_run(folder: Path, rows: list[dict], endpoint: str, config_yaml: str, output: str = "out") -> Path:
     """`mergeit run` on ``rows`` (written as JSON) with the config given, against ``endpoint``; the output
     folder, after asserting the run exited 0. The request cache sits in ``folder``, so reruns are free."""
-    from mergeit_hf.cli import main
+    from mergeit_hf.run.cli import main
 
     data, config = folder / "rows.json", folder / "config.yaml"
     data.write_text(json.dumps(rows))

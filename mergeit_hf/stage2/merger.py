@@ -3,9 +3,10 @@
 ``pairs.map(mergeit_hf.merge_batch, batched=True)`` (or unbatched) adds the merged fields, the quality
 scores, each source's retention, the gate's decision and the provenance of the merge. ``Merger(...)``
 builds a configured callable of the same kind. Requests run concurrently under a bound and are cached
-(``scheduling``), answers are parsed by ``merge_output``, scores come from ``scoring``, retention from
-``retention``, the decision from ``gate``, results are ``merge_results`` and the columns
-``merge_columns``. Each pair ends accepted, rejected or failed with a reason.
+(``endpoints.scheduler``); a request's parameters come from ``merge_request``, answers are parsed by
+``merge_output``, scores come from ``scoring``, retention from ``retention``, the decision from ``gate``,
+results are ``merge_results`` and the columns ``merge_columns``. Each pair ends accepted, rejected or
+failed with a reason.
 """
 
 from __future__ import annotations
@@ -20,28 +21,30 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from mergeit_hf.backends import ChatBackend, EndpointBackend, LocalLlamaBackend, json_response_format
-from mergeit_hf.batched_embedding import EmbeddingBatcher
-from mergeit_hf.completion_backend import CompletionEndpointBackend
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.embedding import Embedder
+from mergeit_hf.endpoints.base import ChatBackend
+from mergeit_hf.endpoints.completions import CompletionEndpointBackend
+from mergeit_hf.endpoints.local_llama import LocalLlamaBackend
+from mergeit_hf.endpoints.request_cache import RequestCache
+from mergeit_hf.endpoints.scheduler import RequestScheduler, default_cache_dir, run_sync
+from mergeit_hf.endpoints.tgi_chat import EndpointBackend
 from mergeit_hf.errors import EndpointError, TemplateError
-from mergeit_hf.gate import SIDES, AttemptScores, GateDecision, choose, decide
-from mergeit_hf.merge_output import MERGE_FIELDS, MERGE_SCHEMA, MergeParseError, parse_merge_output
-from mergeit_hf.merge_results import MergeAttempt, MergeBatch, MergeOutcome, MergeStats
-from mergeit_hf.pairing import group_sources
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.quality import QualityScore
-from mergeit_hf.request_cache import RequestCache
-from mergeit_hf.retention import merged_chunks, row_text, source_retentions
-from mergeit_hf.scheduling import RequestScheduler, default_cache_dir, run_sync
-from mergeit_hf.scoring import QualityScorer, ScoreCounts
+from mergeit_hf.stage1.embedding import Embedder
+from mergeit_hf.stage1.pairs import group_sources
+from mergeit_hf.stage2.batched_embedding import EmbeddingBatcher
+from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
+from mergeit_hf.stage2.merge_columns import outcome_columns
+from mergeit_hf.stage2.merge_output import MERGE_FIELDS, MergeParseError, parse_merge_output
+from mergeit_hf.stage2.merge_request import merge_params
+from mergeit_hf.stage2.merge_results import MergeAttempt, MergeBatch, MergeOutcome, MergeStats
+from mergeit_hf.stage2.quality import QualityScore
+from mergeit_hf.stage2.retention import merged_chunks, row_text, source_retentions
+from mergeit_hf.stage2.scoring import QualityScorer, ScoreCounts
 
 #: Pairs in flight per server slot when merging a stream: a pair's requests are partly sequential
 #: (merge and source scores, then the merge's score), so a few pairs per slot keep every slot busy.
 WINDOW_PER_SLOT = 4
-#: A gate retry at temperature 0 would return the same merge; retries then sample at this temperature.
-GATE_RETRY_TEMPERATURE = 0.7
 
 __all__ = [
     "MergeBatch",
@@ -150,8 +153,6 @@ class Merger:
                 object.__setattr__(self, name, value)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from mergeit_hf.merge_columns import outcome_columns
-
         batched = isinstance(batch["pair_id"], list)
         pairs = _rows_of(batch) if batched else [batch]
         templates = self.templates()
@@ -423,22 +424,6 @@ async def _request_merge(
         except MergeParseError as exc:
             problems.append(f"attempt {parse_attempt + 1}: {exc}")
     raise MergeParseError(f"no valid JSON after {len(problems)} attempts ({'; '.join(problems)})")
-
-
-def merge_params(config: MergeItConfig, parse_attempt: int, gate_attempt: int = 0) -> dict[str, Any]:
-    """Generation parameters of a merge request; every retry (parse or gate) gets a new seed."""
-    temperature = config.temperature
-    if gate_attempt and temperature == 0:
-        temperature = GATE_RETRY_TEMPERATURE
-    params: dict[str, Any] = {
-        "max_tokens": config.max_new_tokens,
-        "temperature": temperature,
-        "seed": config.seed + gate_attempt * (config.parse_retries + 1) + parse_attempt,
-        "response_format": json_response_format(MERGE_SCHEMA),
-    }
-    if config.top_p < 1.0:  # TGI rejects top_p=1.0; leaving it out means the same thing
-        params["top_p"] = config.top_p
-    return params
 
 
 def _sources(pair: dict[str, Any]) -> list[dict[str, str]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.merge_results import MergeOutcome
-from mergeit_hf.merging import merge_params
 from mergeit_hf.prompts import PromptTemplate
+from mergeit_hf.stage2.merge_request import merge_params
+from mergeit_hf.stage2.merge_results import MergeOutcome
 
 
 def outcome_columns(
@@ -25,8 +26,6 @@ def outcome_columns(
     the batch holds, so ``datasets`` never meets a batch whose nested type it cannot infer, and
     ``mergeit regate`` reads every attempt back.
     """
-    from mergeit_hf import __version__
-
     merge_template, quality_template = templates
     generation = json.dumps(merge_params(config, 0), sort_keys=True)
     n = len(outcomes)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from mergeit_hf.clustering import column_values, take_embeddings
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.stage1.topics import column_values, take_embeddings
 
 #: Above this many rows a cluster is split by k-means into pieces of about ``PIECE_ROWS`` rows, and facility
 #: location runs in each piece on its share of the quota: time and memory grow with n·PIECE_ROWS instead

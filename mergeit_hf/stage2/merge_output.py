@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mergeit_hf.backends import ChatReply
+from mergeit_hf.endpoints.base import ChatReply
 from mergeit_hf.errors import MergeItError
 
 MERGE_FIELDS = ("instruction", "input", "output")

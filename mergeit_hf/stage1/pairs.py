@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset, Features, Value
 
-from mergeit_hf.clustering import column_values, take_embeddings
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.stage1.topics import column_values, take_embeddings
 
 _SIDE_FIELDS = ("id", "instruction", "input", "output")
 _CANDIDATE_BLOCK = 8192

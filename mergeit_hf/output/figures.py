@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from mergeit_hf.regate import SweepTable
+from mergeit_hf.output.sweep import SweepTable
 
 RETENTION_FIGURE = "retention.png"
 SWEEP_FIGURE = "sweep.png"

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mergeit_hf.quality import gate_explanation, passes_gate
-from mergeit_hf.retention import LOST_ITEMS_SHOWN
+from mergeit_hf.stage2.quality import gate_explanation, passes_gate
+from mergeit_hf.stage2.retention import LOST_ITEMS_SHOWN
 
 SIDES = ("a", "b", "c", "d", "e")  # a group's sources, in order
 RejectionCause = Literal["quality", "retention", "quality and retention"]

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "card":
-            from mergeit_hf.pipeline import render_card_again
+            from mergeit_hf.output.folder import render_card_again
 
             render_card_again(args.folder)
             print(f"wrote {args.folder / 'README.md'}")
@@ -139,7 +139,7 @@ def _column_map(pairs: list[str]) -> dict[str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mergeit_hf import pipeline
+    from mergeit_hf.run import pipeline
 
     config = _config(args)
     column_map = _column_map(args.column)
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         report, stage1 = pipeline.plan(args.input, config, column_map=column_map, input_format=args.input_format)
         print(report.summary())
         if config.prefilter_top is not None:
-            from mergeit_hf.prefilter import prefilter_count
+            from mergeit_hf.stage1.prefilter import prefilter_count
 
             keep = prefilter_count(config.prefilter_top, report.rows_valid)
             print(
@@ -194,9 +194,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_scorer(args: argparse.Namespace) -> int:
-    from mergeit_hf.loading import load_rows
-    from mergeit_hf.merging import Merger
-    from mergeit_hf.scorer_check import run_scorer_check
+    from mergeit_hf.inputs.loading import load_rows
+    from mergeit_hf.stage2.merger import Merger
+    from mergeit_hf.stage2.scorer_check import run_scorer_check
 
     if args.rows < 2:
         raise ConfigError(f"--rows must be at least 2, got {args.rows}")
@@ -209,14 +209,15 @@ def _check_scorer(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mergeit_hf import figures, regate
+    from mergeit_hf.output import figures, sweep
+    from mergeit_hf.output.folder import OutputFolder
 
-    out = regate.OutputFolder.open(args.folder)
-    pairs = regate.scored_pairs(out.pairs)
+    out = OutputFolder.open(args.folder)
+    pairs = sweep.scored_pairs(out.pairs)
     if not pairs:
         raise MergeItError(f"{args.folder} holds no scored pair (no merge was accepted or rejected): nothing to sweep")
-    table = regate.sweep(
-        pairs, args.alphas or regate.DEFAULT_ALPHAS, args.retentions or regate.DEFAULT_RETENTIONS, out.thresholds
+    table = sweep.sweep(
+        pairs, args.alphas or sweep.DEFAULT_ALPHAS, args.retentions or sweep.DEFAULT_RETENTIONS, out.thresholds
     )
     print(f"accepted merges (rate) of {table.n_scored} scored pairs; ← this run's setting\n")
     print(table.render())
@@ -227,7 +228,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _regate(args: argparse.Namespace) -> int:
-    from mergeit_hf.regate import OutputFolder, regate_output
+    from mergeit_hf.output.folder import OutputFolder
+    from mergeit_hf.output.regate import regate_output
 
     out = OutputFolder.open(args.folder)
     alpha, min_retention = out.thresholds

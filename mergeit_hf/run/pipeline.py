@@ -11,21 +11,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from huggingface_hub import DatasetCard
 
-from mergeit_hf.assemble import Assembly, assemble
-from mergeit_hf.card import RunRecord, build_card
+from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.loading import InputFormat, LoadReport, load_rows
-from mergeit_hf.merge_columns import outcome_columns
-from mergeit_hf.merge_results import MergeOutcome
-from mergeit_hf.merging import Merger, stage2_templates
-from mergeit_hf.prefilter import PrefilterResult, prefilter
-from mergeit_hf.publish import EXTRAS_FOLDER, push_to_hub, write_repo_folder
-from mergeit_hf.scheduling import run_sync
-from mergeit_hf.scorer_check import ScorerCheck, run_scorer_check
-from mergeit_hf.stage1 import Stage1Result, run_stage1
+from mergeit_hf.engines.datasets_engine import merge_stage, run_stage1
+from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
+from mergeit_hf.output.assemble import Assembly, assemble
+from mergeit_hf.output.card import RunRecord
+from mergeit_hf.output.folder import card_and_figures, pairs_for_export
+from mergeit_hf.output.publish import push_to_hub, write_repo_folder
+from mergeit_hf.stage1.prefilter import PrefilterResult, prefilter
+from mergeit_hf.stage1.result import Stage1Result
+from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.row_scores import score_rows
+from mergeit_hf.stage2.scorer_check import ScorerCheck, run_scorer_check
 
 logger = logging.getLogger(__name__)
 
@@ -79,37 +80,6 @@ def plan(
     return report, run_stage1(rows, config)
 
 
-def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, int]:
-    """Run stage 2 over the pairs; pairs past ``max_pairs`` are kept unmerged with status ``skipped``.
-
-    One session streams every pair through a window of 4 × the endpoint's concurrency (not ``map``
-    batches, whose slowest pair would leave the slots idle at each batch's end). Returns the merged pairs
-    and how many requests were actually sent (the rest came from the request cache).
-    """
-    limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
-    todo = pairs.select(range(limit))
-    templates = merger.templates()
-    batch = run_sync(merger.merge_pairs(iter(todo), templates, window="auto", total=limit))
-    columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
-    merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
-    if limit < len(pairs):
-        merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
-    return merged, batch.stats.requests_sent
-
-
-def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:
-    columns = outcome_columns([], merger.config, merger.templates())
-    return concatenate_datasets([pairs, Dataset.from_dict(columns)], axis=1)
-
-
-def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
-    """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
-    reason = f"not merged: this run was limited to {limit} pairs"
-    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
-    skipped = Dataset.from_dict({**rest.to_dict(), **columns})
-    return concatenate_datasets([merged, skipped.cast(merged.features)])
-
-
 def run_pipeline(
     source: str | Path | Dataset,
     config: MergeItConfig | None = None,
@@ -128,7 +98,7 @@ def run_pipeline(
     config = config or MergeItConfig()
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache, show_progress=True)
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
-    prefiltered = prefilter(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
+    prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
     stage1 = run_stage1(prefiltered.kept if prefiltered else rows, config)
@@ -147,6 +117,12 @@ def run_pipeline(
         pretty_name=pretty_name,
         general_size=general_size,
     )
+
+
+def prefilter_rows(rows: Dataset, merger: Merger, top: int | float) -> PrefilterResult:
+    """Score every row's quality and complexity with the stage 2 scorer, then keep the ``top`` by their product."""
+    quality, complexity, sent = score_rows(rows, merger)
+    return prefilter(rows, quality, complexity, top, sent)
 
 
 def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerCheck | None:
@@ -175,8 +151,6 @@ def finish_run(
     general_size: int | None = None,
 ) -> PipelineResult:
     """Assemble the final rows, the accounting, the run record and the card from both stages' results."""
-    from mergeit_hf import __version__
-
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     left_out = prefiltered.dropped if prefiltered else []
     assembly = assemble(
@@ -208,7 +182,7 @@ def finish_run(
         source_datasets=_hub_source(source),
         general_size=general_size,
     )
-    card, figures = card_and_figures(record, assembly.final, _pairs_for_export(merged_pairs))
+    card, figures = card_and_figures(record, assembly.final, pairs_for_export(merged_pairs))
     return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent, figures)
 
 
@@ -274,43 +248,7 @@ def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api:
 
 
 def _extras(result: PipelineResult) -> dict[str, Dataset]:
-    return {"accounting": result.assembly.accounting, "pairs": _pairs_for_export(result.merged_pairs)}
-
-
-def write_output(
-    folder: str | Path, final: Dataset, pairs: Dataset, accounting: Dataset, record: RunRecord
-) -> list[Path]:
-    """A run folder written again from its parts (``mergeit regate``, ``mergeit card``): card and figures are
-    rebuilt from the record, the layout is ``save``'s."""
-    pairs = _pairs_for_export(pairs)
-    card, figures = card_and_figures(record, final, pairs)
-    extras = {"accounting": accounting, "pairs": pairs}
-    return write_repo_folder(folder, final, card, extras, dataclasses.asdict(record), files=figures)
-
-
-def card_and_figures(record: RunRecord, final: Dataset, pairs: Dataset) -> tuple[DatasetCard, dict[str, bytes]]:
-    """The card and the images it shows (``mergeit/retention.png``, ``mergeit/sweep.png``) when pairs were scored."""
-    figures = run_figures(record, pairs)
-    return build_card(record, final, pairs, figures=sorted(figures)), figures
-
-
-def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
-    from mergeit_hf import figures, regate
-
-    if len(pairs) == 0 or "attempt_log" not in pairs.column_names:
-        return {}
-    scored = pairs.filter(lambda status: status in regate.SCORED, input_columns="merge_status")
-    if len(scored) == 0:
-        return {}
-    alpha, min_retention = float(record.config["alpha"]), float(record.config["min_retention"])
-    table = regate.sweep(regate.scored_pairs(scored), current=(alpha, min_retention))
-    folder = EXTRAS_FOLDER
-    images = {f"{folder}/{figures.SWEEP_FIGURE}": figures.sweep_figure(table)}
-    if any(value is not None for value in scored["retention_a"]):  # none with compute_retention off
-        images[f"{folder}/{figures.RETENTION_FIGURE}"] = figures.retention_figure(
-            scored["retention_a"], scored["retention_b"], scored["merge_status"], min_retention
-        )
-    return images
+    return {"accounting": result.assembly.accounting, "pairs": pairs_for_export(result.merged_pairs)}
 
 
 def retention_quartiles(pairs: Dataset) -> list[float]:
@@ -321,24 +259,3 @@ def retention_quartiles(pairs: Dataset) -> list[float]:
         return []
     weaker = [min(a, b) for a, b in zip(pairs["retention_a"], pairs["retention_b"], strict=True) if a is not None]
     return [float(q) for q in np.percentile(weaker, [25, 50, 75])] if weaker else []
-
-
-def _pairs_for_export(pairs: Dataset) -> Dataset:
-    return pairs.remove_columns([c for c in ("embedding",) if c in pairs.column_names])
-
-
-def render_card_again(folder: str | Path) -> DatasetCard:
-    """``mergeit card DIR``: rebuild README.md (and its figures) from the saved run record, data and pairs."""
-    from mergeit_hf.regate import OutputFolder
-
-    out = OutputFolder.open(folder)
-    write_output(out.folder, out.final, out.pairs, out.accounting, out.record)
-    return DatasetCard((out.folder / "README.md").read_text(encoding="utf-8"))
-
-
-def read_parquet(paths: list[Path]) -> Dataset:
-    # pyarrow, not Dataset.from_parquet: the latter refuses a file with zero rows (a run without pairs).
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return Dataset(pa.concat_tables([pq.read_table(path) for path in paths]))

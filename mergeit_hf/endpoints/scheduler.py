@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mergeit_hf.backends import ChatBackend, ChatReply, CompletionBackend
+from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend
+from mergeit_hf.endpoints.request_cache import RequestCache, payload_hash
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.request_cache import RequestCache, payload_hash
 
 T = TypeVar("T")
 #: A chat request (messages, through the server's chat template) or a raw prompt sent byte for byte.

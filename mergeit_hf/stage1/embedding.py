@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from datasets import Dataset
 
-from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL
+from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
+from mergeit_hf.errors import InputError
+from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
+from mergeit_hf.stage1.topics import iter_embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -125,3 +129,32 @@ def _single_thread_if_forked() -> None:
 
 #: ``ds.map(mergeit_hf.embed_batch, batched=True)`` with the paper's model.
 embed_batch = Embedder()
+
+
+def given_embeddings(rows: Dataset, config: MergeItConfig) -> tuple[Dataset, str]:
+    """Embeddings the input brought (computed on a GPU box or a TEI server), used as they are once checked:
+    the configured model's dimension (retention embeds merges with that model), L2-normalised here so a
+    dot product stays a cosine and τ means what it says."""
+    expected = embedding_dimension(config.embedding_model)
+    norms = []
+    for chunk in iter_embeddings(rows):
+        if chunk.shape[1] != expected:
+            raise InputError(
+                f"the input's {EMBEDDING_COLUMN!r} column has {chunk.shape[1]} dimensions, but "
+                f"{config.embedding_model} makes {expected}: embed with the configured model, or drop the column"
+            )
+        norms.append(np.linalg.norm(chunk, axis=1))
+    lengths = np.concatenate(norms)
+    if (lengths == 0).any():
+        raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
+    if not np.allclose(lengths, 1.0, atol=1e-4):
+        rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN], output_all_columns=True).map(
+            _normalised, batched=True, batch_size=8192, desc="Normalising the given embeddings"
+        )
+        rows = rows.with_format(None)
+    return rows, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
+
+
+def _normalised(batch: dict[str, Any]) -> dict[str, Any]:
+    vectors = np.asarray(batch[EMBEDDING_COLUMN], dtype=np.float32)
+    return {EMBEDDING_COLUMN: vectors / np.linalg.norm(vectors, axis=1, keepdims=True)}

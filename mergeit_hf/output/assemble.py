@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 
 from datasets import Dataset, Features, Sequence, Value
 
-from mergeit_hf.loading import DroppedRow, LoadReport
-from mergeit_hf.pairing import group_sources
+from mergeit_hf.inputs.loading import DroppedRow, LoadReport
+from mergeit_hf.stage1.pairs import group_sources
 
 PROVENANCE_FEATURES = Features(
     {

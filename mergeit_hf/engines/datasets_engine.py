@@ -1,0 +1,101 @@
+"""The ``datasets`` engine: both stages run over a Hugging Face ``Dataset`` on one machine.
+
+Stage 1 chains ``Dataset.map`` / ``filter`` over the stage 1 callables (embed → topics → facility-location
+selection → pairs), switching to numpy columns past ``minibatch_kmeans_above`` rows; stage 2 streams every
+pair through one merge session and joins the outcome columns back onto the pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, Value, concatenate_datasets
+
+from mergeit_hf.config import MergeItConfig
+from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
+from mergeit_hf.stage1.embedding import Embedder, given_embeddings, resolve_device
+from mergeit_hf.stage1.pairs import find_pairs
+from mergeit_hf.stage1.result import Stage1Result
+from mergeit_hf.stage1.selection import is_selected, plan_selection
+from mergeit_hf.stage1.topics import assign_topics, column_values, fit_topic_clusters
+from mergeit_hf.stage2.merge_columns import outcome_columns
+from mergeit_hf.stage2.merge_results import MergeOutcome
+from mergeit_hf.stage2.merger import Merger, stage2_templates
+
+
+def run_stage1(rows: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Stage1Result:
+    """Run stage 1 on validated rows (see ``load_rows``); ``map_kwargs`` go to every ``Dataset.map``."""
+    config = config or MergeItConfig()
+    if len(rows) == 0:
+        raise ValueError("stage 1 needs at least one valid row; the input has none")
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    if EMBEDDING_COLUMN in rows.column_names:
+        rows, source = given_embeddings(rows, config)
+    else:
+        embedder = Embedder(config.embedding_model, config.text_columns, config.embedding_batch_size)
+        rows = rows.map(embedder, batched=True, batch_size=1024, desc="Embedding", **map_kwargs)
+        source = f"{config.embedding_model} on {resolve_device(embedder.device)}"
+    seconds["embed"] = _lap(started)
+    started = time.perf_counter()
+    topics = fit_topic_clusters(rows, config)
+    large = len(rows) > config.minibatch_kmeans_above  # numpy in chunks: no per-row Python at a million rows
+    if large:
+        rows = rows.add_column("cluster_id", assign_topics(rows, topics), feature=Value("int32"))
+    else:
+        rows = rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs)
+    seconds["cluster"] = _lap(started)
+    started = time.perf_counter()
+    plan = plan_selection(rows, config)
+    if large:
+        ranks = np.fromiter(
+            (plan.rank_by_id.get(i, -1) for i in column_values(rows, "id")), dtype=np.int64, count=len(rows)
+        )
+        rows = rows.add_column("selected", ranks >= 0).add_column("selection_rank", ranks)
+        selected = rows.select(np.flatnonzero(ranks >= 0))
+    else:
+        rows = rows.map(plan, batched=True, desc="Marking selection", **map_kwargs)
+        selected = rows.filter(is_selected, batched=True, desc="Keeping selection", **map_kwargs)
+    seconds["select"] = _lap(started)
+    started = time.perf_counter()
+    pairs = find_pairs(selected, config)
+    seconds["pair"] = _lap(started)
+    return Stage1Result(rows, selected, pairs, topics, plan, config, seconds, source)
+
+
+def _lap(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, int]:
+    """Run stage 2 over the pairs; pairs past ``max_pairs`` are kept unmerged with status ``skipped``.
+
+    One session streams every pair through a window of 4 × the endpoint's concurrency (not ``map``
+    batches, whose slowest pair would leave the slots idle at each batch's end). Returns the merged pairs
+    and how many requests were actually sent (the rest came from the request cache).
+    """
+    limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
+    todo = pairs.select(range(limit))
+    templates = merger.templates()
+    batch = run_sync(merger.merge_pairs(iter(todo), templates, window="auto", total=limit))
+    columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
+    merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
+    if limit < len(pairs):
+        merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
+    return merged, batch.stats.requests_sent
+
+
+def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:
+    columns = outcome_columns([], merger.config, merger.templates())
+    return concatenate_datasets([pairs, Dataset.from_dict(columns)], axis=1)
+
+
+def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
+    """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
+    reason = f"not merged: this run was limited to {limit} pairs"
+    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
+    skipped = Dataset.from_dict({**rest.to_dict(), **columns})
+    return concatenate_datasets([merged, skipped.cast(merged.features)])

@@ -1,0 +1,1 @@
+"""Reading the input: files, Hub datasets and in-memory ``Dataset`` objects into validated rows, every drop counted."""

@@ -1,0 +1,1 @@
+"""What a run leaves: the final rows and their accounting, the dataset card, its figures, re-gating, publishing."""

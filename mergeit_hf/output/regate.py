@@ -1,0 +1,94 @@
+"""Re-gate a finished run from its stored scores: ``mergeit sweep`` and ``mergeit regate``, no LLM request.
+
+Every scored pair keeps each gate attempt's quality and retentions in ``mergeit/pairs.parquet``
+(``attempt_log``), so the gate can be applied again with other thresholds exactly as the run would have
+applied them to the merges it made. A stricter setting cannot see merges that were never requested (a
+run with ``gate_retries`` stops retrying at the first accepted merge): those are the ones
+the sweep cannot count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from datasets import Dataset
+
+from mergeit_hf.output.assemble import ACCOUNTING_FEATURES, final_dataset, pair_rows
+from mergeit_hf.output.folder import OutputFolder, write_output
+from mergeit_hf.output.sweep import SCORED, attempt_scores
+from mergeit_hf.stage2.gate import best_attempt
+
+
+def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
+    """Decide every scored pair again; the kept attempt's merge and scores replace the columns."""
+    rows = pairs.to_list()
+    for row in rows:
+        if row["merge_status"] not in SCORED:
+            continue
+        log = json.loads(row["attempt_log"])
+        scored = [a for a in log if a.get("quality_merged") is not None]
+        attempts = attempt_scores(scored)
+        qualities = (row["quality_a"], row["quality_b"], *(row.get("quality_more") or ()))
+        index, decision = best_attempt(attempts, qualities, alpha, min_retention)
+        kept = scored[index]
+        row.update(
+            merge_status="accepted" if decision.accepted else "rejected",
+            merge_reason=decision.reason,
+            rejection_cause=decision.cause or "",
+            quality_merged=kept["quality_merged"],
+            retention_a=kept["retentions"][0],
+            retention_b=kept["retentions"][1],
+            **({"retention_more": kept["retentions"][2:]} if "retention_more" in row else {}),
+            merged_instruction=kept["merged"]["instruction"],
+            merged_input=kept["merged"]["input"],
+            merged_output=kept["merged"]["output"],
+            merged_at=kept["completed_at"],
+        )
+    for row in rows:
+        row.update(alpha=alpha, min_retention=min_retention)
+    return Dataset.from_list(rows, features=pairs.features)
+
+
+def regate_folder(folder: str | Path, alpha: float, min_retention: float) -> OutputFolder:
+    """Rewrite data, pairs, accounting, run record and card of ``folder`` for new thresholds."""
+    return regate_output(OutputFolder.open(folder), alpha, min_retention)
+
+
+def regate_output(out: OutputFolder, alpha: float, min_retention: float) -> OutputFolder:
+    """``regate_folder`` on a folder already read (the CLI reads it once, for its thresholds too)."""
+    pairs = regate_pairs(out.pairs, alpha, min_retention)
+    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows, fate = pair_rows(pairs, created_at, out.record.version)
+    rows += [row for row in out.final.to_list() if row["merge_status"] == "unpaired"]
+    final = final_dataset(rows)
+    accounting = _accounting_again(out.accounting, fate)
+    statuses = Counter(pairs["merge_status"])
+    counts = dict(out.record.counts)
+    counts.update(
+        {
+            "merges accepted": statuses.get("accepted", 0),
+            "merges rejected": statuses.get("rejected", 0),
+            "final rows": len(final),
+        }
+    )
+    record = dataclasses.replace(
+        out.record,
+        config={**out.record.config, "alpha": alpha, "min_retention": min_retention},
+        counts=counts,
+        rejection_causes=dict(Counter(c for c in pairs["rejection_cause"] if c)),
+        regated_at=created_at,
+    )
+    write_output(out.folder, final, pairs, accounting, record)
+    return OutputFolder(out.folder, record, final, pairs, accounting)
+
+
+def _accounting_again(accounting: Dataset, fate: dict[str, tuple[str, str, str | None]]) -> Dataset:
+    rows = accounting.to_list()
+    for row in rows:
+        if row["id"] in fate:
+            row["fate"], row["detail"], row["output_id"] = fate[row["id"]]
+    return Dataset.from_list(rows, features=ACCOUNTING_FEATURES)

@@ -1,0 +1,1 @@
+"""Stage 1, topic-aware filtering: embeddings, topic clusters, facility-location selection, pairs; and the prefilter."""

@@ -1,0 +1,56 @@
+"""What stage 1 leaves for stage 2 and the card: every valid row with its columns, the selection, the pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+
+from mergeit_hf.config import MergeItConfig
+from mergeit_hf.stage1.selection import SelectionPlan
+from mergeit_hf.stage1.topics import TopicClusters
+
+
+@dataclass
+class Stage1Result:
+    """Every valid row with its stage 1 columns, the selected subset and the pairs found in it."""
+
+    rows: Dataset  # id, instruction, input, output, source_index, embedding, cluster_id, selected, rank
+    selected: Dataset
+    pairs: Dataset
+    topics: TopicClusters
+    plan: SelectionPlan
+    config: MergeItConfig
+    seconds: dict[str, float] = field(default_factory=dict)
+    embedding_source: str = ""  # what made the embeddings: the model and device, or the input's column
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_selected(self) -> int:
+        return len(self.selected)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def n_paired_rows(self) -> int:
+        return int(sum(self.pairs["group_size"])) if len(self.pairs) else 0
+
+    @property
+    def n_unpaired_selected(self) -> int:
+        return self.n_selected - self.n_paired_rows
+
+    @property
+    def _unit(self) -> str:
+        return "pairs" if self.config.max_group_size == 2 else f"groups of 2-{self.config.max_group_size}"
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_rows} rows → {self.topics.n_clusters} topics ({self.topics.method}) → "
+            f"{self.n_selected} selected → {self.n_pairs} {self._unit} at τ={self.config.tau} "
+            f"({self.n_paired_rows} rows paired, {self.n_unpaired_selected} selected rows unpaired)"
+        )
