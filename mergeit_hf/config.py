@@ -92,6 +92,15 @@ class MergeItConfig:
             vLLM, TGI or llama.cpp), sent Deita's prompt as a raw completion with no chat template
             (``/v1/completions`` with logprobs, else TGI's ``/generate``). None reads
             ``MERGEIT_SCORER_ENDPOINT``; unset too, the merge model scores through its chat API.
+
+    Endpoints (the URL itself is an argument of ``Merger`` / ``run_pipeline``, or ``MERGEIT_ENDPOINT``)
+        model: the model every merge request names: a served name (vLLM, SGLang), an API's model (OpenAI), or
+            a Hub id with ``provider``. None reads ``MERGEIT_MODEL``; unset too, TGI's ``/info`` model, else the
+            one model ``/v1/models`` lists (several listed: the run stops and names them).
+        scorer_model: the same for the scorer endpoint.
+        provider: HF Inference Providers (``auto``, ``together``, ``fireworks-ai``, ...): merges go through
+            huggingface_hub's provider routing with the HF token, for ``model`` (a Hub id); no endpoint URL.
+        Keys are never configuration: ``MERGEIT_API_KEY`` / ``MERGEIT_SCORER_API_KEY``, else ``HF_TOKEN``.
     """
 
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -128,6 +137,9 @@ class MergeItConfig:
     complexity_template: str = "deita_complexity.jinja"
     prefilter_top: int | float | None = None
     scorer_endpoint: str | None = None
+    model: str | None = None
+    scorer_model: str | None = None
+    provider: str | None = None
     preset: str = field(default="paper")
 
     def __post_init__(self) -> None:
@@ -185,6 +197,12 @@ class MergeItConfig:
             yield f"max_missing_score_fraction must lie in [0, 1], got {self.max_missing_score_fraction}"
         if self.scorer_endpoint is not None and not str(self.scorer_endpoint).startswith(("http://", "https://")):
             yield f"scorer_endpoint must be an http(s) URL, got {self.scorer_endpoint!r}"
+        for name in ("model", "scorer_model", "provider"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                yield f"{name} must be a non-empty name or None, got {value!r}"
+        if self.provider and not self.model:
+            yield f"provider={self.provider!r} needs the Hub model to run: set model (--model org/name)"
         if self.request_timeout_s <= 0:
             yield f"request_timeout_s must be > 0, got {self.request_timeout_s}"
 

@@ -21,5 +21,10 @@ class EndpointError(MergeItError, RuntimeError):
     """The LLM endpoint cannot be reached or keeps failing; the message names the URL, never the token."""
 
 
+class EndpointConfigError(EndpointError):
+    """The endpoint refuses the run as configured (wrong key, model name or URL: HTTP 401, 403, 404, or an
+    ambiguous model list): the run stops once with the server's words, instead of failing every pair."""
+
+
 class QualityScoringError(MergeItError, RuntimeError):
     """Too many quality scores could not be computed from the endpoint's logprobs."""

@@ -17,8 +17,9 @@ from aiohttp import web
 from datasets.fingerprint import Hasher
 
 import mergeit_hf
-import mergeit_hf.endpoints.transport
+import mergeit_hf.endpoints.probe
 from mergeit_hf import EndpointError, MergeItConfig, QualityScoringError
+from mergeit_hf.endpoints.connect import open_chat_backend
 from mergeit_hf.stage2.merger import Merger
 from tests.helpers.servers import LoopbackServer, free_port
 
@@ -50,7 +51,7 @@ def test_batched_and_unbatched_map_agree(pairs, llama_server, tmp_path):
     model_id = batched[0]["merge_model"]
     assert model_id.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert batched[0]["merge_template"] == "merge.jinja" and len(batched[0]["merge_template_sha256"]) == 64
-    assert json.loads(batched[0]["generation_params"])["response_format"]["schema"]["required"] == [
+    assert json.loads(batched[0]["generation_params"])["response_format"]["json_schema"]["schema"]["required"] == [
         "instruction",
         "input",
         "output",
@@ -104,8 +105,7 @@ def test_an_endpoint_that_keeps_failing_fails_pairs_with_a_reason(pairs, fault_p
 
 def test_concurrency_and_model_id_come_from_info(fault_proxy):
     fault_proxy.info = {"model_id": "hkust-nlp/deita-quality-scorer", "max_concurrent_requests": 3}
-    backend = Merger(endpoint=fault_proxy.url).make_backend()
-    mergeit_hf.stage2.merger.run_sync(backend.probe())
+    backend = mergeit_hf.stage2.merger.run_sync(open_chat_backend(Merger(endpoint=fault_proxy.url).endpoint_settings()))
     assert (backend.model_id, backend.default_concurrency) == ("hkust-nlp/deita-quality-scorer", 3)
 
 
@@ -134,12 +134,12 @@ class _BusyServer(LoopbackServer):
 
 
 def test_probe_waits_for_a_busy_server_as_long_as_a_request_may(monkeypatch):
-    monkeypatch.setattr(mergeit_hf.endpoints.transport, "_PROBE_CONNECT_TIMEOUT_S", 0.3)  # shorter than the busy wait
+    monkeypatch.setattr(mergeit_hf.endpoints.probe, "_PROBE_CONNECT_TIMEOUT_S", 0.3)  # shorter than the busy wait
     server = _BusyServer().start()
     try:
-        probe = mergeit_hf.endpoints.transport.probe_server
+        probe = mergeit_hf.endpoints.probe.probe_server
         served = mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
-        assert served.model_id == "busy/model"
+        assert served.model == "busy/model"
         with pytest.raises(EndpointError, match=r"did not answer the LLM endpoint .*/v1/models.*request_timeout_s"):
             mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
     finally:
@@ -187,14 +187,6 @@ def test_sigkill_half_way_then_resume_resends_nothing_completed(roleplay_stage1,
     assert strip(json.loads(out.read_text())) == strip(json.loads(clean.read_text()))
 
 
-def test_offline_mode_is_reported_instead_of_failing_every_pair(pairs, llama_server, monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(EndpointError, match="HF_HUB_OFFLINE"):
-        pairs.map(Merger(endpoint=llama_server.url, cache_dir=str(tmp_path)), batched=True)
-
-
 def test_unparseable_output_is_retried_then_failed_with_its_reason(pairs, llama_server, tmp_path):
     config = MergeItConfig(**{**FAST.to_dict(), "max_new_tokens": 8, "parse_retries": 2})
     merged = pairs.select(range(1)).map(Merger(endpoint=llama_server.url, config=config, cache_dir=str(tmp_path)))
@@ -209,3 +201,20 @@ def test_embedded_default_runs_in_process_without_a_server(pairs, monkeypatch, t
     assert merged[0]["merge_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert merged[0]["merge_status"] in {"accepted", "rejected"}
     assert merged[0]["quality_scores_incomplete"] <= 3
+
+
+def test_a_real_llama_server_settles_its_structured_output_and_names_its_model_by_file(pairs, llama_server, tmp_path):
+    """llama-cpp-python's server refuses OpenAI's json_schema (422) and reads json_object + schema; it reports
+    its GGUF path as the model, which the card shows as the file name."""
+    from mergeit_hf.engines.datasets_engine import merge_stage
+
+    llama_server.wait_idle()
+    merger = Merger(endpoint=llama_server.url + "/v1", config=FAST, cache_dir=str(tmp_path))
+    merged, batch = merge_stage(pairs.select(range(1)), merger)
+    assert batch.endpoints["merge"] == {
+        "kind": "openai-compatible",
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "structured_output": "json_object+schema",
+    }
+    assert merged["merge_model"] == ["SmolLM2-135M-Instruct.Q4_1.gguf"] and "/" not in merged["merge_model"][0]
+    assert merged["prompt_tokens"][0] > 100 and merged["completion_tokens"][0] > 0  # the server's own usage

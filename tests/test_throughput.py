@@ -19,8 +19,8 @@ from mergeit_hf.errors import ConfigError, InputError
 from mergeit_hf.stage1.embedding import Embedder, resolve_device
 from mergeit_hf.stage2.merger import Merger
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
-from tests.helpers.scripted import ScriptedServer, peaked
+from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
+from tests.helpers.scripted import ScriptedServer
 
 SLOTS = 8
 NO_RETENTION = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
@@ -33,16 +33,7 @@ def many_pairs():
 
 
 def _slot_server(rows: list[dict], slots: int = SLOTS, latency_s: float = 0.3) -> ScriptedServer:
-    by_line = {row["instruction"].split("\n")[0]: row for row in rows}
-
-    def merge(prompt: str, body: dict) -> dict:
-        lines = [part.split("\n")[0] for part in prompt.split("Instruction: ")[1:]]
-        return restate_all(*(by_line[line] for line in lines))
-
-    def score(instruction: str, output: str) -> dict[str, float]:
-        return peaked(6) if "as a second task" in instruction else peaked(3)
-
-    return ScriptedServer(merge, score, slots=slots, latency_s=latency_s).start()
+    return ScriptedServer(*restating_scripts(rows), slots=slots, latency_s=latency_s).start()
 
 
 def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tmp_path):
@@ -52,14 +43,15 @@ def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tm
         stream_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "a"))
         stream = run_sync(stream_merger.merge_pairs(iter(pairs), window="auto", total=len(pairs))).stats
         held = list(server.held)
-        merged, sent = merge_stage(pairs, stream_merger)  # the CLI's path: the same stream, from the cache
+        merged, rerun = merge_stage(pairs, stream_merger)  # the CLI's path: the same stream, from the cache
         batches_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "b"))
         batches = [
             run_sync(batches_merger.merge_pairs(pairs.select(range(i, i + 6)).to_list())).stats for i in range(0, 60, 6)
         ]
     finally:
         server.stop()
-    assert merged["pair_id"] == pairs["pair_id"] and sent == 0  # input order kept; a rerun re-sends nothing
+    # input order kept; a rerun re-sends nothing
+    assert merged["pair_id"] == pairs["pair_id"] and rerun.stats.requests_sent == 0
     assert set(merged["merge_status"]) == {"accepted"}
     assert max(held) == SLOTS  # the concurrency /info announced: reached, never exceeded
     # A slot freed with no request waiting idles the server. The stream has one ready at every answer but

@@ -16,23 +16,55 @@ class ChatReply:
     content: str
     first_top_logprobs: tuple[tuple[str, float], ...] = ()
     finish_reason: str | None = None
+    usage: tuple[int, int] | None = None  # (prompt tokens, completion tokens), where the server reports them
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "content": self.content,
             "first_top_logprobs": [list(pair) for pair in self.first_top_logprobs],
             "finish_reason": self.finish_reason,
+            "usage": list(self.usage) if self.usage else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChatReply:
         pairs = tuple((str(token), float(logprob)) for token, logprob in data["first_top_logprobs"])
-        return cls(data["content"], pairs, data.get("finish_reason"))
+        usage = data.get("usage")  # absent from replies cached before tokens were counted
+        return cls(data["content"], pairs, data.get("finish_reason"), (int(usage[0]), int(usage[1])) if usage else None)
+
+
+def usage_of(answer: Any) -> tuple[int, int] | None:
+    """(prompt tokens, completion tokens) from an answer's ``usage`` (a dict or an object), where reported."""
+    usage = answer.get("usage") if isinstance(answer, dict) else getattr(answer, "usage", None)
+    if not usage:
+        return None
+    read = usage.get if isinstance(usage, dict) else lambda name: getattr(usage, name, None)
+    prompt, completion = read("prompt_tokens"), read("completion_tokens")
+    if prompt is None and completion is None:
+        return None
+    return int(prompt or 0), int(completion or 0)
+
+
+@dataclass
+class TokenUsage:
+    """Tokens the replies of one piece of work (a pair) used, as their servers reported them."""
+
+    prompt: int = 0
+    completion: int = 0
+    replies: int = 0  # replies that reported usage
+
+    def add(self, usage: tuple[int, int] | None) -> None:
+        if usage is not None:
+            self.prompt += usage[0]
+            self.completion += usage[1]
+            self.replies += 1
 
 
 class ChatBackend(Protocol):
-    model_id: str
+    model_id: str  # the name every request carries (and the request cache keys on)
     default_concurrency: int
+
+    def describe(self) -> dict[str, str]: ...  # kind, model as a card may show it, structured output
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply: ...
 
@@ -45,11 +77,8 @@ class CompletionBackend(Protocol):
     model_id: str
     default_concurrency: int
 
+    def describe(self) -> dict[str, str]: ...
+
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply: ...
 
     async def aclose(self) -> None: ...
-
-
-def json_response_format(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema in the form each server reads: TGI takes ``value``, llama.cpp's server ``schema``."""
-    return {"type": "json_object", "value": schema, "schema": schema}

@@ -22,10 +22,9 @@ import logging
 import re
 from typing import Any, Literal
 
-import httpx
-
-from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply
-from mergeit_hf.endpoints.transport import failure, probe_server, retrying, token_from_environment
+from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.http_client import JsonHttpClient
+from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.errors import EndpointError
 
 Route = Literal["/v1/completions", "/generate"]
@@ -35,43 +34,26 @@ logger = logging.getLogger(__name__)
 
 
 class CompletionEndpointBackend:
-    """A scorer server at ``url`` answering raw completions; the token as for the merge endpoint."""
+    """A scorer server at ``url``, probed (``server``) before the first request."""
 
-    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 120.0, attempts: int = 6):
-        self.url = url.rstrip("/")
-        self._token = token if token is not None else token_from_environment()
-        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._timeout_s = timeout_s
-        self._limits: httpx.Limits | None = None  # None: httpx's default pool, until ``size_pool`` sizes it
-        self._http: httpx.AsyncClient | None = None  # opened by the first request, inside the running loop
-        self._attempts = attempts
-        self.model_id = self.url
-        self.default_concurrency = DEFAULT_CONCURRENCY
+    kind = "raw-completions"
+
+    def __init__(self, url: str, server: ServerInfo, http: JsonHttpClient) -> None:
+        self.url = url
+        self.model_id = server.model
+        self.default_concurrency = server.concurrency
+        self._http = http
         self.route: Route | None = None  # decided by the first answer
-        self._served_name: str | None = None
         self._top_n_cap: int | None = None
 
-    def __repr__(self) -> str:  # never show the token
+    def __repr__(self) -> str:  # never show the key
         return f"CompletionEndpointBackend(url={self.url!r}, route={self.route!r})"
 
-    async def probe(self) -> None:
-        server = await probe_server(self.url, self._token, "scorer endpoint", self._timeout_s)
-        self.model_id, self.default_concurrency, self._served_name = (
-            server.model_id,
-            server.concurrency,
-            server.served_name,
-        )
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "model": model_label(self.model_id), "route": self.route or "not decided"}
 
     async def size_pool(self, connections: int) -> None:
-        """A connection pool as large as the concurrency (httpx's default of 100 would cap it)."""
-        await self.aclose()
-        self._limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            pool = {"limits": self._limits} if self._limits else {}
-            self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, **pool)
-        return self._http
+        await self._http.size_pool(connections)
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply:
         """The first generated token's top alternatives after ``prompt``, sent byte for byte."""
@@ -87,6 +69,7 @@ class CompletionEndpointBackend:
 
     async def _openai_completion(self, prompt: str, params: dict[str, Any]) -> ChatReply | None:
         body: dict[str, Any] = {
+            "model": self.model_id,
             "prompt": prompt,
             "max_tokens": params.get("max_tokens", 1),
             "temperature": params.get("temperature", 1.0),
@@ -94,8 +77,6 @@ class CompletionEndpointBackend:
         }
         if params.get("logprobs"):
             body["logprobs"] = params.get("top_logprobs", 1)
-        if self._served_name:
-            body["model"] = self._served_name
         answer = await self._post("/v1/completions", body)
         return _reply_from_completion(answer) if answer is not None else None
 
@@ -129,28 +110,17 @@ class CompletionEndpointBackend:
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         """The JSON answer, or None where the server has no such route; transient failures retried as for chat."""
-        try:
-            async for attempt in retrying(self._attempts):
-                with attempt:
-                    response = await self._client().post(self.url + path, json=body)
-                    if response.status_code in _ABSENT:
-                        return None
-                    if response.status_code == 422 and path == "/generate":
-                        cap = _TOP_N_CAP.search(response.text)
-                        if cap:
-                            raise _CappedTopN(int(cap.group(1)))
-                    response.raise_for_status()
-                    return response.json()
-        except _CappedTopN:
-            raise
-        except Exception as exc:
-            raise failure(self.url + path, exc, self._token) from None
-        return None  # unreachable: the retry loop either returns or raises
+        response = await self._http.post(path, body)
+        if response.status_code in _ABSENT:
+            return None
+        if response.status_code == 422 and path == "/generate":
+            cap = _TOP_N_CAP.search(response.text)
+            if cap:
+                raise _CappedTopN(int(cap.group(1)))
+        return self._http.json(path, response)
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        await self._http.aclose()
 
 
 class _CappedTopN(Exception):
@@ -171,7 +141,7 @@ def _reply_from_completion(answer: dict[str, Any]) -> ChatReply:
     elif logprobs.get("content"):
         first = logprobs["content"][0]
         tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
-    return ChatReply(choice.get("text") or "", tops, choice.get("finish_reason"))
+    return ChatReply(choice.get("text") or "", tops, choice.get("finish_reason"), usage_of(answer))
 
 
 def _reply_from_generate(answer: dict[str, Any] | list[dict[str, Any]]) -> ChatReply:
@@ -183,4 +153,7 @@ def _reply_from_generate(answer: dict[str, Any] | list[dict[str, Any]]) -> ChatR
         tops = tuple((t["text"], float(t["logprob"])) for t in top_tokens[0])
     else:
         tops = tuple((t["text"], float(t["logprob"])) for t in chosen[:1])
-    return ChatReply(answer.get("generated_text") or "", tops, details.get("finish_reason"))
+    generated = details.get("generated_tokens")
+    prefill = details.get("prefill") or []
+    usage = (len(prefill), int(generated)) if generated is not None and prefill else None
+    return ChatReply(answer.get("generated_text") or "", tops, details.get("finish_reason"), usage)

@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mergeit_hf.endpoints.base import ChatReply
+from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.structured_output import JSON_OBJECT_WITH_SCHEMA, in_form
 from mergeit_hf.errors import EndpointError
 
 LOCAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,6 +80,12 @@ class LocalLlamaBackend:
         self._n_ctx = n_ctx
         self._lock = asyncio.Lock()
 
+    def __repr__(self) -> str:
+        return f"LocalLlamaBackend(model={self.model_id!r})"
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "embedded llama.cpp", "model": self.model_id, "structured_output": JSON_OBJECT_WITH_SCHEMA}
+
     async def probe(self) -> None:
         await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
 
@@ -87,6 +94,7 @@ class LocalLlamaBackend:
             # The whole distribution is at hand in-process: ask for enough alternatives to see every
             # digit token (1000 costs no measurable time; the full vocabulary would triple it).
             params = {**params, "top_logprobs": max(params.get("top_logprobs", 0), LOCAL_TOP_LOGPROBS)}
+        params = in_form(params, JSON_OBJECT_WITH_SCHEMA)  # llama.cpp's grammar from the schema
         llama = await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
         async with self._lock:  # a Llama object is not safe for concurrent use
             output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
@@ -104,4 +112,4 @@ def _reply_from_dict(output: dict[str, Any]) -> ChatReply:
     if entries:
         first = entries[0]
         tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
-    return ChatReply(content, tops, choice.get("finish_reason"))
+    return ChatReply(content, tops, choice.get("finish_reason"), usage_of(output))

@@ -11,18 +11,24 @@ import asyncio
 import concurrent.futures
 import os
 from collections.abc import Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend
+from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
 from mergeit_hf.endpoints.request_cache import RequestCache, payload_hash
 from mergeit_hf.prompts import PromptTemplate
 
 T = TypeVar("T")
 #: A chat request (messages, through the server's chat template) or a raw prompt sent byte for byte.
 Request = list[dict[str, str]] | str
+
+
+#: Where the replies' tokens are counted: stage 2 sets one ``TokenUsage`` per pair, in the pair's own task
+#: (a context variable follows each asyncio task), so a pair counts the replies it used, cached ones too.
+current_usage: ContextVar[TokenUsage | None] = ContextVar("current_usage", default=None)
 
 
 def default_cache_dir() -> Path:
@@ -60,10 +66,19 @@ class RequestScheduler:
         key = payload_hash(payload)
         cached = self.cache.get(key)
         if cached is not None:
-            return ChatReply.from_dict(cached), cached["completed_at"]
-        if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
-            self._in_flight[key] = asyncio.ensure_future(self._send(key, payload, request, params))
-        return await asyncio.shield(self._in_flight[key])
+            reply, completed_at = ChatReply.from_dict(cached), cached["completed_at"]
+        else:
+            if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
+                sending = asyncio.ensure_future(self._send(key, payload, request, params))
+                # Its waiters may all be gone (a pair stopped early): the error is then read here, not left
+                # for asyncio to print as "Task exception was never retrieved".
+                sending.add_done_callback(read_outcome)
+                self._in_flight[key] = sending
+            reply, completed_at = await asyncio.shield(self._in_flight[key])
+        usage = current_usage.get()
+        if usage is not None:
+            usage.add(reply.usage)
+        return reply, completed_at
 
     async def _send(
         self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any]
@@ -85,6 +100,12 @@ class RequestScheduler:
         completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.cache.put(key, payload, {**reply.to_dict(), "completed_at": completed_at})
         return reply, completed_at
+
+
+def read_outcome(task: asyncio.Future) -> None:
+    """A done callback that reads how a task ended, so an error nobody awaits is not printed by asyncio."""
+    if not task.cancelled():
+        task.exception()
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:

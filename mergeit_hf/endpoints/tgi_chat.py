@@ -1,48 +1,69 @@
-"""A TGI-compatible chat server (``/v1/chat/completions``, the Messages API): TGI, vLLM, llama.cpp's server and
-HF Inference Endpoints all serve it. The client is huggingface_hub's ``AsyncInferenceClient``; transient
-failures (429 "Model is overloaded", 503, 424, timeouts, dropped connections) are retried with exponential
-backoff and jitter, honouring ``Retry-After``.
-"""
+"""TGI (a server that answers ``/info``) and HF Inference Providers, through huggingface_hub's
+``AsyncInferenceClient``: TGI reads structured output as its grammar, into which the client rewrites
+OpenAI's ``json_schema``; a provider gets ``json_schema`` as it is, routed by huggingface_hub with the HF
+token. Transient failures are retried as for every endpoint (``transport``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply
-from mergeit_hf.endpoints.transport import failure, probe_server, retrying, token_from_environment
+from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, usage_of
+from mergeit_hf.endpoints.probe import ServerInfo, model_label
+from mergeit_hf.endpoints.transport import failure, retrying
 from mergeit_hf.errors import EndpointError
 
 _HTTPX_DEFAULT_CONNECTIONS = 100
 
 
-class EndpointBackend:
-    """A TGI-compatible server at ``url``; the token comes from the argument, ``HF_TOKEN`` or the login."""
+class InferenceClientBackend:
+    """Chat completions through ``AsyncInferenceClient``: a TGI server at ``url``, or ``provider`` routing."""
 
-    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 120.0, attempts: int = 6):
-        from huggingface_hub import AsyncInferenceClient
-
-        self.url = url.rstrip("/")
-        self._token = token if token is not None else token_from_environment()
-        self._client = AsyncInferenceClient(base_url=self.url, token=self._token, timeout=timeout_s)
-        self._timeout_s = timeout_s
-        self._attempts = attempts
-        self.model_id = self.url
-        self.default_concurrency = DEFAULT_CONCURRENCY
-
-    def __repr__(self) -> str:  # never show the token
-        return f"EndpointBackend(url={self.url!r})"
-
-    async def probe(self) -> None:
-        """Fail fast on an unreachable endpoint; read model id and concurrency from ``/info``."""
-        from huggingface_hub import constants
+    def __init__(
+        self,
+        model: str,
+        key: str | None,
+        *,
+        url: str | None = None,
+        provider: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        timeout_s: float = 120.0,
+        attempts: int = 6,
+        key_variable: str = "MERGEIT_API_KEY",
+    ):
+        from huggingface_hub import AsyncInferenceClient, constants
 
         if constants.HF_HUB_OFFLINE:
             raise EndpointError(
                 f"HF_HUB_OFFLINE is set, and huggingface_hub then refuses every InferenceClient call, even to "
-                f"{self.url}. Unset it for stage 2 (the embedding model loads offline without it)."
+                f"{url or provider}. Unset it for stage 2 (the embedding model loads offline without it)."
             )
-        server = await probe_server(self.url, self._token, "LLM endpoint", self._timeout_s)
-        self.model_id, self.default_concurrency = server.model_id, server.concurrency
+        self.url = url
+        self.provider = provider
+        self._key = key
+        self._key_variable = key_variable
+        self._attempts = attempts
+        self._where = url or f"HF Inference Providers ({provider})"
+        if url:
+            self._client = AsyncInferenceClient(base_url=url, api_key=key, timeout=timeout_s)
+        else:
+            self._client = AsyncInferenceClient(provider=provider, api_key=key, timeout=timeout_s)  # type: ignore[arg-type]
+        self.model_id = model
+        self.default_concurrency = concurrency
+
+    @classmethod
+    def for_tgi(cls, url: str, server: ServerInfo, key: str | None, **options: Any) -> InferenceClientBackend:
+        return cls(server.model, key, url=url, concurrency=server.concurrency, **options)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"InferenceClientBackend(where={self._where!r}, model={self.model_id!r})"
+
+    @property
+    def kind(self) -> str:
+        return "tgi" if self.url else f"hf-inference-providers:{self.provider}"
+
+    def describe(self) -> dict[str, str]:
+        structured = "tgi grammar (json_object + value)" if self.url else "json_schema"
+        return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": structured}
 
     async def size_pool(self, connections: int) -> None:
         """Let ``connections`` requests be in flight at once.
@@ -68,15 +89,22 @@ class EndpointBackend:
         try:
             async for attempt in retrying(self._attempts):
                 with attempt:
-                    output = await self._client.chat_completion(messages=messages, **params)
+                    output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
         except Exception as exc:
-            raise failure(self.url, exc, self._token) from None
+            raise failure(self._where, exc, self._key, self._key_variable) from None
         return _reply_from_output(output)
 
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)
         if close is not None:
             await close()
+
+
+def provider_backend(provider: str, model: str | None, key: str | None, **options: Any) -> InferenceClientBackend:
+    """HF Inference Providers: ``model`` is a Hub id (``org/name``); huggingface_hub routes it to ``provider``."""
+    if not model:
+        raise EndpointError(f"--provider {provider} needs the Hub model to run: --model org/name")
+    return InferenceClientBackend(model, key, provider=provider, **options)
 
 
 def _reply_from_output(output: Any) -> ChatReply:
@@ -89,4 +117,4 @@ def _reply_from_output(output: Any) -> ChatReply:
         first = entries[0]
         alternatives = list(getattr(first, "top_logprobs", None) or [])
         tops = tuple((alt.token, float(alt.logprob)) for alt in alternatives) or ((first.token, float(first.logprob)),)
-    return ChatReply(content, tops, getattr(choice, "finish_reason", None))
+    return ChatReply(content, tops, getattr(choice, "finish_reason", None), usage_of(output))

@@ -1,42 +1,37 @@
-"""HTTP behaviour every remote endpoint shares: which failures are transient, retries with backoff that
-honour ``Retry-After``, errors that never show the token, the token itself, and the probe that reads what a
-server says of itself before the first request."""
+"""HTTP behaviour every remote endpoint shares, as the providers' SDKs (OpenAI's, Anthropic's) do it.
+
+Retried: 408, 409, 429 and every 5xx (and TGI's 424), timeouts and dropped connections, with exponential backoff and
+jitter, waiting longer where the server asks (``Retry-After`` in seconds or as an HTTP date,
+``retry-after-ms``, ``x-ratelimit-reset-*``). Not retried: every other 4xx. 401, 403 and 404 say the
+configuration is wrong (key, model or URL): they stop the run once instead of failing every pair. Every
+error carries what the server said and never the key.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY
-from mergeit_hf.errors import EndpointError
+from mergeit_hf.errors import EndpointConfigError, EndpointError
 
-RETRYABLE_STATUS = frozenset({424, 429, 502, 503, 504})
-_MAX_RETRY_AFTER_S = 120.0
-_PROBE_CONNECT_TIMEOUT_S = 10.0
-
-
-def http_status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def retry_after_seconds(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
-    try:
-        return min(max(float(value), 0.0), _MAX_RETRY_AFTER_S) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date; the exponential backoff applies instead
-
+#: Statuses below 500 worth another try: timeout, conflict, rate limit, and TGI's 424 (a generation that
+#: failed in a shard, as a 5xx would).
+RETRYABLE_CLIENT_STATUS = frozenset({408, 409, 424, 429})
+#: Statuses that no retry and no other pair can fix: the key, the model name or the URL is wrong.
+CONFIGURATION_STATUS = frozenset({401, 403, 404})
+_MAX_SERVER_WAIT_S = 120.0
+_MESSAGE_CHARS = 300
 
 #: Connection-level failures, by class name, because the client's HTTP stack differs between
-#: huggingface_hub releases (httpx2 in 2.x, httpx in 1.x, aiohttp before): dropped or refused
-#: connections, protocol errors mid-answer, and timeouts.
+#: huggingface_hub releases (httpx2 in 2.x, httpx in 1.x, aiohttp before) and our own httpx: dropped or
+#: refused connections, protocol errors mid-answer, and timeouts.
 _TRANSPORT_ERROR_NAMES = frozenset(
     {
         "TransportError",
@@ -48,17 +43,96 @@ _TRANSPORT_ERROR_NAMES = frozenset(
 )
 
 
+def is_retryable_status(status: int) -> bool:
+    return status in RETRYABLE_CLIENT_STATUS or status >= 500
+
+
+def http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def server_message(response: Any) -> str:
+    """What the server said, from the error shapes in use: OpenAI's ``{"error": {"message"}}``, vLLM's and
+    SGLang's ``{"message"}``, TGI's ``{"error"}``, FastAPI's ``{"detail"}``; else the body's text."""
+    try:
+        body = response.json()
+    except Exception:
+        body = None
+    found: Any = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        found = error.get("message") if isinstance(error, dict) else error
+        found = found or body.get("message") or body.get("detail")
+    if found is None:
+        found = getattr(response, "text", "") or ""
+    text = found if isinstance(found, str) else str(found)
+    return " ".join(text.split())[:_MESSAGE_CHARS]
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """How long the server asked us to wait, capped; None where it did not say."""
+    response = getattr(exc, "response", None)
+    headers: Mapping[str, str] = getattr(response, "headers", None) or {}
+    waits = [_retry_after(headers)]
+    for kind in ("requests", "tokens"):
+        # Only the limit that ran out matters; a header without its `remaining` twin counts too.
+        if headers.get(f"x-ratelimit-remaining-{kind}", "0") == "0":
+            waits.append(_duration_seconds(headers.get(f"x-ratelimit-reset-{kind}")))
+    known = [wait for wait in waits if wait is not None]
+    return min(max(max(known), 0.0), _MAX_SERVER_WAIT_S) if known else None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return float(milliseconds) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (when - datetime.now(timezone.utc)).total_seconds()
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _duration_seconds(text: str | None) -> float | None:
+    """OpenAI's reset durations: "1s", "6m0s", "59.5ms", "1h2m3s"; a bare number is seconds."""
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    return sum(float(value) * _UNIT_SECONDS[unit] for value, unit in parts) if parts else None
+
+
 def is_transient(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
-        return status in RETRYABLE_STATUS
+        return is_retryable_status(status)
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
         return True
     return any(cls.__name__ in _TRANSPORT_ERROR_NAMES for cls in type(exc).__mro__)
 
 
-class _WaitHonouringRetryAfter:
-    """Exponential backoff with jitter, or the server's ``Retry-After`` when it is longer."""
+class _WaitHonouringServer:
+    """Exponential backoff with jitter, or the server's own wait when it asks for longer."""
 
     def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
         self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum)
@@ -75,73 +149,52 @@ def redact(text: str, secret: str | None) -> str:
 
 
 def retrying(attempts: int) -> AsyncRetrying:
-    """Transient failures retried with backoff (or the server's ``Retry-After``), the last error re-raised."""
+    """Transient failures retried with backoff (or the server's wait), the last error re-raised."""
     return AsyncRetrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(attempts),
-        wait=_WaitHonouringRetryAfter(),
+        wait=_WaitHonouringServer(),
         reraise=True,
     )
 
 
-def failure(url: str, exc: BaseException, token: str | None) -> EndpointError:
-    """The error a caller sees once retries are spent: the URL, the status or error type, never the token."""
+def failure(url: str, exc: BaseException, key: str | None, key_variable: str = "MERGEIT_API_KEY") -> EndpointError:
+    """The error a caller sees: the URL, the status and what the server said, never the key.
+
+    401/403/404 come back as ``EndpointConfigError``, which stops the run (raise it) instead of failing a pair.
+    """
     status = http_status(exc)
-    where = f"HTTP {status}" if status is not None else type(exc).__name__
-    return EndpointError(f"{url} failed ({where}) after retries: {redact(str(exc), token)[:300]}")
+    if status is None:
+        detail = redact(str(exc), key)[:_MESSAGE_CHARS] or "no detail"
+        return EndpointError(f"{url} failed ({type(exc).__name__}: {detail}) after retries")
+    said = redact(server_message(exc.response), key)  # type: ignore[attr-defined]
+    if status in CONFIGURATION_STATUS:
+        return configuration_error(url, status, said, key_variable)
+    when = "after retries" if is_retryable_status(status) else "(not retried: the same request would fail again)"
+    return EndpointError(f"{url} answered HTTP {status} {when}: {said or 'no message'}")
 
 
-def token_from_environment() -> str | None:
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        return token
+def configuration_error(url: str, status: int, said: str, key_variable: str) -> EndpointConfigError:
+    if status in (401, 403):
+        advice = f"set {key_variable} (or HF_TOKEN) to a key this server accepts"
+    else:
+        advice = "check the model name (--model / MERGEIT_MODEL) and the URL"
+    return EndpointConfigError(f"{url} answered HTTP {status}: {said or 'no message'}; {advice}")
+
+
+def api_key(variable: str) -> str | None:
+    """The key for one endpoint: its own variable (``MERGEIT_API_KEY``, ``MERGEIT_SCORER_API_KEY``), else
+    ``HF_TOKEN``, else the saved Hugging Face login. Read when requests are sent; never stored in config."""
+    key = os.environ.get(variable) or os.environ.get("HF_TOKEN")
+    if key:
+        return key
     from huggingface_hub import get_token
 
     return get_token()
 
 
-# -- probe ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """What a server says about itself: TGI's ``/info``, else the first model of ``/v1/models``."""
-
-    model_id: str
-    concurrency: int
-    served_name: str | None = None  # the name /v1/models lists, which vLLM wants in every request
-
-
-async def probe_server(url: str, token: str | None, role: str, read_timeout_s: float) -> ServerInfo:
-    """Fail fast on an unreachable server or a refused token; read its model id and concurrency.
-
-    Connecting fails within seconds, but an answer may take as long as any request: llama.cpp's
-    one-slot server answers ``/v1/models`` only after the generation it is running (another client's,
-    or one this run abandoned on a timeout), so a short read timeout would call a busy server dead.
-    """
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = httpx.Timeout(read_timeout_s, connect=_PROBE_CONNECT_TIMEOUT_S)
-    async with httpx.AsyncClient(timeout=timeout, headers=headers) as http:
-        info = await _probe_get(http, f"{url}/info", role, token)
-        if info.status_code == 200:
-            body = info.json()
-            concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
-            return ServerInfo(str(body.get("model_id") or url), concurrency)
-        models = await _probe_get(http, f"{url}/v1/models", role, token)
-        if models.status_code in (401, 403):
-            raise EndpointError(f"the {role} {url} refused the token (HTTP {models.status_code})")
-        if models.status_code == 200:
-            served = (models.json().get("data") or [{}])[0].get("id")
-            return ServerInfo(str(served or url), DEFAULT_CONCURRENCY, served)
-        return ServerInfo(url, DEFAULT_CONCURRENCY)
-
-
-async def _probe_get(http: httpx.AsyncClient, address: str, role: str, token: str | None) -> httpx.Response:
-    try:
-        return await http.get(address)
-    except httpx.TransportError as exc:
-        what = "did not answer" if isinstance(exc, httpx.TimeoutException) else "cannot reach"
-        raise EndpointError(
-            f"{what} the {role} {address} ({type(exc).__name__}: {redact(str(exc), token) or 'no detail'}); "
-            "is it running, and is request_timeout_s long enough for it to finish its current work?"
-        ) from None
+def base_url(url: str) -> str:
+    """The server's root as users copy it, with or without a trailing ``/v1`` (OpenAI, vLLM and SGLang
+    docs give ``…/v1``); routes are added to the root."""
+    root = url.strip().rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root

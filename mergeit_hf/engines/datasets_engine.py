@@ -22,7 +22,7 @@ from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import is_selected, plan_selection
 from mergeit_hf.stage1.topics import assign_topics, column_values, fit_topic_clusters
 from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merge_results import MergeOutcome
+from mergeit_hf.stage2.merge_results import MergeBatch, MergeOutcome
 from mergeit_hf.stage2.merger import Merger, stage2_templates
 
 
@@ -70,12 +70,13 @@ def _lap(started: float) -> float:
     return time.perf_counter() - started
 
 
-def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, int]:
+def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, MergeBatch]:
     """Run stage 2 over the pairs; pairs past ``max_pairs`` are kept unmerged with status ``skipped``.
 
     One session streams every pair through a window of 4 × the endpoint's concurrency (not ``map``
     batches, whose slowest pair would leave the slots idle at each batch's end). Returns the merged pairs
-    and how many requests were actually sent (the rest came from the request cache).
+    and the batch's counts (``stats.requests_sent``: requests actually sent, the rest came from the request
+    cache) and endpoints.
     """
     limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
     todo = pairs.select(range(limit))
@@ -85,7 +86,7 @@ def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) ->
     merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
     if limit < len(pairs):
         merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
-    return merged, batch.stats.requests_sent
+    return merged, batch
 
 
 def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:

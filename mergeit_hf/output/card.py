@@ -34,7 +34,9 @@ COLUMN_DOCS = {
     "quality_more / retention_more": "a group's sources after a and b: their quality scores and retentions, in order",
     "alpha": "α of the gate q(merged) > α·(q(a) + q(b)); for a group of k, q(merged) > α·(2/k)·Σ q(s_i)",
     "min_retention": "the retention each source needed for the merge to be accepted",
-    "merge_model": "model id reported by the endpoint's /info (or the local GGUF file name)",
+    "merge_model": "model every merge request named (the server's, or --model; a local GGUF path as its file name)",
+    "prompt_tokens / completion_tokens": "tokens of every reply the pair used (merges and scores), as the servers "
+    "reported them; empty where a server reports none",
     "quality_model": "model id of the quality scorer: a scorer endpoint of its own, or the merge model",
     "merge_template / merge_template_sha256": "prompt template file and the sha256 of its exact text",
     "quality_template_sha256": "sha256 of the Deita quality prompt template",
@@ -67,6 +69,8 @@ class RunRecord:
     regated_at: str | None = None
     quality_model: str = ""
     embedding_source: str = ""
+    endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # kind, model, structured output
+    tokens: dict[str, int] = field(default_factory=dict)  # prompt / completion tokens over the pairs
 
     @property
     def acceptance_rate(self) -> float:
@@ -114,6 +118,8 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         version=record.version,
         merge_model=record.merge_model,
         quality_model=record.quality_model,
+        endpoints=record.endpoints,
+        tokens=record.tokens,
         embedding_source=record.embedding_source,
         scorer_endpoint_set=bool(record.config.get("scorer_endpoint")),
         created_at=record.created_at,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,15 @@ SCORER_HELP = (
     "(else MERGEIT_SCORER_ENDPOINT, else the merge model scores)"
 )
 
+ENDPOINT_HELP = (
+    "server URL, with or without /v1: TGI, vLLM, SGLang, llama.cpp or an OpenAI-compatible API "
+    "(else MERGEIT_ENDPOINT, else the embedded model); its key: MERGEIT_API_KEY, else HF_TOKEN"
+)
+MODEL_HELP = (
+    "model every merge request names (else MERGEIT_MODEL, else TGI's /info model, else the one /v1/models lists)"
+)
+PROVIDER_HELP = "HF Inference Providers (auto, together, fireworks-ai, ...) for --model org/name, with the HF token"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeit", description="MergeIT data curation for Hugging Face datasets.")
@@ -25,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run both stages and write the dataset folder")
     run.add_argument("input", help="JSON / JSON lines / parquet file, or a Hub dataset name")
     run.add_argument("--output", required=True, type=Path, help="folder for data, card and run record")
-    run.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
-    run.add_argument("--scorer-endpoint", help=SCORER_HELP)
+    _add_endpoint_options(run)
     run.add_argument("--config", type=Path, help="YAML or JSON file of MergeItConfig parameters")
     run.add_argument("--preset", choices=["paper", "authors_scripts"], default=None, help="start from a preset")
     run.add_argument("--format", dest="input_format", default="auto", choices=INPUT_FORMATS)
@@ -55,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-scorer", help="does the quality scorer rank real answers above broken ones?")
     check.add_argument("input", help="JSON / JSON lines / parquet file, or a Hub dataset name")
-    check.add_argument("--endpoint", help="TGI-compatible URL (else MERGEIT_ENDPOINT, else the embedded model)")
-    check.add_argument("--scorer-endpoint", help=SCORER_HELP)
+    _add_endpoint_options(check)
     check.add_argument("--rows", type=int, default=32, help="real rows to score with their corruptions (32)")
     check.add_argument("--strict", action="store_true", help="exit non-zero when accuracy is below the threshold")
     check.add_argument("--min-accuracy", type=float, help="threshold (default 0.7)")
@@ -75,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     regate.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
     _add_gate_options(regate)
     return parser
+
+
+def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", help=ENDPOINT_HELP)
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--provider", help=PROVIDER_HELP)
+    parser.add_argument("--scorer-endpoint", help=SCORER_HELP)
+    parser.add_argument("--scorer-model", help="model the scorer endpoint's requests name (as --model)")
 
 
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +135,9 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
         "gate_retries": getattr(args, "gate_retries", None),
         "local_model": getattr(args, "local_model", None),
         "scorer_endpoint": getattr(args, "scorer_endpoint", None),
+        "model": getattr(args, "model", None),
+        "scorer_model": getattr(args, "scorer_model", None),
+        "provider": getattr(args, "provider", None),
         "scorer_check_rows": 0 if getattr(args, "no_scorer_check", False) else None,
         "scorer_check_min_accuracy": getattr(args, "min_accuracy", None),
     }
@@ -167,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
             f"scores of sources and merges, {check} for the scorer check), up to {most + check} with parse and gate "
             "retries; none made"
         )
+        _print_request_plan(groups, config, args)
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
     print(f"LLM: {endpoint or 'embedded llama.cpp model (no endpoint given)'}", file=sys.stderr)
@@ -191,6 +211,24 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary_table())
     print(f"wrote {len(written)} files to {args.output} (card: {args.output / 'README.md'})")
     return 0
+
+
+def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace) -> None:
+    from mergeit_hf.endpoints.local_llama import resolve_local_model
+    from mergeit_hf.stage2.request_plan import plan_requests, token_counter
+
+    endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
+    embedded = endpoint is None and config.provider is None
+    model = (
+        resolve_local_model(config.local_model).name if embedded else config.model or os.environ.get("MERGEIT_MODEL")
+    )
+    count, counted_with = token_counter(endpoint, config)
+    plan = plan_requests(groups, config, model, count, counted_with)
+    print(plan.report())
+    if plan.example:
+        where = endpoint or (f"HF Inference Providers ({config.provider})" if config.provider else "the embedded model")
+        print(f"the first merge request for {where}, before it is written in that server's dialect:")
+        print(json.dumps(plan.example, indent=2, ensure_ascii=False))
 
 
 def _check_scorer(args: argparse.Namespace) -> int:

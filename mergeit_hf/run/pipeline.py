@@ -65,6 +65,14 @@ class PipelineResult:
             verdict = "ok" if check["passed"] else f"BELOW {check['min_accuracy']}: the gate is noise"
             lines.append(f"{'scorer accuracy':<{width}}  {check['accuracy']:>8.2f}  (n={check['rows']}, {verdict})")
         lines.append(f"{'LLM requests sent':<{width}}  {self.requests_sent:>8}")
+        tokens = record.tokens
+        if tokens:
+            lines.append(
+                f"{'tokens (prompt / completion)':<{width}}  {tokens['prompt_tokens']} / {tokens['completion_tokens']}"
+                f"  (over {tokens['pairs_counted']} pairs, cached replies included)"
+            )
+        for role, described in record.endpoints.items():
+            lines.append(f"{role + ' endpoint':<{width}}  " + ", ".join(f"{k}: {v}" for k, v in described.items()))
         return "\n".join(lines)
 
 
@@ -103,15 +111,16 @@ def run_pipeline(
         logger.info(prefiltered.summary())
     stage1 = run_stage1(prefiltered.kept if prefiltered else rows, config)
     check = check_scorer_before_merging(stage1, merger)
-    merged_pairs, sent = merge_stage(stage1.pairs, merger, max_pairs)
+    merged_pairs, batch = merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
         source,
         report,
         stage1,
         merged_pairs,
-        sent + (prefiltered.requests_sent if prefiltered else 0),
+        batch.stats.requests_sent + (prefiltered.requests_sent if prefiltered else 0),
         prefiltered=prefiltered,
         scorer_check=check,
+        endpoints=batch.endpoints,
         endpoint_given=bool(merger.resolved_endpoint),
         license=license,
         pretty_name=pretty_name,
@@ -145,6 +154,7 @@ def finish_run(
     *,
     prefiltered: PrefilterResult | None = None,
     scorer_check: ScorerCheck | None = None,
+    endpoints: dict[str, dict[str, str]] | None = None,
     endpoint_given: bool = False,
     license: str | None = None,
     pretty_name: str | None = None,
@@ -176,6 +186,8 @@ def finish_run(
         scores_incomplete=int(sum(merged_pairs["quality_scores_incomplete"])) if len(merged_pairs) else 0,
         rejection_causes=dict(Counter(c for c in merged_pairs["rejection_cause"] if c)) if len(merged_pairs) else {},
         scorer_check=scorer_check.to_dict() if scorer_check else None,
+        endpoints=endpoints or {},
+        tokens=token_totals(merged_pairs),
         endpoint_hint="URL" if endpoint_given else None,
         license=license,
         pretty_name=pretty_name,
@@ -249,6 +261,20 @@ def publish(result: PipelineResult, repo_id: str, *, private: bool = False, api:
 
 def _extras(result: PipelineResult) -> dict[str, Dataset]:
     return {"accounting": result.assembly.accounting, "pairs": pairs_for_export(result.merged_pairs)}
+
+
+def token_totals(pairs: Dataset) -> dict[str, int]:
+    """Prompt and completion tokens over the pairs (as their servers reported them), and pairs with a count."""
+    if len(pairs) == 0 or "prompt_tokens" not in pairs.column_names:
+        return {}
+    counted = [(p, c) for p, c in zip(pairs["prompt_tokens"], pairs["completion_tokens"], strict=True) if p is not None]
+    if not counted:
+        return {}
+    return {
+        "prompt_tokens": sum(p for p, _ in counted),
+        "completion_tokens": sum(c for _, c in counted),
+        "pairs_counted": len(counted),
+    }
 
 
 def retention_quartiles(pairs: Dataset) -> list[float]:

@@ -48,6 +48,9 @@ def outcome_columns(
         "retention_more": [list((o.retentions or ())[2:]) for o in outcomes],
         "quality_scores_incomplete": [o.scores_incomplete for o in outcomes],
         "merge_attempts": [o.attempts for o in outcomes],
+        # Tokens of every reply the pair used (merges and scores, cached ones too), as the servers reported them.
+        "prompt_tokens": [o.tokens[0] if o.tokens else None for o in outcomes],
+        "completion_tokens": [o.tokens[1] if o.tokens else None for o in outcomes],
         "gate_attempts": [len(o.gate_attempts) for o in outcomes],
         "attempt_log": [json.dumps([a.to_dict() for a in o.gate_attempts], ensure_ascii=False) for o in outcomes],
         "alpha": [config.alpha] * n,

@@ -50,6 +50,7 @@ class MergeOutcome:
     gate_attempts: tuple[MergeAttempt, ...] = ()
     scores_incomplete: int = 0
     completed_at: str = ""
+    tokens: tuple[int, int] | None = None  # (prompt, completion) of every reply the pair used; None: unreported
 
 
 @dataclass
@@ -65,6 +66,8 @@ class MergeStats:
     requests_sent: int = 0
     cache_hits: int = 0
     idle_releases: int = 0  # answers that freed a slot no request was waiting for (``RequestScheduler``)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
     rejection_causes: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +85,9 @@ class MergeStats:
 
     def add(self, outcome: MergeOutcome) -> None:
         setattr(self, outcome.status, getattr(self, outcome.status) + 1)
+        if outcome.tokens:
+            self.prompt_tokens += outcome.tokens[0]
+            self.completion_tokens += outcome.tokens[1]
         if outcome.status == "failed":
             kind = outcome.reason.split(":")[0]
             self.failure_reasons[kind] = self.failure_reasons.get(kind, 0) + 1
@@ -98,3 +104,4 @@ class MergeBatch:
     stats: MergeStats
     merge_model: str
     quality_model: str
+    endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # ``Session.endpoints()``

@@ -22,21 +22,25 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.base import ChatBackend
+from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
 from mergeit_hf.endpoints.completions import CompletionEndpointBackend
-from mergeit_hf.endpoints.local_llama import LocalLlamaBackend
+from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
 from mergeit_hf.endpoints.request_cache import RequestCache
-from mergeit_hf.endpoints.scheduler import RequestScheduler, default_cache_dir, run_sync
-from mergeit_hf.endpoints.tgi_chat import EndpointBackend
-from mergeit_hf.errors import EndpointError, TemplateError
+from mergeit_hf.endpoints.scheduler import (
+    RequestScheduler,
+    current_usage,
+    default_cache_dir,
+    read_outcome,
+    run_sync,
+)
+from mergeit_hf.errors import EndpointConfigError, EndpointError, TemplateError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage1.embedding import Embedder
-from mergeit_hf.stage1.pairs import group_sources
 from mergeit_hf.stage2.batched_embedding import EmbeddingBatcher
 from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
 from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merge_output import MERGE_FIELDS, MergeParseError, parse_merge_output
-from mergeit_hf.stage2.merge_request import merge_params
+from mergeit_hf.stage2.merge_output import MergeParseError, parse_merge_output
+from mergeit_hf.stage2.merge_request import merge_messages, merge_params, merge_sources
 from mergeit_hf.stage2.merge_results import MergeAttempt, MergeBatch, MergeOutcome, MergeStats
 from mergeit_hf.stage2.quality import QualityScore
 from mergeit_hf.stage2.retention import merged_chunks, row_text, source_retentions
@@ -69,11 +73,19 @@ class Session:
 
     @property
     def merge_model(self) -> str:
-        return self.merges.backend.model_id if self.merges else ""
+        """The merge model as the card shows it (a local path's file name, never the user's folders)."""
+        return self.merges.backend.describe()["model"] if self.merges else ""
 
     @property
     def quality_model(self) -> str:
-        return self.scorer.scheduler.backend.model_id
+        return self.scorer.scheduler.backend.describe()["model"]
+
+    def endpoints(self) -> dict[str, dict[str, str]]:
+        """What each endpoint is and how it was spoken to (kind, model, structured output or route)."""
+        described = {"merge": self.merges.backend.describe()} if self.merges else {}
+        if self.scorer.raw:
+            described["scorer"] = self.scorer.scheduler.backend.describe()
+        return described
 
     @property
     def requests_sent(self) -> int:
@@ -118,14 +130,17 @@ def stage2_templates(config: MergeItConfig) -> tuple[PromptTemplate, PromptTempl
 class Merger:
     """A configured, picklable stage 2 function for ``Dataset.map`` (batched or not).
 
-    endpoint: URL of a TGI-compatible server; None reads ``MERGEIT_ENDPOINT`` at call time and falls
-        back to the embedded llama.cpp model (``config.local_model``) when it is unset too.
+    endpoint: URL of a server: TGI, vLLM, SGLang, llama.cpp or an OpenAI-compatible API (with or without
+        a trailing ``/v1``); None reads ``MERGEIT_ENDPOINT`` at call time and falls back to HF Inference
+        Providers when ``config.provider`` is set, else to the embedded llama.cpp model (``config.local_model``).
+        The model each request names is ``config.model``, else ``MERGEIT_MODEL``, else what the server says.
     config: stage 2 parameters (templates, generation, retries, concurrency, α, min_retention, and
         ``scorer_endpoint``: a server of its own for quality scores, else ``MERGEIT_SCORER_ENDPOINT``, else
         the merge model scores too).
     cache_dir: folder of the request cache; None uses ``MERGEIT_CACHE`` or ~/.cache/mergeit-hf.
     use_cache: False sends every request, keeping nothing on disk.
-    The token is read from ``HF_TOKEN`` or the HF login when requests are sent; it is never stored.
+    The key is read when requests are sent, from ``MERGEIT_API_KEY`` (the scorer: ``MERGEIT_SCORER_API_KEY``),
+    else ``HF_TOKEN`` or the HF login; it is never stored, logged or recorded.
     """
 
     endpoint: str | None = None
@@ -139,13 +154,18 @@ class Merger:
         return self.endpoint or os.environ.get("MERGEIT_ENDPOINT") or None
 
     @property
+    def resolved_model(self) -> str | None:
+        return self.config.model or os.environ.get("MERGEIT_MODEL") or None
+
+    @property
     def resolved_scorer_endpoint(self) -> str | None:
         return self.config.scorer_endpoint or os.environ.get("MERGEIT_SCORER_ENDPOINT") or None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Endpoints taken from the environment are part of what datasets fingerprints, so changing
-        # MERGEIT_ENDPOINT or MERGEIT_SCORER_ENDPOINT never reuses another server's cached map results.
-        return {**self.__dict__, "_resolved": (self.resolved_endpoint, self.resolved_scorer_endpoint)}
+        # Endpoints and model taken from the environment are part of what datasets fingerprints, so changing
+        # MERGEIT_ENDPOINT, MERGEIT_SCORER_ENDPOINT or MERGEIT_MODEL never reuses another server's map results.
+        resolved = (self.resolved_endpoint, self.resolved_scorer_endpoint, self.resolved_model)
+        return {**self.__dict__, "_resolved": resolved}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
@@ -163,25 +183,41 @@ class Merger:
     def templates(self) -> tuple[PromptTemplate, PromptTemplate]:
         return stage2_templates(self.config)
 
-    def make_backend(self) -> ChatBackend:
-        endpoint = self.resolved_endpoint
-        if endpoint:
-            return EndpointBackend(
-                endpoint, timeout_s=self.config.request_timeout_s, attempts=self.config.request_retries
-            )
-        return LocalLlamaBackend(self.config.local_model)
+    def endpoint_settings(self) -> EndpointSettings:
+        """The merge endpoint: a URL, a provider, or neither (the embedded model)."""
+        config = self.config
+        return EndpointSettings(
+            url=self.resolved_endpoint,
+            model=self.resolved_model,
+            provider=config.provider,
+            key_variable="MERGEIT_API_KEY",
+            role="LLM endpoint",
+            timeout_s=config.request_timeout_s,
+            attempts=config.request_retries,
+        )
+
+    def scorer_settings(self) -> EndpointSettings | None:
+        """The scorer endpoint of its own, if one is set."""
+        url, config = self.resolved_scorer_endpoint, self.config
+        if not url:
+            return None
+        return EndpointSettings(
+            url=url,
+            model=config.scorer_model,
+            key_variable="MERGEIT_SCORER_API_KEY",
+            role="scorer endpoint",
+            timeout_s=config.request_timeout_s,
+            attempts=config.request_retries,
+        )
 
     def open_cache(self) -> RequestCache:
         return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
 
+    @staticmethod
     async def open_scheduler(
-        self, backend: ChatBackend | CompletionEndpointBackend, cache: RequestCache
+        backend: ChatBackend | CompletionEndpointBackend, cache: RequestCache, concurrency: int
     ) -> RequestScheduler:
-        """Probe the backend (fail fast, read its concurrency) and bind it to the cache."""
-        await backend.probe()
-        # config.concurrency bounds the merge endpoint; a scorer endpoint says its own (``/info``).
-        concurrency = None if isinstance(backend, CompletionEndpointBackend) else self.config.concurrency
-        concurrency = concurrency or backend.default_concurrency
+        """Bind an opened backend to the cache, with a connection pool as large as its concurrency."""
         size_pool = getattr(backend, "size_pool", None)
         if size_pool is not None:
             await size_pool(concurrency)
@@ -194,30 +230,29 @@ class Merger:
         counts: ScoreCounts | None = None,
         merging: bool = True,
     ) -> AsyncIterator[Session]:
-        """Open the cache and the backends, probe them, and close everything however the block ends.
+        """Open the cache and the backends (each probed first), and close everything however the block ends.
 
         merging: False opens only what scoring needs (the scorer check with a scorer endpoint of its own).
         """
         cache = self.open_cache()
-        scorer_url = self.resolved_scorer_endpoint
+        scorer_settings = self.scorer_settings()
         backends: list[Any] = []
         try:
             merges = None
-            if merging or not scorer_url:
-                backends.append(self.make_backend())
-                merges = await self.open_scheduler(backends[-1], cache)
+            if merging or not scorer_settings:
+                backends.append(await open_chat_backend(self.endpoint_settings(), self.config.local_model))
+                # config.concurrency bounds the merge endpoint; else the server's own (``/info``) or 8.
+                concurrency = self.config.concurrency or backends[-1].default_concurrency
+                merges = await self.open_scheduler(backends[-1], cache, concurrency)
             scoring = merges
-            if scorer_url:
-                config = self.config
-                backends.append(
-                    CompletionEndpointBackend(
-                        scorer_url, timeout_s=config.request_timeout_s, attempts=config.request_retries
-                    )
-                )
-                scoring = await self.open_scheduler(backends[-1], cache)
+            if scorer_settings:
+                backends.append(await open_completion_backend(scorer_settings))
+                scoring = await self.open_scheduler(backends[-1], cache, backends[-1].default_concurrency)
             assert scoring is not None
             template = quality_template or self.templates()[1]
-            scorer = QualityScorer(scoring, template, self.config, counts or ScoreCounts(), raw=bool(scorer_url))
+            scorer = QualityScorer(
+                scoring, template, self.config, counts or ScoreCounts(), raw=scorer_settings is not None
+            )
             yield Session(cache, merges, scorer)
         finally:
             cache.close()
@@ -259,7 +294,7 @@ class Merger:
             )
             stats.requests_sent, stats.cache_hits = session.requests_sent, session.cache.hits
             stats.idle_releases = session.merges.idle_releases if session.merges else 0
-            return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model)
+            return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
 
 
 def complexity_scorer(session: Session) -> QualityScorer | None:
@@ -273,38 +308,61 @@ def complexity_scorer(session: Session) -> QualityScorer | None:
 async def _merge_in_order(
     run: _Run, pairs: Iterable[dict[str, Any]], window: int | None, progress: Any
 ) -> list[MergeOutcome]:
-    if window is None:
-        return list(await asyncio.gather(*(_merge_and_track(run, pair, progress) for pair in pairs)))
-    started: list[asyncio.Task] = []
-    pending: set[asyncio.Task] = set()
-    for pair in pairs:
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # a run-stopping error (e.g. too many missing digits) stops feeding at once
-        task = asyncio.ensure_future(_merge_and_track(run, pair, progress))
-        started.append(task)
-        pending.add(task)
-    return list(await asyncio.gather(*started))
+    started: list[asyncio.Future] = []
+    try:
+        if window is None:
+            started = [asyncio.ensure_future(_merge_and_track(run, pair, progress)) for pair in pairs]
+        else:
+            pending: set[asyncio.Future] = set()
+            for pair in pairs:
+                if len(pending) >= window:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # a run-stopping error stops feeding at once
+                task = asyncio.ensure_future(_merge_and_track(run, pair, progress))
+                started.append(task)
+                pending.add(task)
+        return list(await asyncio.gather(*started))
+    except BaseException:
+        # A run-stopping error (a refused key or model, too many missing digits, Ctrl-C): stop every pair
+        # still running and read what each ended with, so asyncio has no unread exception to print.
+        for task in started:
+            task.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+        raise
 
 
 async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:
-    sources = _sources(pair)
+    usage = TokenUsage()
+    current_usage.set(usage)  # this pair's task (and the requests it starts) count into ``usage``
+    sources = merge_sources(pair)
     outcome = await _merge_one(run, sources)
     if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
         outcome = await _with_complexity(run.complexity, sources, outcome)
+    if usage.replies:
+        outcome = dataclasses.replace(outcome, tokens=(usage.prompt, usage.completion))
     run.stats.add(outcome)
     progress.update(1)
     return outcome
 
 
+def _abandon(task: asyncio.Future) -> None:
+    """Stop a request no longer wanted, and read its outcome whenever it ends (no unread exception)."""
+    task.cancel()
+    task.add_done_callback(read_outcome)
+
+
 async def _merge_one(run: _Run, sources: list[dict[str, str]]) -> MergeOutcome:
     first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
-    scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
+    try:
+        scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
+    except BaseException:
+        _abandon(first_merge)
+        raise
     for side, score in zip(SIDES, scores, strict=False):
         problem = _score_problem(side, score)
         if problem:
-            first_merge.cancel()
+            _abandon(first_merge)
             return _failed(problem, scores, 0)
     qualities = tuple(score.value for score in scores)
     attempts: list[MergeAttempt] = []
@@ -344,6 +402,8 @@ async def _attempt(
     seed = merge_params(run.config, 0, gate_attempt)["seed"]
     try:
         merged, sent, completed_at = await merge
+    except EndpointConfigError:
+        raise  # the key, model or URL is wrong: every pair would fail the same way, so the run stops
     except (MergeParseError, EndpointError) as exc:
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
         return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, None
@@ -412,9 +472,7 @@ def _failed(reason: str, scores: Sequence[Any], attempts: int, merged: dict | No
 async def _request_merge(
     run: _Run, sources: list[dict[str, str]], gate_attempt: int
 ) -> tuple[dict[str, str], int, str]:
-    # a and b stay for templates written for pairs; ``sources`` holds every member of a group.
-    prompt = run.merge_template.render(sources=sources, a=sources[0], b=sources[1])
-    messages = [{"role": "user", "content": prompt}]
+    messages = merge_messages(run.merge_template, sources)
     problems = []
     for parse_attempt in range(run.config.parse_retries + 1):
         params = merge_params(run.config, parse_attempt, gate_attempt)
@@ -424,10 +482,6 @@ async def _request_merge(
         except MergeParseError as exc:
             problems.append(f"attempt {parse_attempt + 1}: {exc}")
     raise MergeParseError(f"no valid JSON after {len(problems)} attempts ({'; '.join(problems)})")
-
-
-def _sources(pair: dict[str, Any]) -> list[dict[str, str]]:
-    return [{name: source[name] for name in MERGE_FIELDS} for source in group_sources(pair)]
 
 
 def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:

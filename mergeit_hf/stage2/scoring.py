@@ -8,7 +8,7 @@ from typing import Any
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.scheduler import RequestScheduler
-from mergeit_hf.errors import EndpointError, QualityScoringError
+from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage1.embedding import join_text
 from mergeit_hf.stage2.quality import QualityScore, expected_score
@@ -26,6 +26,12 @@ def score_params(config: MergeItConfig) -> dict[str, Any]:
         "logprobs": True,
         "top_logprobs": config.top_logprobs,
     }
+
+
+def score_prompt(template: PromptTemplate, row: dict[str, str]) -> str:
+    """Deita's prompt for one row: its instruction and input together, and its output."""
+    instruction = join_text((row["instruction"], row.get("input", "")))
+    return template.render(instruction=instruction, output=row["output"])
 
 
 @dataclass
@@ -61,11 +67,12 @@ class QualityScorer:
 
     async def score(self, row: dict[str, str]) -> QualityScore | EndpointError:
         """The score, or the endpoint's error (the caller fails that pair with it, never a default score)."""
-        instruction = join_text((row["instruction"], row.get("input", "")))
-        content = self.template.render(instruction=instruction, output=row["output"])
+        content = score_prompt(self.template, row)
         request = content if self.raw else [{"role": "user", "content": content}]
         try:
             reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config))
+        except EndpointConfigError:
+            raise  # a refused key or model stops the run; it is not one row's problem
         except EndpointError as exc:
             return exc
         score = expected_score(reply.first_top_logprobs)

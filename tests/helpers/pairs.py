@@ -44,6 +44,23 @@ def restate_all(first: dict, *others: dict) -> dict:
     }
 
 
+def restating_scripts(rows: list[dict]):
+    """(merge, score) scripts for a scripted server: every merge restates its sources (found by their
+    instructions' first lines in the prompt) and scores 6; a source scores 3."""
+    from tests.helpers.scripted import peaked
+
+    by_line = {row["instruction"].split("\n")[0]: row for row in rows}
+
+    def merge(prompt: str, body: dict) -> dict:
+        lines = [part.split("\n")[0] for part in prompt.split("Instruction: ")[1:]]
+        return restate_all(*(by_line[line] for line in lines))
+
+    def score(instruction: str, output: str) -> dict[str, float]:
+        return peaked(6) if "as a second task" in instruction else peaked(3)
+
+    return merge, score
+
+
 def cli_run(folder: Path, rows: list[dict], endpoint: str, config_yaml: str, output: str = "out") -> Path:
     """`mergeit run` on ``rows`` (written as JSON) with the config given, against ``endpoint``; the output
     folder, after asserting the run exited 0. The request cache sits in ``folder``, so reruns are free."""

@@ -55,12 +55,14 @@ class ScriptedServer(LoopbackServer):
     prompts: list[str] = field(default_factory=list)  # every prompt received, in arrival order
     held: list[int] = field(default_factory=list)  # requests held (this one included) as each arrived
     slot_seconds: float = 0.0  # time slots spent answering
+    serves_info: bool = True  # TGI's /info; servers of other kinds have none
     _holding: int = 0
 
     def routes(self, app: web.Application) -> None:
         # Requests beyond the slots wait for one, as TGI queues what exceeds max_concurrent_requests.
         self._slots = asyncio.Semaphore(self.slots)
-        app.router.add_get("/info", self._info)
+        if self.serves_info:
+            app.router.add_get("/info", self._info)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/stats", self._stats)
 

@@ -1,0 +1,74 @@
+"""One httpx client per server for the routes mergeit calls itself (OpenAI-style chat, raw completions):
+the bearer key, a pool as large as the concurrency, transient failures retried (``transport``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from mergeit_hf.endpoints.transport import failure, is_retryable_status, retrying
+
+
+class JsonHttpClient:
+    """POSTs JSON to ``url + path``; the key is held here only and never shown."""
+
+    def __init__(self, url: str, key: str | None, *, timeout_s: float, attempts: int, key_variable: str) -> None:
+        self.url = url
+        self._key = key
+        self._key_variable = key_variable
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._timeout_s = timeout_s
+        self._attempts = attempts
+        self._limits: httpx.Limits | None = None  # None: httpx's default pool, until ``size_pool`` sizes it
+        self._http: httpx.AsyncClient | None = None  # opened by the first request, inside the running loop
+
+    def __repr__(self) -> str:
+        return f"JsonHttpClient(url={self.url!r})"
+
+    async def size_pool(self, connections: int) -> None:
+        """A connection pool as large as the concurrency (httpx's default of 100 would cap it)."""
+        await self.aclose()
+        self._limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            pool = {"limits": self._limits} if self._limits else {}
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, **pool)
+        return self._http
+
+    async def post(
+        self, path: str, body: dict[str, Any], answered: Callable[[httpx.Response], bool] | None = None
+    ) -> httpx.Response:
+        """The first answer that is not transient; transient ones are retried until ``attempts`` are spent.
+
+        answered: says of an answer with a retryable status that the caller reads it instead (llama-cpp-python's
+            server refuses a response_format with a 500, which no retry can change).
+        """
+        try:
+            async for attempt in retrying(self._attempts):
+                with attempt:
+                    response = await self._client().post(self.url + path, json=body)
+                    if is_retryable_status(response.status_code) and not (answered and answered(response)):
+                        response.raise_for_status()
+                    return response
+        except Exception as exc:
+            raise self.error(path, exc) from None
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    def json(self, path: str, response: httpx.Response) -> Any:
+        """The answer's JSON; any error status raised as the endpoint's error, with what the server said."""
+        try:
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise self.error(path, exc) from None
+        return response.json()
+
+    def error(self, path: str, exc: BaseException) -> Exception:
+        return failure(self.url + path, exc, self._key, self._key_variable)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

@@ -1,0 +1,71 @@
+"""OpenAI-compatible chat servers: vLLM, SGLang, llama.cpp's servers, OpenAI and every API that copies it.
+
+``/v1/chat/completions`` as OpenAI specifies it, through our own httpx client: huggingface_hub's client
+would send a placeholder model name (vLLM and SGLang answer 404) and rewrite ``json_schema`` into TGI's
+grammar (OpenAI answers 400). Every request names the served model; the structured-output form is
+settled by the first answers (``structured_output``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.http_client import JsonHttpClient
+from mergeit_hf.endpoints.probe import ServerInfo, model_label
+from mergeit_hf.endpoints.structured_output import FormatLadder, in_form
+
+CHAT_ROUTE = "/v1/chat/completions"
+
+
+class OpenAIChatBackend:
+    """One OpenAI-compatible server, probed (``server``) before the first request."""
+
+    kind = "openai-compatible"
+
+    def __init__(self, url: str, server: ServerInfo, http: JsonHttpClient) -> None:
+        self.url = url
+        self.model_id = server.model
+        self.default_concurrency = server.concurrency
+        self._http = http
+        self._formats = FormatLadder(url)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIChatBackend(url={self.url!r}, model={self.model_id!r})"
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": self._formats.form}
+
+    async def size_pool(self, connections: int) -> None:
+        await self._http.size_pool(connections)
+
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
+        formatted = "response_format" in params
+        while True:
+            form = self._formats.form
+            body = {"model": self.model_id, "messages": messages, **in_form(params, form)}
+            answered = self._formats.is_refusal if formatted else None
+            response = await self._http.post(CHAT_ROUTE, body, answered)
+            if formatted and self._formats.is_refusal(response) and self._formats.refused(form):
+                continue
+            answer = self._http.json(CHAT_ROUTE, response)
+            if "response_format" in params:
+                self._formats.succeeded(form)
+            return reply_from_openai(answer)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def reply_from_openai(answer: dict[str, Any]) -> ChatReply:
+    """A chat completion as OpenAI's schema has it (dicts), with the first position's top logprobs and usage."""
+    choice = answer["choices"][0]
+    content = (choice.get("message") or {}).get("content") or ""
+    entries = (choice.get("logprobs") or {}).get("content") or []
+    tops: tuple[tuple[str, float], ...] = ()
+    if entries:
+        first = entries[0]
+        alternatives = first.get("top_logprobs") or []
+        tops = tuple((alt["token"], float(alt["logprob"])) for alt in alternatives)
+        tops = tops or ((first["token"], float(first["logprob"])),)
+    return ChatReply(content, tops, choice.get("finish_reason"), usage_of(answer))
