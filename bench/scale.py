@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets import Dataset
 
 import mergeit_hf as m
+from mergeit_hf.inputs.loading import ROW_FEATURES
+from mergeit_hf.stage1 import selection
 from mergeit_hf.stage1.selection import _facility_location, facility_location_value
+from mergeit_hf.stage1.topics import assign_topics
 
 DIM, TOPICS, CHUNK = 384, 300, 20_000
 FOLDER = Path.home() / ".cache" / "mergeit-bench" / "scale"
@@ -39,7 +42,7 @@ def build(n_rows: int) -> Path:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(TOPICS, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    schema = m.loading.ROW_FEATURES.arrow_schema.append(pa.field("embedding", pa.list_(pa.float32())))
+    schema = ROW_FEATURES.arrow_schema.append(pa.field("embedding", pa.list_(pa.float32())))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for start in range(0, n_rows, CHUNK):
             n = min(CHUNK, n_rows - start)
@@ -75,15 +78,15 @@ def run_stage1_measured(path: str) -> None:
 def objective_table(path: Path, n_rows: int = 50_000, topics: int = 12) -> None:
     rows = Dataset.from_file(str(path)).select(range(n_rows))
     stage1_rows = rows.add_column(
-        "cluster_id", m.clustering.assign_topics(rows, m.fit_topic_clusters(rows, m.MergeItConfig(n_clusters=topics)))
+        "cluster_id", assign_topics(rows, m.fit_topic_clusters(rows, m.MergeItConfig(n_clusters=topics)))
     )
     vectors = np.asarray(stage1_rows.with_format("numpy")["embedding"], dtype=np.float32)
     clusters = np.asarray(stage1_rows["cluster_id"])
-    quotas = m.selection.allocate_budget({c: int((clusters == c).sum()) for c in np.unique(clusters)}, 0.19, None)
+    quotas = selection.allocate_budget({c: int((clusters == c).sum()) for c in np.unique(clusters)}, 0.19, None)
     totals = {"dense": [0.0, 0.0], "pieces": [0.0, 0.0]}
     for cluster, quota in quotas.items():
         members = vectors[clusters == cluster]
-        for name, limit in (("dense", len(members) + 1), ("pieces", m.selection.DENSE_CLUSTER_LIMIT)):
+        for name, limit in (("dense", len(members) + 1), ("pieces", selection.DENSE_CLUSTER_LIMIT)):
             started = time.perf_counter()
             chosen = _facility_location(members, quota, 42, dense_limit=limit)
             totals[name][1] += time.perf_counter() - started
@@ -95,7 +98,7 @@ def objective_table(path: Path, n_rows: int = 50_000, topics: int = 12) -> None:
         label = (
             "whole cluster, dense lazy greedy (before)"
             if name == "dense"
-            else f"by k-means pieces of about {m.selection.PIECE_ROWS:,} rows"
+            else f"by k-means pieces of about {selection.PIECE_ROWS:,} rows"
         )
         print(f"| {label} | {value:,.1f} | {seconds:.1f} |")
     ratio = totals["pieces"][0] / totals["dense"][0]
