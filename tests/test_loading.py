@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset
 
 from mergeit_hf import InputError, load_rows
 from mergeit_hf.inputs.loading import content_id
@@ -145,3 +146,48 @@ def test_given_ids_must_be_unique(tmp_path):
 def test_missing_file_and_unknown_hub_name_are_clear(tmp_path):
     with pytest.raises(InputError, match="input file not found"):
         load_rows(tmp_path / "nope.json")
+
+
+def _with_vectors(records: list[dict]) -> list[dict]:
+    return [{**r, "embedding": [float(i), 1.0, float(i % 3)]} for i, r in enumerate(records)]
+
+
+def test_parquet_is_read_through_arrow_and_its_embeddings_stay_aligned(tmp_path):
+    """A parquet file becomes a memory-mapped Arrow dataset; the embeddings of kept rows join them in Arrow."""
+    from mergeit_hf.inputs.loading import _read_file
+
+    records = _with_vectors(json.loads(shared("gpteacher_toolformer.json").read_text())[:60])
+    records[7]["instruction"] = ""  # dropped: the embeddings after it must still match their rows
+    records[20] = {**records[10], "embedding": [9.0, 9.0, 9.0]}  # an exact duplicate of row 10, dropped
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    read, _ = _read_file(path)
+    assert isinstance(read, Dataset) and read.cache_files  # memory-mapped, not Python lists
+    rows, report = load_rows(path)
+    assert report.drop_counts == {"empty instruction": 1, "exact duplicate": 1} and len(rows) == 58
+    for row in rows:
+        assert row["embedding"] == records[row["source_index"]]["embedding"]
+
+
+def test_json_lines_stream_through_arrow_with_broken_lines_counted(tmp_path):
+    records = _with_vectors(json.loads(shared("gpteacher_roleplay.json").read_text())[:50])
+    lines = [json.dumps(r) for r in records]
+    lines[3] = lines[3][:60]  # cut mid-record
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows, report = load_rows(path)
+    assert report.records_read == 49 and "line 4" in report.unreadable_detail and report.unreadable_bytes == 60
+    kept = [r for i, r in enumerate(records) if i != 3]
+    assert rows["embedding"][5] == kept[rows["source_index"][5]]["embedding"]
+    path.write_text("\n".join([*lines[:3], "[1, 2]", *lines[4:]]))
+    with pytest.raises(InputError, match=r"line 4 is a JSON list, expected an object"):
+        load_rows(path)
+
+
+def test_ragged_embeddings_in_parquet_are_named(tmp_path):
+    records = _with_vectors(json.loads(shared("gpteacher_toolformer.json").read_text())[:12])
+    records[5]["embedding"] = [1.0, 2.0]
+    path = tmp_path / "ragged.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    with pytest.raises(InputError, match=r"one list of numbers of one length per row; found lengths \[2, 3\]"):
+        load_rows(path)

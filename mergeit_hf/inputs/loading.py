@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, Features, Sequence, Value
 
 from mergeit_hf.errors import InputError
@@ -37,6 +39,7 @@ EMBEDDING_COLUMN = "embedding"
 _HUMAN_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing"}
 _MAX_LISTED_PROBLEMS = 5
+_READ_BATCH_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -115,30 +118,59 @@ def load_rows(
         candidates = _sharegpt_rows(records, report)
     else:
         candidates = _seed_task_rows(records, report)
-    rows = Dataset.from_dict(_validate(candidates, report), features=ROW_FEATURES)
+    # Straight to Arrow with the schema known: Dataset.from_dict would encode a million rows value by value.
+    rows = Dataset(pa.Table.from_pydict(_validate(candidates, report), schema=ROW_FEATURES.arrow_schema))
     if fmt == "alpaca" and EMBEDDING_COLUMN in columns:
         rows = _with_given_embeddings(records, rows, report.source)
     return rows, report
 
 
 def _with_given_embeddings(records: Iterable[dict], rows: Dataset, source: str) -> Dataset:
-    """The input's own ``embedding`` of every kept row, checked: one length, numbers, all finite."""
-    indices = rows["source_index"]
+    """The input's own ``embedding`` of every kept row, checked: one length, numbers, all finite.
+
+    From a Dataset (a file read through Arrow, or the Hub) the column stays Arrow: checked in numpy
+    chunks and joined to the rows without becoming Python objects (a million 384-d rows would take 20 GB).
+    """
+    indices = rows.data.column("source_index").to_numpy()
     if isinstance(records, Dataset):
-        values = records.select(indices)[EMBEDDING_COLUMN]
-    else:
-        values = [records[i].get(EMBEDDING_COLUMN) for i in indices]  # type: ignore[index]
+        return _join_arrow_embeddings(records, rows, indices, source)
+    values = [records[i].get(EMBEDDING_COLUMN) for i in indices]  # type: ignore[index]
+    vectors = _checked_vectors(values, source)
+    return rows.add_column(EMBEDDING_COLUMN, list(vectors), feature=Sequence(Value("float32")))
+
+
+def _checked_vectors(values: Any, source: str) -> np.ndarray:
     try:
         vectors = np.asarray(values, dtype=np.float32)
     except (ValueError, TypeError):
-        lengths = sorted({len(v) if isinstance(v, list | tuple) else -1 for v in values})
+        lengths = sorted({len(v) if isinstance(v, list | tuple | np.ndarray) else -1 for v in values})
         raise InputError(
             f"{source}: the {EMBEDDING_COLUMN!r} column must hold one list of numbers of one length per row; "
             f"found lengths {lengths[:5]} (-1: not a list)"
         ) from None
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
         raise InputError(f"{source}: the {EMBEDDING_COLUMN!r} column holds empty, NaN or infinite vectors")
-    return rows.add_column(EMBEDDING_COLUMN, list(vectors), feature=Sequence(Value("float32")))
+    return vectors
+
+
+def _join_arrow_embeddings(records: Dataset, rows: Dataset, indices: np.ndarray, source: str) -> Dataset:
+    from datasets import concatenate_datasets
+
+    embeddings = records.select_columns([EMBEDDING_COLUMN])
+    if not np.array_equal(indices, np.arange(len(records))):  # rows were dropped: keep the embeddings of the rest
+        embeddings = embeddings.select(indices).flatten_indices()
+    width = None
+    for chunk in embeddings.with_format("numpy").iter(batch_size=_READ_BATCH_ROWS):
+        vectors = _checked_vectors(list(chunk[EMBEDDING_COLUMN]), source)
+        if width is not None and vectors.shape[1] != width:
+            raise InputError(
+                f"{source}: the {EMBEDDING_COLUMN!r} column must hold one list of numbers of one length per row; "
+                f"found lengths {sorted({width, vectors.shape[1]})}"
+            )
+        width = vectors.shape[1]
+    if embeddings.features[EMBEDDING_COLUMN] != Sequence(Value("float32")):
+        embeddings = embeddings.cast_column(EMBEDDING_COLUMN, Sequence(Value("float32")))
+    return concatenate_datasets([rows, embeddings], axis=1)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -151,7 +183,7 @@ def _read_source(source: str | Path | Dataset, split: str) -> tuple[Iterable[dic
     path = Path(source)
     if path.is_file():
         records, report = _read_file(path)
-        columns = sorted({key for record in records for key in record})
+        columns = sorted(records.column_names) if isinstance(records, Dataset) else _keys(records)
         report.records_read = len(records)
         return records, columns, report
     if path.suffix in {".json", ".jsonl", ".parquet"} or path.exists():
@@ -159,21 +191,82 @@ def _read_source(source: str | Path | Dataset, split: str) -> tuple[Iterable[dic
     return _read_hub(str(source), split)
 
 
-def _read_file(path: Path) -> tuple[list[dict], LoadReport]:
+def _keys(records: list[dict]) -> list[str]:
+    return sorted({key for record in records for key in record})
+
+
+def _read_file(path: Path) -> tuple[Dataset | list[dict], LoadReport]:
+    """Parquet and JSON lines become a memory-mapped Arrow dataset (datasets' builders, read in blocks, so a
+    file larger than memory loads); a JSON array is read whole, to recover the records of a cut-off file."""
     report = LoadReport(source=str(path), input_format="auto")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return _built(path, "parquet"), report
+    if path.suffix == ".jsonl" or not _starts_with(path, "["):
+        return _read_json_lines_file(path, report), report
+    records = _read_json_array(path.read_text(encoding="utf-8"), report)
+    _check_objects(records, path)
+    return records, report
 
-        return pq.read_table(path).to_pylist(), report
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        records = _read_json_lines(text, report)
-    else:
-        records = _read_json_array(text, report)
+
+def _starts_with(path: Path, character: str) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    return head[:1] == character.encode()
+
+
+def _built(path: Path, builder: str) -> Dataset:
+    """The file through datasets' own builder, cached as Arrow beside datasets' other caches."""
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+
+    disable_progress_bar()  # a bar per load would repeat on every rerun of the same file
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    finally:
+        enable_progress_bar()
+
+
+def _read_json_lines_file(path: Path, report: LoadReport) -> Dataset | list[dict]:
+    """JSON lines through datasets' JSON builder; broken lines are left out and counted first (in one
+    streamed pass that writes the readable lines to a copy), as is a record that is not an object."""
+    try:
+        return _built(path, "json")
+    except Exception:  # a broken line, a record that is not an object, or types Arrow cannot unify
+        pass
+    with tempfile.TemporaryDirectory(prefix="mergeit-jsonl-") as folder:
+        readable = Path(folder) / path.name
+        _copy_readable_lines(path, readable, report)
+        try:
+            return _built(readable, "json")
+        except Exception:  # types Arrow cannot unify (e.g. ids that are numbers and text): read into memory
+            records = [json.loads(line) for line in readable.read_text(encoding="utf-8").splitlines()]
+            return records
+
+
+def _copy_readable_lines(path: Path, readable: Path, report: LoadReport) -> None:
+    bad_lines: list[int] = []
+    with path.open(encoding="utf-8") as lines, readable.open("w", encoding="utf-8") as out:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad_lines.append(number)
+                report.unreadable_bytes += len(line.rstrip("\n").encode("utf-8"))
+                continue
+            if not isinstance(record, dict):
+                raise InputError(f"{path}: line {number} is a JSON {type(record).__name__}, expected an object")
+            out.write(line if line.endswith("\n") else line + "\n")
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:_MAX_LISTED_PROBLEMS]))
+        report.unreadable_detail = f"{len(bad_lines)} line(s) are not valid JSON (line {shown})"
+
+
+def _check_objects(records: list[Any], path: Path) -> None:
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise InputError(f"{path}: record {index} is a JSON {type(record).__name__}, expected an object")
-    return records, report
 
 
 def _read_json_array(text: str, report: LoadReport) -> list[Any]:
@@ -218,23 +311,6 @@ def _skip_whitespace(text: str, position: int) -> int:
     return position
 
 
-def _read_json_lines(text: str, report: LoadReport) -> list[Any]:
-    records: list[Any] = []
-    bad_lines: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad_lines.append(number)
-            report.unreadable_bytes += len(line.encode("utf-8"))
-    if bad_lines:
-        shown = ", ".join(map(str, bad_lines[:_MAX_LISTED_PROBLEMS]))
-        report.unreadable_detail = f"{len(bad_lines)} line(s) are not valid JSON (line {shown})"
-    return records
-
-
 def _read_hub(name: str, split: str) -> tuple[Iterable[dict], list[str], LoadReport]:
     from datasets import load_dataset
 
@@ -276,15 +352,27 @@ def _resolve_column_map(columns: list[str], column_map: Mapping[str, str] | None
     return mapping
 
 
+def _records(records: Iterable[dict], columns: list[str]) -> Iterator[dict]:
+    """Each record with only ``columns``: a Dataset is read in Arrow batches of just those columns, so an
+    embedding column (384 floats a row) is never turned into Python objects here."""
+    if not isinstance(records, Dataset):
+        yield from records
+        return
+    present = [name for name in dict.fromkeys(columns) if name in records.column_names]
+    for batch in records.select_columns(present).iter(batch_size=_READ_BATCH_ROWS):
+        yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+
+
 def _alpaca_rows(records: Iterable[dict], mapping: dict, id_column: str, report: LoadReport) -> Iterator:
-    for index, record in enumerate(records):
+    needed = [column for column in mapping.values() if column] + [id_column]
+    for index, record in enumerate(_records(records, needed)):
         values = {name: record.get(column) if column else "" for name, column in mapping.items()}
         given_id = record.get(id_column)
         yield index, (None if given_id is None else str(given_id)), values
 
 
 def _sharegpt_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
-    for index, record in enumerate(records):
+    for index, record in enumerate(_records(records, ["conversations", "id"])):
         turns = record.get("conversations") or []
         conversation_id = str(record.get("id", index))
         produced = False
@@ -309,7 +397,7 @@ def _role(turn: Any) -> str:
 
 
 def _seed_task_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
-    for index, record in enumerate(records):
+    for index, record in enumerate(_records(records, ["id", "instruction", "instances"])):
         task_id = str(record.get("id", index))
         instances = record.get("instances") or []
         if not instances:

@@ -2,9 +2,10 @@
 out and the prompt tokens of every first merge and source score.
 
 Tokens are counted with the embedded model's own tokenizer when no endpoint is given (llama.cpp loads the
-GGUF's vocabulary only); for an endpoint the count is an estimate (4 characters a token) and says so. The
-merged rows' own scores, parse and gate retries and the scorer check are not in the count: their texts do
-not exist before the run.
+GGUF's vocabulary only); for an endpoint the count is an estimate (4 characters a token) and says so. Past
+``SAMPLE_GROUPS`` groups, an even sample of them is rendered and counted and the totals scaled (rendering and
+tokenizing 100k groups would cost the dry run minutes). The merged rows' own scores, parse and gate retries
+and the scorer check are not in the count: their texts do not exist before the run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mergeit_hf.stage2.merge_request import merge_messages, merge_params, merge_
 from mergeit_hf.stage2.scoring import score_prompt
 
 CHARACTERS_PER_TOKEN = 4
+SAMPLE_GROUPS = 2_000
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,8 @@ class RequestPlan:
 
     def report(self) -> str:
         return (
-            f"prompt tokens ({self.counted_with}): {self.merge_prompt_tokens} in {self.merges} merge requests, "
-            f"{self.score_prompt_tokens} in {self.source_scores} source scores; the merges' own scores, retries "
+            f"prompt tokens ({self.counted_with}): {self.merge_prompt_tokens:,} in {self.merges:,} merge requests, "
+            f"{self.score_prompt_tokens:,} in {self.source_scores:,} source scores; the merges' own scores, retries "
             "and the scorer check come on top"
         )
 
@@ -49,18 +51,25 @@ def plan_requests(
     """Render every group's merge prompt and every source's Deita prompt as the run would, and count them."""
     merge_template = PromptTemplate.load(config.merge_template)
     quality_template = PromptTemplate.load(config.quality_template)
-    merge_tokens = score_tokens = scores = 0
+    merge_tokens = score_tokens = 0
     example: dict[str, Any] = {}
-    for group in groups:
+    step = max(1, -(-len(groups) // SAMPLE_GROUPS))  # every group up to the sample size, else every step-th
+    sample = groups.select(range(0, len(groups), step))
+    for group in sample:
         sources = merge_sources(group)
         messages = merge_messages(merge_template, sources)
         merge_tokens += count(messages[0]["content"])
         score_tokens += sum(count(score_prompt(quality_template, source)) for source in sources)
-        scores += len(sources)
         if not example:
             example = {"model": model or "(the server's, from its probe)", "messages": messages}
             example |= merge_params(config, 0)
-    return RequestPlan(example, len(groups), scores, merge_tokens, score_tokens, counted_with)
+    scale = len(groups) / len(sample) if len(sample) else 0.0
+    if step > 1:
+        counted_with += f", on {len(sample):,} of {len(groups):,} groups, scaled"
+    scores = int(sum(groups["group_size"])) if len(groups) else 0
+    return RequestPlan(
+        example, len(groups), scores, round(merge_tokens * scale), round(score_tokens * scale), counted_with
+    )
 
 
 def token_counter(endpoint: str | None, config: MergeItConfig) -> tuple[Callable[[str], int], str]:
