@@ -191,3 +191,10 @@ def test_ragged_embeddings_in_parquet_are_named(tmp_path):
     pq.write_table(pa.Table.from_pylist(records), path)
     with pytest.raises(InputError, match=r"one list of numbers of one length per row; found lengths \[2, 3\]"):
         load_rows(path)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    path = tmp_path / "rows.parquet"
+    path.write_text("instruction,output\nnot,parquet\n")
+    with pytest.raises(InputError, match=r"rows.parquet cannot be read as parquet"):
+        load_rows(path)

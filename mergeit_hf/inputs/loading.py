@@ -200,7 +200,11 @@ def _read_file(path: Path) -> tuple[Dataset | list[dict], LoadReport]:
     file larger than memory loads); a JSON array is read whole, to recover the records of a cut-off file."""
     report = LoadReport(source=str(path), input_format="auto")
     if path.suffix == ".parquet":
-        return _built(path, "parquet"), report
+        try:
+            return _built(path, "parquet"), report
+        except Exception as exc:  # datasets wraps Arrow's error; the cause says what is wrong with the file
+            cause = exc.__cause__ or exc
+            raise InputError(f"{path} cannot be read as parquet: {type(cause).__name__}: {cause}") from exc
     if path.suffix == ".jsonl" or not _starts_with(path, "["):
         return _read_json_lines_file(path, report), report
     records = _read_json_array(path.read_text(encoding="utf-8"), report)
@@ -217,13 +221,15 @@ def _starts_with(path: Path, character: str) -> bool:
 def _built(path: Path, builder: str) -> Dataset:
     """The file through datasets' own builder, cached as Arrow beside datasets' other caches."""
     from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from datasets.utils import logging as datasets_logging
 
-    disable_progress_bar()  # a bar per load would repeat on every rerun of the same file
+    shown = datasets_logging.is_progress_bar_enabled()  # the caller's setting, restored after
+    datasets_logging.disable_progress_bar()  # a bar per load would repeat on every rerun of the same file
     try:
         return load_dataset(builder, data_files=str(path), split="train")
     finally:
-        enable_progress_bar()
+        if shown:
+            datasets_logging.enable_progress_bar()
 
 
 def _read_json_lines_file(path: Path, report: LoadReport) -> Dataset | list[dict]:
