@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,20 @@ def usage_of(answer: Any) -> tuple[int, int] | None:
     if prompt is None and completion is None:
         return None
     return int(prompt or 0), int(completion or 0)
+
+
+def reply_from_chat_completion(answer: Mapping[str, Any]) -> ChatReply:
+    """A chat completion in OpenAI's schema: a server's JSON, llama.cpp's dict, or huggingface_hub's output
+    (its types are dicts too), with the first position's top logprobs (else the chosen token) and usage."""
+    choice = answer["choices"][0]
+    content = (choice.get("message") or {}).get("content") or ""
+    entries = (choice.get("logprobs") or {}).get("content") or []
+    tops: tuple[tuple[str, float], ...] = ()
+    if entries:
+        first = entries[0]
+        tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
+        tops = tops or ((first["token"], float(first["logprob"])),)
+    return ChatReply(content, tops, choice.get("finish_reason"), usage_of(answer))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
 from mergeit_hf.endpoints.structured_output import JSON_OBJECT_WITH_SCHEMA, in_form
 from mergeit_hf.errors import EndpointError
 
@@ -98,18 +98,7 @@ class LocalLlamaBackend:
         llama = await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
         async with self._lock:  # a Llama object is not safe for concurrent use
             output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
-        return _reply_from_dict(output)
+        return reply_from_chat_completion(output)
 
     async def aclose(self) -> None:
         return None
-
-
-def _reply_from_dict(output: dict[str, Any]) -> ChatReply:
-    choice = output["choices"][0]
-    content = choice["message"].get("content") or ""
-    entries = (choice.get("logprobs") or {}).get("content") or []
-    tops: tuple[tuple[str, float], ...] = ()
-    if entries:
-        first = entries[0]
-        tops = tuple((alt["token"], float(alt["logprob"])) for alt in first.get("top_logprobs") or [])
-    return ChatReply(content, tops, choice.get("finish_reason"), usage_of(output))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
 from mergeit_hf.endpoints.http_client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.endpoints.structured_output import FormatLadder, in_form
@@ -51,21 +51,7 @@ class OpenAIChatBackend:
             answer = self._http.json(CHAT_ROUTE, response)
             if "response_format" in params:
                 self._formats.succeeded(form)
-            return reply_from_openai(answer)
+            return reply_from_chat_completion(answer)
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-
-def reply_from_openai(answer: dict[str, Any]) -> ChatReply:
-    """A chat completion as OpenAI's schema has it (dicts), with the first position's top logprobs and usage."""
-    choice = answer["choices"][0]
-    content = (choice.get("message") or {}).get("content") or ""
-    entries = (choice.get("logprobs") or {}).get("content") or []
-    tops: tuple[tuple[str, float], ...] = ()
-    if entries:
-        first = entries[0]
-        alternatives = first.get("top_logprobs") or []
-        tops = tuple((alt["token"], float(alt["logprob"])) for alt in alternatives)
-        tops = tops or ((first["token"], float(first["logprob"])),)
-    return ChatReply(content, tops, choice.get("finish_reason"), usage_of(answer))

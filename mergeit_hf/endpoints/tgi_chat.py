@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, usage_of
+from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, reply_from_chat_completion
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.endpoints.transport import failure, retrying
 from mergeit_hf.errors import EndpointError
@@ -92,7 +92,7 @@ class InferenceClientBackend:
                     output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
         except Exception as exc:
             raise failure(self._where, exc, self._key, self._key_variable) from None
-        return _reply_from_output(output)
+        return reply_from_chat_completion(output)
 
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)
@@ -105,16 +105,3 @@ def provider_backend(provider: str, model: str | None, key: str | None, **option
     if not model:
         raise EndpointError(f"--provider {provider} needs the Hub model to run: --model org/name")
     return InferenceClientBackend(model, key, provider=provider, **options)
-
-
-def _reply_from_output(output: Any) -> ChatReply:
-    choice = output.choices[0]
-    content = choice.message.content or ""
-    logprobs = getattr(choice, "logprobs", None)
-    tops: tuple[tuple[str, float], ...] = ()
-    entries = getattr(logprobs, "content", None) if logprobs is not None else None
-    if entries:
-        first = entries[0]
-        alternatives = list(getattr(first, "top_logprobs", None) or [])
-        tops = tuple((alt.token, float(alt.logprob)) for alt in alternatives) or ((first.token, float(first.logprob)),)
-    return ChatReply(content, tops, getattr(choice, "finish_reason", None), usage_of(output))
