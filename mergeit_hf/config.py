@@ -69,12 +69,24 @@ class MergeItConfig:
             launched with a higher ``--max-top-n-tokens``).
         max_missing_score_fraction: stop the run when more than this fraction of quality scores lacks
             one of the digit tokens 1-6 among the top logprobs.
-        min_retention: accept a merge only if each source keeps at least this retention (module
-            ``retention``: semantic and lexical coverage of the source in the merge, in [0, 1]); 0 turns
-            the retention gate off. Default chosen from the table in the README (bench/quality.py).
-        compute_retention: False skips the retention embeddings (``retention_*`` columns empty, retention
-            gate off; set ``min_retention: 0`` too). For CPU clients of large endpoints: MiniLM on 2 CPU cores
-            embeds about 5 merges' texts a second, which then bounds stage 2 (README, *Throughput*).
+        min_retention: accept a merge only if each source keeps at least this retention in its weaker part
+            (module ``retention``: the source's question measured in the merged instruction and input, its
+            answer in the merged output, each by numbers, salient items and meaning, in [0, 1]); 0 turns the
+            retention gate off. Default chosen from the labelled set in the README (bench/retention.py).
+        compute_retention: False skips retention (``retention_*`` columns empty, retention gate off; set
+            ``min_retention: 0`` too).
+        retention_model: the model whose embeddings give retention its semantic part: None is the static
+            model distilled once from ``embedding_model`` (``static_embedding``: thousands of texts a second
+            on a CPU, so a large endpoint stays busy); a sentence-transformers name or folder runs that
+            transformer instead (MiniLM on 2 CPU cores embeds ~5 merges a second, README *Throughput*).
+        judge: also ask an LLM whether each merge answers every part of its instruction, consistently with
+            the sources (``prompts/judge.jinja``), read as P(yes) from the first token's logprobs; the gate
+            then needs P(yes) >= ``min_judge``. One more one-token request per merge.
+        judge_endpoint: URL of a chat server of its own for the judge; None asks the scorer's endpoint and
+            model (the merge model when no scorer endpoint is set).
+        judge_model: the model the judge endpoint's requests name (as ``model``).
+        min_judge: the judge's P(yes) a merge needs, with ``judge``.
+        judge_template: template name in ``prompts/`` or path of the judge prompt.
         gate_retries: when the gate rejects a merge, ask for up to this many new merges (new seed;
             sampled at 0.7 when ``temperature`` is 0) and keep the best one (paper: 0; authors' scripts: 3).
         local_model: the embedded llama.cpp model used when no endpoint is given: a GGUF path, or
@@ -129,6 +141,12 @@ class MergeItConfig:
     max_missing_score_fraction: float = 0.25
     min_retention: float = DEFAULT_MIN_RETENTION
     compute_retention: bool = True
+    retention_model: str | None = None
+    judge: bool = False
+    judge_endpoint: str | None = None
+    judge_model: str | None = None
+    min_judge: float = 0.5
+    judge_template: str = "judge.jinja"
     gate_retries: int = 0
     local_model: str | None = None
     scorer_check_rows: int = 16
@@ -188,16 +206,20 @@ class MergeItConfig:
         for name in ("parse_retries", "gate_retries", "scorer_check_rows"):
             if getattr(self, name) < 0:
                 yield f"{name} must be >= 0, got {getattr(self, name)}"
-        for name in ("min_retention", "scorer_check_min_accuracy"):
+        for name in ("min_retention", "scorer_check_min_accuracy", "min_judge"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 yield f"{name} must lie in [0, 1], got {getattr(self, name)}"
         if self.concurrency is not None and self.concurrency < 1:
             yield f"concurrency must be >= 1 or None, got {self.concurrency}"
         if not 0.0 <= self.max_missing_score_fraction <= 1.0:
             yield f"max_missing_score_fraction must lie in [0, 1], got {self.max_missing_score_fraction}"
-        if self.scorer_endpoint is not None and not str(self.scorer_endpoint).startswith(("http://", "https://")):
-            yield f"scorer_endpoint must be an http(s) URL, got {self.scorer_endpoint!r}"
-        for name in ("model", "scorer_model", "provider"):
+        for name in ("scorer_endpoint", "judge_endpoint"):
+            url = getattr(self, name)
+            if url is not None and not str(url).startswith(("http://", "https://")):
+                yield f"{name} must be an http(s) URL, got {url!r}"
+        if (self.judge_endpoint or self.judge_model) and not self.judge:
+            yield "judge_endpoint / judge_model are set but judge is off: set judge: true (--judge)"
+        for name in ("model", "scorer_model", "judge_model", "provider", "retention_model"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 yield f"{name} must be a non-empty name or None, got {value!r}"

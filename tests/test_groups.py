@@ -56,7 +56,8 @@ def test_group_of_three_is_merged_gated_and_recorded(tmp_path):
     assert len(accepted["quality_more"]) == 1 and len(accepted["retention_more"]) == 1
     assert min(accepted["retention_a"], accepted["retention_b"], *accepted["retention_more"]) >= 0.5
     assert rejected["merge_status"] == "rejected" and rejected["rejection_cause"] == "retention"
-    assert "retention: c " in rejected["merge_reason"] and "lost from c" in rejected["merge_reason"]
+    assert re.search(r"retention: (question|answer) of c \d\.\d\d < 0\.50; lost: ", rejected["merge_reason"])
+    assert len(rejected["retention_more_question"]) == len(rejected["retention_more_answer"]) == 1
     assert rejected["retention_more"][0] < 0.5 <= min(rejected["retention_a"], rejected["retention_b"])
 
 

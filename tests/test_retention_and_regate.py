@@ -19,7 +19,8 @@ from mergeit_hf.errors import EndpointError, InputError
 from mergeit_hf.output.folder import OutputFolder
 from mergeit_hf.run.cli import main
 from mergeit_hf.stage2.merger import Merger
-from mergeit_hf.stage2.retention import numbers, retention
+from mergeit_hf.stage2.retention import part_retention
+from mergeit_hf.stage2.salient import numbers
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, real_rows, restate_all, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked
@@ -65,8 +66,8 @@ def _server(merges: dict[str, dict], score=_good_quality) -> ScriptedServer:
 def test_retention_numbers_are_normalised_and_changed_numbers_fail():
     assert numbers("6,000 / 12 = 500, 2.50 and 1,2,3\n1. first step") == ["6000", "12", "500", "2.5", "1", "2", "3"]
     source = "Split a loan of 6,000 dollars over 12 months.\nThe payment is 6000 / 12 = 500 dollars a month."
-    kept = retention(source, "A 6000-dollar loan over 12 months costs 500 dollars a month.", 0.9)
-    changed = retention(source, "A 7000-dollar loan over 14 months costs 500 dollars a month.", 0.9)
+    kept = part_retention(source, "A 6000-dollar loan over 12 months costs 500 dollars a month.", 0.9)
+    changed = part_retention(source, "A 7000-dollar loan over 14 months costs 500 dollars a month.", 0.9)
     assert kept.value > 0.7 and kept.number_recall == 1.0 and kept.lost == ("split", "payment")
     assert changed.value < 0.5 and changed.lost[:2] == ("6000", "12")
 
@@ -88,12 +89,13 @@ def test_one_source_dropped_both_kept_numbers_changed(roleplay, math_rows, tmp_p
         server.stop()
     dropped, both, changed = merged.to_list()
     assert dropped["merge_status"] == "rejected" and dropped["rejection_cause"] == "retention"
-    assert dropped["merge_reason"].startswith(f"retention: b {dropped['retention_b']:.2f} < 0.50; lost from b: ")
+    part = "answer" if dropped["retention_b_answer"] <= dropped["retention_b_question"] else "question"
+    assert dropped["merge_reason"].startswith(f"retention: {part} of b {dropped['retention_b']:.2f} < 0.50; lost: ")
     assert dropped["retention_a"] > 0.9 and dropped["retention_b"] < 0.5
     assert both["merge_status"] == "accepted", both["merge_reason"]
     assert min(both["retention_a"], both["retention_b"]) > 0.8
     assert changed["merge_status"] == "rejected" and changed["rejection_cause"] == "retention"
-    lost = changed["merge_reason"].split("lost from ")[1]
+    lost = changed["merge_reason"].split("lost: ")[1]
     assert re.search(r"\b(3|4|48|36)\b", lost), changed["merge_reason"]
     assert all(json.loads(r["attempt_log"])[0]["retentions"] for r in (dropped, both, changed))
 

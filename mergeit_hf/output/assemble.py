@@ -36,11 +36,17 @@ PROVENANCE_FEATURES = Features(
         "quality_b": Value("float64"),
         "retention_a": Value("float64"),
         "retention_b": Value("float64"),
+        "retention_a_question": Value("float64"),
+        "retention_a_answer": Value("float64"),
+        "retention_b_question": Value("float64"),
+        "retention_b_answer": Value("float64"),
+        "judge_p_yes": Value("float64"),
         "group_size": Value("int32"),
         "quality_more": [Value("float64")],
         "retention_more": [Value("float64")],
         "alpha": Value("float64"),
         "min_retention": Value("float64"),
+        "min_judge": Value("float64"),
         "merge_model": Value("string"),
         "quality_model": Value("string"),
         "merge_template": Value("string"),
@@ -81,6 +87,7 @@ _MERGE_COLUMNS = (
 )
 
 
+PART_COLUMNS = ("retention_a_question", "retention_a_answer", "retention_b_question", "retention_b_answer")
 _PAIR_DECISION_COLUMNS = (
     "pair_id",
     "similarity",
@@ -91,11 +98,14 @@ _PAIR_DECISION_COLUMNS = (
     "quality_b",
     "retention_a",
     "retention_b",
+    *PART_COLUMNS,
+    "judge_p_yes",
     "group_size",
     "quality_more",
     "retention_more",
     "alpha",
     "min_retention",
+    "min_judge",
     *_MERGE_COLUMNS,
 )
 
@@ -203,6 +213,7 @@ def _merged_row(pair: dict, source_ids: list[str]) -> dict:
         quality_b=pair["quality_b"],
         retention_a=pair["retention_a"],
         retention_b=pair["retention_b"],
+        **{name: pair.get(name) for name in (*PART_COLUMNS, "judge_p_yes", "min_judge")},
         group_size=pair.get("group_size") or 2,
         quality_more=pair.get("quality_more") or [],
         retention_more=pair.get("retention_more") or [],

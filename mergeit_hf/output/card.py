@@ -28,8 +28,13 @@ COLUMN_DOCS = {
     "merge_status": "`accepted`, `rejected` (gate said no), `failed` (with reason) or `unpaired`",
     "merge_reason": "the gate's arithmetic, or why the merge failed",
     "quality_merged / quality_a / quality_b": "Deita expected quality scores of the merge and of its two sources",
-    "retention_a / retention_b": "how much of each source survives in the merge, in [0, 1] (semantic and lexical "
-    "coverage; see *Retention*)",
+    "retention_a / retention_b": "how much of each source survives in the merge, in [0, 1]: its weaker part "
+    "(numbers, salient items and meaning; see *Retention*)",
+    "retention_a_question / retention_a_answer / retention_b_question / retention_b_answer": "each source's "
+    "question (instruction and input) measured in the merged instruction and input, and its answer in the merged "
+    "output; the weaker part is the source's retention",
+    "judge_p_yes / min_judge": "with the judge: its P(yes) that the merge answers every part of its instruction "
+    "consistently with the sources, and the P(yes) a merge needed; empty without the judge",
     "group_size": "sources merged at once (2 for a pair; up to `max_group_size`)",
     "quality_more / retention_more": "a group's sources after a and b: their quality scores and retentions, in order",
     "alpha": "α of the gate q(merged) > α·(q(a) + q(b)); for a group of k, q(merged) > α·(2/k)·Σ q(s_i)",

@@ -36,6 +36,11 @@ def card_and_figures(record: RunRecord, final: Dataset, pairs: Dataset) -> tuple
     return build_card(record, final, pairs, figures=sorted(figures)), figures
 
 
+def run_min_judge(record: RunRecord) -> float | None:
+    config = record.config
+    return float(config.get("min_judge", 0.5)) if config.get("judge") else None
+
+
 def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
     if len(pairs) == 0 or "attempt_log" not in pairs.column_names:
         return {}
@@ -43,7 +48,7 @@ def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
     if len(scored) == 0:
         return {}
     alpha, min_retention = float(record.config["alpha"]), float(record.config["min_retention"])
-    table = sweep.sweep(sweep.scored_pairs(scored), current=(alpha, min_retention))
+    table = sweep.sweep(sweep.scored_pairs(scored), current=(alpha, min_retention), min_judge=run_min_judge(record))
     folder = EXTRAS_FOLDER
     images = {f"{folder}/{figures.SWEEP_FIGURE}": figures.sweep_figure(table)}
     if any(value is not None for value in scored["retention_a"]):  # none with compute_retention off
@@ -108,3 +113,8 @@ class OutputFolder:
     def thresholds(self) -> tuple[float, float]:
         config = self.record.config
         return float(config["alpha"]), float(config.get("min_retention", 0.0))
+
+    @property
+    def min_judge(self) -> float | None:
+        """The judge's threshold when the run asked the judge, else None."""
+        return run_min_judge(self.record)

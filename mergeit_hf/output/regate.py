@@ -23,8 +23,9 @@ from mergeit_hf.output.sweep import SCORED, attempt_scores
 from mergeit_hf.stage2.gate import best_attempt
 
 
-def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
-    """Decide every scored pair again; the kept attempt's merge and scores replace the columns."""
+def regate_pairs(pairs: Dataset, alpha: float, min_retention: float, min_judge: float | None = None) -> Dataset:
+    """Decide every scored pair again; the kept attempt's merge and scores replace the columns.
+    ``min_judge`` None leaves the judge out of the gate."""
     rows = pairs.to_list()
     for row in rows:
         if row["merge_status"] not in SCORED:
@@ -33,8 +34,8 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
         scored = [a for a in log if a.get("quality_merged") is not None]
         attempts = attempt_scores(scored)
         qualities = (row["quality_a"], row["quality_b"], *(row.get("quality_more") or ()))
-        index, decision = best_attempt(attempts, qualities, alpha, min_retention)
-        kept = scored[index]
+        index, decision = best_attempt(attempts, qualities, alpha, min_retention, min_judge)
+        kept, kept_scores = scored[index], attempts[index]
         row.update(
             merge_status="accepted" if decision.accepted else "rejected",
             merge_reason=decision.reason,
@@ -43,24 +44,42 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float) -> Dataset:
             retention_a=kept["retentions"][0],
             retention_b=kept["retentions"][1],
             **({"retention_more": kept["retentions"][2:]} if "retention_more" in row else {}),
+            **_part_columns(row, kept_scores.parts),
+            judge_p_yes=kept_scores.judge,
             merged_instruction=kept["merged"]["instruction"],
             merged_input=kept["merged"]["input"],
             merged_output=kept["merged"]["output"],
             merged_at=kept["completed_at"],
         )
     for row in rows:
-        row.update(alpha=alpha, min_retention=min_retention)
+        row.update(alpha=alpha, min_retention=min_retention, min_judge=min_judge)
     return Dataset.from_list(rows, features=pairs.features)
 
 
-def regate_folder(folder: str | Path, alpha: float, min_retention: float) -> OutputFolder:
+def _part_columns(row: dict, parts: tuple[tuple[float, float], ...]) -> dict:
+    """The kept attempt's retention parts, for the columns this folder has (older folders have none)."""
+    values = {
+        f"retention_{side}_{part}": parts[i][j] if len(parts) > i else None
+        for i, side in enumerate("ab")
+        for j, part in enumerate(("question", "answer"))
+    }
+    values["retention_more_question"] = [q for q, _ in parts[2:]]
+    values["retention_more_answer"] = [a for _, a in parts[2:]]
+    return {name: value for name, value in values.items() if name in row}
+
+
+def regate_folder(
+    folder: str | Path, alpha: float, min_retention: float, min_judge: float | None = None
+) -> OutputFolder:
     """Rewrite data, pairs, accounting, run record and card of ``folder`` for new thresholds."""
-    return regate_output(OutputFolder.open(folder), alpha, min_retention)
+    return regate_output(OutputFolder.open(folder), alpha, min_retention, min_judge)
 
 
-def regate_output(out: OutputFolder, alpha: float, min_retention: float) -> OutputFolder:
+def regate_output(
+    out: OutputFolder, alpha: float, min_retention: float, min_judge: float | None = None
+) -> OutputFolder:
     """``regate_folder`` on a folder already read (the CLI reads it once, for its thresholds too)."""
-    pairs = regate_pairs(out.pairs, alpha, min_retention)
+    pairs = regate_pairs(out.pairs, alpha, min_retention, min_judge)
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows, fate = pair_rows(pairs, created_at, out.record.version)
     rows += [row for row in out.final.to_list() if row["merge_status"] == "unpaired"]
@@ -77,13 +96,17 @@ def regate_output(out: OutputFolder, alpha: float, min_retention: float) -> Outp
     )
     record = dataclasses.replace(
         out.record,
-        config={**out.record.config, "alpha": alpha, "min_retention": min_retention},
+        config={**out.record.config, "alpha": alpha, "min_retention": min_retention, **_judge_config(min_judge)},
         counts=counts,
         rejection_causes=dict(Counter(c for c in pairs["rejection_cause"] if c)),
         regated_at=created_at,
     )
     write_output(out.folder, final, pairs, accounting, record)
     return OutputFolder(out.folder, record, final, pairs, accounting)
+
+
+def _judge_config(min_judge: float | None) -> dict:
+    return {"judge": False} if min_judge is None else {"judge": True, "min_judge": min_judge}
 
 
 def _accounting_again(accounting: Dataset, fate: dict[str, tuple[str, str, str | None]]) -> Dataset:

@@ -69,8 +69,16 @@ def scored_pairs(pairs: Dataset) -> list[ScoredPair]:
 
 
 def attempt_scores(log: list[dict[str, Any]]) -> tuple[AttemptScores, ...]:
+    """The gate's view of each scored attempt of an ``attempt_log`` (logs from before retention parts or the
+    judge have neither: their reasons name the source only, and no judge is read)."""
     return tuple(
-        AttemptScores(a["quality_merged"], tuple(a["retentions"]), tuple(tuple(x) for x in a["lost"] or ()))
+        AttemptScores(
+            a["quality_merged"],
+            tuple(a["retentions"]),
+            tuple(tuple(x) for x in a["lost"] or ()),
+            tuple((q, ans) for q, ans in a.get("retention_parts") or ()),
+            a.get("judge"),
+        )
         for a in log
         if a.get("quality_merged") is not None
     )
@@ -81,15 +89,17 @@ def sweep(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     retentions: Sequence[float] = DEFAULT_RETENTIONS,
     current: tuple[float, float] | None = None,
+    min_judge: float | None = None,
 ) -> SweepTable:
+    """Accepted pairs at every (α, min_retention), the judge's threshold (if any) held at ``min_judge``."""
     grid = [(alpha, r) for alpha in alphas for r in retentions]
     if current is not None and current not in grid:
         alphas, retentions = sorted({*alphas, current[0]}), sorted({*retentions, current[1]})
         grid = [(alpha, r) for alpha in alphas for r in retentions]
-    accepted = {(alpha, r): sum(_accepted(pair, alpha, r) for pair in pairs) for alpha, r in grid}
+    accepted = {(alpha, r): sum(_accepted(pair, alpha, r, min_judge) for pair in pairs) for alpha, r in grid}
     return SweepTable(tuple(alphas), tuple(retentions), accepted, len(pairs), current)
 
 
-def _accepted(pair: ScoredPair, alpha: float, min_retention: float) -> bool:
-    chosen = best_attempt(pair.attempts, pair.qualities, alpha, min_retention)
+def _accepted(pair: ScoredPair, alpha: float, min_retention: float, min_judge: float | None) -> bool:
+    chosen = best_attempt(pair.attempts, pair.qualities, alpha, min_retention, min_judge)
     return chosen is not None and chosen[1].accepted

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--general-size", type=int, help="|G| for the card's merge weight ω = |D|/|G|")
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
     _add_gate_options(run)
+    run.add_argument(
+        "--judge", action="store_true", default=None, help="also ask an LLM whether each merge answers all it asks"
+    )
+    run.add_argument("--judge-endpoint", help="chat server of its own for the judge (default: the scorer's)")
+    run.add_argument("--judge-model", help="model the judge endpoint's requests name (as --model)")
     run.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model")
     run.add_argument("--gate-retries", type=int, help="new merges asked for when the gate rejects one")
     run.add_argument("--no-scorer-check", action="store_true", help="skip the scorer check at the start of stage 2")
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
     sweep.add_argument("--alphas", type=_floats, help="comma-separated α values (default 0.4 to 0.9 by 0.05)")
     sweep.add_argument("--retentions", type=_floats, help="comma-separated min_retention values")
+    sweep.add_argument("--min-judge", type=float, help="the judge's P(yes) held at this (default: the run's)")
 
     regate = commands.add_parser("regate", help="rewrite data, accounting and card for new thresholds, no requests")
     regate.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
@@ -96,6 +102,7 @@ def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="quality gate: q(merged) > alpha·(q(a)+q(b))")
     parser.add_argument("--min-retention", type=float, help="each source's retention must reach this (0 to 1)")
+    parser.add_argument("--min-judge", type=float, help="with the judge: the P(yes) a merge needs (0 to 1)")
 
 
 def _floats(text: str) -> list[float]:
@@ -132,6 +139,10 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
     flags = {
         "alpha": getattr(args, "alpha", None),
         "min_retention": getattr(args, "min_retention", None),
+        "judge": getattr(args, "judge", None),
+        "judge_endpoint": getattr(args, "judge_endpoint", None),
+        "judge_model": getattr(args, "judge_model", None),
+        "min_judge": getattr(args, "min_judge", None),
         "gate_retries": getattr(args, "gate_retries", None),
         "local_model": getattr(args, "local_model", None),
         "scorer_endpoint": getattr(args, "scorer_endpoint", None),
@@ -254,9 +265,11 @@ def _sweep(args: argparse.Namespace) -> int:
     pairs = sweep.scored_pairs(out.pairs)
     if not pairs:
         raise MergeItError(f"{args.folder} holds no scored pair (no merge was accepted or rejected): nothing to sweep")
-    table = sweep.sweep(
-        pairs, args.alphas or sweep.DEFAULT_ALPHAS, args.retentions or sweep.DEFAULT_RETENTIONS, out.thresholds
-    )
+    min_judge = out.min_judge if args.min_judge is None else args.min_judge
+    alphas, retentions = args.alphas or sweep.DEFAULT_ALPHAS, args.retentions or sweep.DEFAULT_RETENTIONS
+    table = sweep.sweep(pairs, alphas, retentions, out.thresholds, min_judge)
+    if min_judge is not None:
+        print(f"the judge's P(yes) held at >= {min_judge}")
     print(f"accepted merges (rate) of {table.n_scored} scored pairs; ← this run's setting\n")
     print(table.render())
     image = args.folder / "mergeit" / figures.SWEEP_FIGURE
@@ -273,11 +286,13 @@ def _regate(args: argparse.Namespace) -> int:
     alpha, min_retention = out.thresholds
     alpha = alpha if args.alpha is None else args.alpha
     min_retention = min_retention if args.min_retention is None else args.min_retention
-    MergeItConfig(alpha=alpha, min_retention=min_retention)  # the same validation as a run's
-    out = regate_output(out, alpha, min_retention)
+    min_judge = out.min_judge if args.min_judge is None else args.min_judge
+    MergeItConfig(alpha=alpha, min_retention=min_retention, min_judge=min_judge or 0.5)  # as a run validates
+    out = regate_output(out, alpha, min_retention, min_judge)
     counts = out.record.counts
+    judged = "" if min_judge is None else f", min_judge={min_judge}"
     print(
-        f"re-gated {args.folder} at alpha={alpha}, min_retention={min_retention}: "
+        f"re-gated {args.folder} at alpha={alpha}, min_retention={min_retention}{judged}: "
         f"{counts['merges accepted']} accepted, {counts['merges rejected']} rejected, "
         f"{counts['final rows']} final rows; no LLM request sent"
     )

@@ -1,4 +1,5 @@
-"""The acceptance decision: the paper's quality gate (Eq. 9) and the retention gate, with their reasons.
+"""The acceptance decision: the paper's quality gate (Eq. 9), the retention gate and the optional judge,
+with their reasons.
 
 One function decides live (stage 2) and afterwards (``mergeit regate`` / ``mergeit sweep``), from the
 same stored numbers, so a re-gated folder is exactly what a run with those thresholds would have kept
@@ -15,7 +16,7 @@ from mergeit_hf.stage2.quality import gate_explanation, passes_gate
 from mergeit_hf.stage2.retention import LOST_ITEMS_SHOWN
 
 SIDES = ("a", "b", "c", "d", "e")  # a group's sources, in order
-RejectionCause = Literal["quality", "retention", "quality and retention"]
+GateTest = Literal["quality", "retention", "judge"]
 
 
 @dataclass(frozen=True)
@@ -23,60 +24,93 @@ class AttemptScores:
     """What the gate reads of one merge attempt."""
 
     quality_merged: float
-    retentions: tuple[float, ...]  # one per source, in source order
-    lost: tuple[tuple[str, ...], ...] = ()  # the salient items each source lost, heaviest first
+    retentions: tuple[float, ...]  # one per source, in source order: its weaker part's retention
+    lost: tuple[tuple[str, ...], ...] = ()  # the items each source's weaker part lost, heaviest first
+    parts: tuple[tuple[float, float], ...] = ()  # (question, answer) per source; () in logs from before parts
+    judge: float | None = None  # the judge's P(yes); None when no judge was asked
 
     @property
     def min_retention(self) -> float:
         return min(self.retentions)
 
+    @property
+    def weaker_parts(self) -> tuple[str, ...]:
+        return tuple("answer" if answer <= question else "question" for question, answer in self.parts)
+
 
 @dataclass(frozen=True)
 class GateDecision:
     accepted: bool
-    cause: RejectionCause | None
+    cause: str | None  # the failed tests, e.g. "retention" or "quality and judge"
     reason: str
 
 
+def rejection_cause(failed: Sequence[GateTest]) -> str:
+    """ "quality", "quality and retention", "quality, retention and judge"."""
+    return failed[0] if len(failed) == 1 else ", ".join(failed[:-1]) + " and " + failed[-1]
+
+
 def decide(
-    attempt: AttemptScores, source_qualities: Sequence[float], alpha: float, min_retention: float
+    attempt: AttemptScores,
+    source_qualities: Sequence[float],
+    alpha: float,
+    min_retention: float,
+    min_judge: float | None = None,
 ) -> GateDecision:
-    """Accept only if q(merged) > α·(2/k)·Σ q(s_i) (Eq. 9: α·(q(a)+q(b)) for a pair) and every source
-    keeps at least ``min_retention``."""
-    quality_ok = passes_gate(attempt.quality_merged, source_qualities, alpha)
-    reasons = [gate_explanation(attempt.quality_merged, source_qualities, alpha)]
+    """Accept only if q(merged) > α·(2/k)·Σ q(s_i) (Eq. 9: α·(q(a)+q(b)) for a pair), every source keeps
+    at least ``min_retention`` in its weaker part, and, with ``min_judge``, the judge's P(yes) reaches it."""
+    results: list[tuple[GateTest, bool, str]] = [
+        (
+            "quality",
+            passes_gate(attempt.quality_merged, source_qualities, alpha),
+            gate_explanation(attempt.quality_merged, source_qualities, alpha),
+        ),
+        ("retention", *_retention_test(attempt, min_retention)),
+    ]
+    if min_judge is not None:
+        results.append(("judge", *_judge_test(attempt, min_judge)))
+    failed = [test for test, ok, _ in results if not ok]
+    # The failing tests first: a reader sees why without parsing the arithmetic of the passing ones.
+    ordered = [reason for _, ok, reason in results if not ok] + [reason for _, ok, reason in results if ok]
+    return GateDecision(not failed, rejection_cause(failed) if failed else None, "; ".join(ordered))
+
+
+def _retention_test(attempt: AttemptScores, min_retention: float) -> tuple[bool, str]:
     if not attempt.retentions:  # compute_retention off: nothing measured, nothing gated
-        reasons.append("retention not measured")
-        quality_cause: RejectionCause = "quality"
-        return GateDecision(quality_ok, None if quality_ok else quality_cause, "; ".join(reasons))
+        return True, "retention not measured"
     weakest = min(range(len(attempt.retentions)), key=lambda i: attempt.retentions[i])
-    retention_ok = attempt.retentions[weakest] >= min_retention
-    if not retention_ok:
-        side = SIDES[weakest]
-        lost = attempt.lost[weakest] if attempt.lost else ()
-        shown = ", ".join(lost[:LOST_ITEMS_SHOWN]) or "no listed item"
-        reasons.append(
-            f"retention: {side} {attempt.retentions[weakest]:.2f} < {min_retention:.2f}; lost from {side}: {shown}"
-        )
-    else:
-        reasons.append(f"retention {attempt.min_retention:.2f} >= {min_retention:.2f}")
-    if quality_ok and retention_ok:
-        return GateDecision(True, None, "; ".join(reasons))
-    cause: RejectionCause = (
-        "quality and retention" if not (quality_ok or retention_ok) else "quality" if not quality_ok else "retention"
+    value = attempt.retentions[weakest]
+    if value >= min_retention:
+        return True, f"retention {value:.2f} >= {min_retention:.2f}"
+    side = SIDES[weakest]
+    where = f"{attempt.weaker_parts[weakest]} of {side}" if attempt.weaker_parts else side
+    lost = attempt.lost[weakest] if attempt.lost else ()
+    shown = ", ".join(lost[:LOST_ITEMS_SHOWN]) or "no listed item"
+    return False, f"retention: {where} {value:.2f} < {min_retention:.2f}; lost: {shown}"
+
+
+def _judge_test(attempt: AttemptScores, min_judge: float) -> tuple[bool, str]:
+    if attempt.judge is None:  # a run without the judge, re-gated with one: nothing to read
+        return True, "judge not asked"
+    if attempt.judge >= min_judge:
+        return True, f"judge P(yes) {attempt.judge:.2f} >= {min_judge:.2f}"
+    return (
+        False,
+        f"judge: P(yes) {attempt.judge:.2f} < {min_judge:.2f} (the merged answer misses or contradicts a part)",
     )
-    # The failing test first: a reader sees why without parsing the arithmetic of the passing one.
-    ordered = reasons if not quality_ok else reasons[::-1]
-    return GateDecision(False, cause, "; ".join(ordered))
 
 
 def best_attempt(
-    attempts: Sequence[AttemptScores], source_qualities: Sequence[float], alpha: float, min_retention: float
+    attempts: Sequence[AttemptScores],
+    source_qualities: Sequence[float],
+    alpha: float,
+    min_retention: float,
+    min_judge: float | None = None,
 ) -> tuple[int, GateDecision] | None:
     """The first accepted attempt (retries stop there), else the one with the highest quality; None if empty."""
     if not attempts:
         return None
-    return choose(attempts, [decide(a, source_qualities, alpha, min_retention) for a in attempts])
+    return choose(attempts, [decide(a, source_qualities, alpha, min_retention, min_judge) for a in attempts])
 
 
 def choose(attempts: Sequence[AttemptScores], decisions: Sequence[GateDecision]) -> tuple[int, GateDecision]:

@@ -30,6 +30,7 @@ def outcome_columns(
     generation = json.dumps(merge_params(config, 0), sort_keys=True)
     n = len(outcomes)
     retention = lambda o, i: o.retentions[i] if o.retentions else None  # noqa: E731
+    part = lambda o, i, j: o.retention_parts[i][j] if len(o.retention_parts) > i else None  # noqa: E731
     quality = lambda o, i: o.source_qualities[i] if len(o.source_qualities) > i else None  # noqa: E731
     columns = {
         "merged_instruction": [(o.merged or {}).get("instruction", "") for o in outcomes],
@@ -43,9 +44,17 @@ def outcome_columns(
         "quality_b": [quality(o, 1) for o in outcomes],
         "retention_a": [retention(o, 0) for o in outcomes],
         "retention_b": [retention(o, 1) for o in outcomes],
+        # Each source's question (in the merged instruction and input) and answer (in the merged output).
+        "retention_a_question": [part(o, 0, 0) for o in outcomes],
+        "retention_a_answer": [part(o, 0, 1) for o in outcomes],
+        "retention_b_question": [part(o, 1, 0) for o in outcomes],
+        "retention_b_answer": [part(o, 1, 1) for o in outcomes],
+        "judge_p_yes": [o.judge for o in outcomes],
         # Sources 3..k of a group (``more_sources``), in order; empty for pairs.
         "quality_more": [list(o.source_qualities[2:]) for o in outcomes],
         "retention_more": [list((o.retentions or ())[2:]) for o in outcomes],
+        "retention_more_question": [[q for q, _ in o.retention_parts[2:]] for o in outcomes],
+        "retention_more_answer": [[a for _, a in o.retention_parts[2:]] for o in outcomes],
         "quality_scores_incomplete": [o.scores_incomplete for o in outcomes],
         "merge_attempts": [o.attempts for o in outcomes],
         # Tokens of every reply the pair used (merges and scores, cached ones too), as the servers reported them.
@@ -55,6 +64,7 @@ def outcome_columns(
         "attempt_log": [json.dumps([a.to_dict() for a in o.gate_attempts], ensure_ascii=False) for o in outcomes],
         "alpha": [config.alpha] * n,
         "min_retention": [config.min_retention] * n,
+        "min_judge": [config.min_judge if config.judge else None] * n,
         "merge_model": [merge_model] * n,
         "quality_model": [quality_model] * n,
         "merge_template": [merge_template.name] * n,

@@ -28,7 +28,9 @@ class MergeAttempt:
             "merged": self.merged,
             "quality_merged": scores.quality_merged if scores else None,
             "retentions": list(scores.retentions) if scores else None,
+            "retention_parts": [list(pair) for pair in scores.parts] if scores else None,
             "lost": [list(items) for items in scores.lost] if scores else None,
+            "judge": scores.judge if scores else None,
             "completed_at": self.completed_at,
         }
 
@@ -44,7 +46,9 @@ class MergeOutcome:
     source_qualities: tuple[float | None, ...] = ()  # one per source, in group order (a, b, ...)
     source_complexities: tuple[float, ...] = ()  # with ``complexity_scores``: Deita complexity per source
     complexity_merged: float | None = None
-    retentions: tuple[float, ...] | None = None
+    retentions: tuple[float, ...] | None = None  # each source's weaker part
+    retention_parts: tuple[tuple[float, float], ...] = ()  # (question, answer) per source
+    judge: float | None = None  # the judge's P(yes), with ``judge``
     rejection_cause: str | None = None
     attempts: int = 0  # merge requests sent (parse retries included)
     gate_attempts: tuple[MergeAttempt, ...] = ()

@@ -4,9 +4,9 @@
 scores, each source's retention, the gate's decision and the provenance of the merge. ``Merger(...)``
 builds a configured callable of the same kind. Requests run concurrently under a bound and are cached
 (``endpoints.scheduler``); a request's parameters come from ``merge_request``, answers are parsed by
-``merge_output``, scores come from ``scoring``, retention from ``retention``, the decision from ``gate``,
-results are ``merge_results`` and the columns ``merge_columns``. Each pair ends accepted, rejected or
-failed with a reason.
+``merge_output``; one pair's path (scores, retention, judge, the gate) is ``pair_merge``; results are
+``merge_results`` and the columns ``merge_columns``. Each pair ends accepted, rejected or failed with a
+reason.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence, Sized
+from collections.abc import AsyncIterator, Iterable, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,25 +26,18 @@ from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
 from mergeit_hf.endpoints.completions import CompletionEndpointBackend
 from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
 from mergeit_hf.endpoints.request_cache import RequestCache
-from mergeit_hf.endpoints.scheduler import (
-    RequestScheduler,
-    current_usage,
-    default_cache_dir,
-    read_outcome,
-    run_sync,
-)
-from mergeit_hf.errors import EndpointConfigError, EndpointError, TemplateError
+from mergeit_hf.endpoints.scheduler import RequestScheduler, current_usage, default_cache_dir, run_sync
+from mergeit_hf.errors import TemplateError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage1.embedding import Embedder
 from mergeit_hf.stage2.batched_embedding import EmbeddingBatcher
-from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
+from mergeit_hf.stage2.judge import Judge
 from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merge_output import MergeParseError, parse_merge_output
-from mergeit_hf.stage2.merge_request import merge_messages, merge_params, merge_sources
-from mergeit_hf.stage2.merge_results import MergeAttempt, MergeBatch, MergeOutcome, MergeStats
-from mergeit_hf.stage2.quality import QualityScore
-from mergeit_hf.stage2.retention import merged_chunks, row_text, source_retentions
+from mergeit_hf.stage2.merge_request import merge_sources
+from mergeit_hf.stage2.merge_results import MergeBatch, MergeOutcome, MergeStats
+from mergeit_hf.stage2.pair_merge import PairRun, merge_one, with_complexity
 from mergeit_hf.stage2.scoring import QualityScorer, ScoreCounts
+from mergeit_hf.stage2.static_embedding import StaticEmbedder
 
 #: Pairs in flight per server slot when merging a stream: a pair's requests are partly sequential
 #: (merge and source scores, then the merge's score), so a few pairs per slot keep every slot busy.
@@ -70,6 +63,7 @@ class Session:
     cache: RequestCache
     merges: RequestScheduler | None  # None in a scoring-only session
     scorer: QualityScorer
+    judge: Judge | None = None  # with ``judge``
 
     @property
     def merge_model(self) -> str:
@@ -85,33 +79,15 @@ class Session:
         described = {"merge": self.merges.backend.describe()} if self.merges else {}
         if self.scorer.raw:
             described["scorer"] = self.scorer.scheduler.backend.describe()
+        if self.judge is not None:
+            described["judge"] = self.judge.describe()
         return described
 
     @property
     def requests_sent(self) -> int:
-        schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler) if s is not None}
+        judging = self.judge.scheduler if self.judge else None
+        schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler, judging) if s is not None}
         return sum(s.requests_sent for s in schedulers.values())
-
-
-@dataclass
-class _Run:
-    """Everything one call shares: the session, the merge template and the embedder."""
-
-    session: Session
-    merge_template: PromptTemplate
-    embeddings: EmbeddingBatcher
-    config: MergeItConfig
-    stats: MergeStats
-    complexity: QualityScorer | None = None  # Deita's complexity prompt, with ``complexity_scores``
-
-    @property
-    def scheduler(self) -> RequestScheduler:
-        assert self.session.merges is not None, "merging needs a session opened with merging=True"
-        return self.session.merges
-
-    @property
-    def scorer(self) -> QualityScorer:
-        return self.session.scorer
 
 
 def stage2_templates(config: MergeItConfig) -> tuple[PromptTemplate, PromptTemplate]:
@@ -210,6 +186,20 @@ class Merger:
             attempts=config.request_retries,
         )
 
+    def judge_settings(self) -> EndpointSettings | None:
+        """The judge's endpoint of its own, if one is set (else the judge asks the scorer's)."""
+        config = self.config
+        if not (config.judge and config.judge_endpoint):
+            return None
+        return EndpointSettings(
+            url=config.judge_endpoint,
+            model=config.judge_model,
+            key_variable="MERGEIT_JUDGE_API_KEY",
+            role="judge endpoint",
+            timeout_s=config.request_timeout_s,
+            attempts=config.request_retries,
+        )
+
     def open_cache(self) -> RequestCache:
         return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
 
@@ -253,11 +243,21 @@ class Merger:
             scorer = QualityScorer(
                 scoring, template, self.config, counts or ScoreCounts(), raw=scorer_settings is not None
             )
-            yield Session(cache, merges, scorer)
+            judge = await self._open_judge(scorer, cache, backends) if merging and self.config.judge else None
+            yield Session(cache, merges, scorer, judge)
         finally:
             cache.close()
             for backend in backends:
                 await backend.aclose()
+
+    async def _open_judge(self, scorer: QualityScorer, cache: RequestCache, backends: list[Any]) -> Judge:
+        template = PromptTemplate.load(self.config.judge_template)
+        settings = self.judge_settings()
+        if settings is None:  # the scorer's model judges, by the scorer's route
+            return Judge(scorer.scheduler, template, self.config, raw=scorer.raw)
+        backends.append(await open_chat_backend(settings, None))
+        scheduler = await self.open_scheduler(backends[-1], cache, backends[-1].default_concurrency)
+        return Judge(scheduler, template, self.config)
 
     async def merge_pairs(
         self,
@@ -276,9 +276,16 @@ class Merger:
         counts = ScoreCounts()
         async with self.session(quality_template, counts) as session:
             config = self.config
-            embedder = Embedder(config.embedding_model, config.text_columns, config.embedding_batch_size)
-            run = _Run(
-                session, merge_template, EmbeddingBatcher(embedder), config, MergeStats(), complexity_scorer(session)
+            assert session.merges is not None
+            run = PairRun(
+                session.merges,
+                session.scorer,
+                merge_template,
+                retention_embeddings(config),
+                config,
+                MergeStats(),
+                complexity_scorer(session),
+                session.judge,
             )
             if window == "auto":
                 window = WINDOW_PER_SLOT * (session.merges.concurrency if session.merges else 1)
@@ -297,6 +304,16 @@ class Merger:
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
 
 
+def retention_embeddings(config: MergeItConfig) -> EmbeddingBatcher | None:
+    """The retention model (static vectors distilled from the stage 1 model, unless ``retention_model``
+    names a transformer), behind a batcher; None with ``compute_retention`` off."""
+    if not config.compute_retention:
+        return None
+    if config.retention_model is None:
+        return EmbeddingBatcher(StaticEmbedder(config.embedding_model))
+    return EmbeddingBatcher(Embedder(config.retention_model, config.text_columns, config.embedding_batch_size))
+
+
 def complexity_scorer(session: Session) -> QualityScorer | None:
     """Deita's complexity prompt on the scorer's scheduler, when ``complexity_scores`` asks for it."""
     config = session.scorer.config
@@ -306,7 +323,7 @@ def complexity_scorer(session: Session) -> QualityScorer | None:
 
 
 async def _merge_in_order(
-    run: _Run, pairs: Iterable[dict[str, Any]], window: int | None, progress: Any
+    run: PairRun, pairs: Iterable[dict[str, Any]], window: int | None, progress: Any
 ) -> list[MergeOutcome]:
     started: list[asyncio.Future] = []
     try:
@@ -332,156 +349,18 @@ async def _merge_in_order(
         raise
 
 
-async def _merge_and_track(run: _Run, pair: dict[str, Any], progress: Any) -> MergeOutcome:
+async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) -> MergeOutcome:
     usage = TokenUsage()
     current_usage.set(usage)  # this pair's task (and the requests it starts) count into ``usage``
     sources = merge_sources(pair)
-    outcome = await _merge_one(run, sources)
+    outcome = await merge_one(run, sources)
     if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
-        outcome = await _with_complexity(run.complexity, sources, outcome)
+        outcome = await with_complexity(run.complexity, sources, outcome)
     if usage.replies:
         outcome = dataclasses.replace(outcome, tokens=(usage.prompt, usage.completion))
     run.stats.add(outcome)
     progress.update(1)
     return outcome
-
-
-def _abandon(task: asyncio.Future) -> None:
-    """Stop a request no longer wanted, and read its outcome whenever it ends (no unread exception)."""
-    task.cancel()
-    task.add_done_callback(read_outcome)
-
-
-async def _merge_one(run: _Run, sources: list[dict[str, str]]) -> MergeOutcome:
-    first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
-    try:
-        scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
-    except BaseException:
-        _abandon(first_merge)
-        raise
-    for side, score in zip(SIDES, scores, strict=False):
-        problem = _score_problem(side, score)
-        if problem:
-            _abandon(first_merge)
-            return _failed(problem, scores, 0)
-    qualities = tuple(score.value for score in scores)
-    attempts: list[MergeAttempt] = []
-    decisions: list[GateDecision] = []  # one per scored attempt, each decided once
-    incomplete = sum(not s.complete for s in scores)
-    requests = 0
-    for gate_attempt in range(run.config.gate_retries + 1):
-        merge = first_merge if gate_attempt == 0 else _request_merge(run, sources, gate_attempt)
-        attempt, sent, score_m = await _attempt(run, sources, merge, gate_attempt)
-        requests += sent
-        if isinstance(score_m, EndpointError) or (score_m is not None and not score_m.available):
-            return _failed(_score_problem("merged", score_m), scores, requests, attempt.merged)
-        incomplete += score_m is not None and not score_m.complete
-        attempts.append(attempt)
-        if attempt.scores:
-            decisions.append(decide(attempt.scores, qualities, run.config.alpha, run.config.min_retention))
-            if decisions[-1].accepted:
-                break  # the gate said yes: no retry can do better by its measure
-    return _outcome(attempts, decisions, qualities, requests, incomplete)
-
-
-async def _with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], outcome: MergeOutcome) -> MergeOutcome:
-    assert outcome.merged is not None
-    scores = await asyncio.gather(*(scorer.score(row) for row in [*sources, outcome.merged]))
-    for label, score in zip([*SIDES[: len(sources)], "merged"], scores, strict=True):
-        if isinstance(score, EndpointError) or not score.available:
-            problem = _score_problem(label, score).replace("scoring", "scoring the complexity of", 1)
-            return dataclasses.replace(outcome, status="failed", reason=problem, rejection_cause=None)
-    values = tuple(score.value for score in scores)
-    return dataclasses.replace(outcome, source_complexities=values[:-1], complexity_merged=values[-1])
-
-
-async def _attempt(
-    run: _Run, sources: list[dict[str, str]], merge: Any, gate_attempt: int
-) -> tuple[MergeAttempt, int, QualityScore | EndpointError | None]:
-    """One merge, its score and its sources' retention; a merge that failed is recorded with its reason."""
-    seed = merge_params(run.config, 0, gate_attempt)["seed"]
-    try:
-        merged, sent, completed_at = await merge
-    except EndpointConfigError:
-        raise  # the key, model or URL is wrong: every pair would fail the same way, so the run stops
-    except (MergeParseError, EndpointError) as exc:
-        kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
-        return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, None
-    measured = _retentions(run, sources, merged) if run.config.compute_retention else _no_retentions()
-    score_m, retentions = await asyncio.gather(run.scorer.score(merged), measured)
-    if not isinstance(score_m, QualityScore) or not score_m.available:
-        return MergeAttempt(seed, merged, completed_at=completed_at), sent, score_m
-    scores = AttemptScores(score_m.value, tuple(r.value for r in retentions), tuple(tuple(r.lost) for r in retentions))
-    return MergeAttempt(seed, merged, scores, completed_at), sent, score_m
-
-
-async def _no_retentions() -> list:
-    return []
-
-
-async def _retentions(run: _Run, sources: list[dict[str, str]], merged: dict[str, str]) -> list:
-    chunks = merged_chunks(merged)
-    vectors = await run.embeddings.encode([row_text(s) for s in sources] + chunks)
-    return source_retentions(tuple(sources), merged, vectors[: len(sources)], vectors[len(sources) :])
-
-
-def _outcome(
-    attempts: list[MergeAttempt],
-    decisions: list[GateDecision],
-    qualities: tuple[float, ...],
-    requests: int,
-    incomplete: int,
-) -> MergeOutcome:
-    scored = [attempt for attempt in attempts if attempt.scores is not None]
-    if not scored:
-        errors = "; ".join(attempt.error for attempt in attempts)
-        return MergeOutcome(
-            "failed", errors, source_qualities=qualities, attempts=requests, gate_attempts=tuple(attempts)
-        )
-    index, decision = choose([a.scores for a in scored], decisions)
-    kept = scored[index]
-    assert kept.scores is not None
-    return MergeOutcome(
-        "accepted" if decision.accepted else "rejected",
-        decision.reason,
-        kept.merged,
-        kept.scores.quality_merged,
-        qualities,
-        retentions=kept.scores.retentions,
-        rejection_cause=decision.cause,
-        attempts=requests,
-        gate_attempts=tuple(attempts),
-        scores_incomplete=incomplete,
-        completed_at=kept.completed_at,
-    )
-
-
-def _score_problem(label: str, score: QualityScore | EndpointError | None) -> str:
-    if isinstance(score, EndpointError):
-        return f"endpoint error: scoring {label}: {score}"
-    if score is not None and not score.available:
-        return f"quality score unavailable: no digit 1-6 among the top logprobs for {label}"
-    return ""
-
-
-def _failed(reason: str, scores: Sequence[Any], attempts: int, merged: dict | None = None) -> MergeOutcome:
-    qualities = tuple(s.value if isinstance(s, QualityScore) else None for s in scores)
-    return MergeOutcome("failed", reason, merged, None, qualities, attempts=attempts)
-
-
-async def _request_merge(
-    run: _Run, sources: list[dict[str, str]], gate_attempt: int
-) -> tuple[dict[str, str], int, str]:
-    messages = merge_messages(run.merge_template, sources)
-    problems = []
-    for parse_attempt in range(run.config.parse_retries + 1):
-        params = merge_params(run.config, parse_attempt, gate_attempt)
-        reply, completed_at = await run.scheduler.complete(run.merge_template, messages, params)
-        try:
-            return parse_merge_output(reply), parse_attempt + 1, completed_at
-        except MergeParseError as exc:
-            problems.append(f"attempt {parse_attempt + 1}: {exc}")
-    raise MergeParseError(f"no valid JSON after {len(problems)} attempts ({'; '.join(problems)})")
 
 
 def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:
