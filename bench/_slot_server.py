@@ -2,7 +2,7 @@
 
 For bench/merge.py: its answers cost the client nothing to make, so what is measured is the client's
 scheduling against a server like TGI (``max_concurrent_requests`` slots, requests beyond them queued).
-Merges restate every source; scores put 0.9 on "4". Prints the URL, then serves until killed.
+Merges restate every source; scores put 0.9 on "4"; the judge says yes at 0.9. Prints the URL, then serves until killed.
 Run: python _slot_server.py SLOTS LATENCY_S
 """
 
@@ -34,6 +34,8 @@ def score(instruction: str, output: str) -> dict[str, float]:
 
 if __name__ == "__main__":
     slots, latency = int(sys.argv[1]), float(sys.argv[2])
-    server = ScriptedServer(merge, score, model_id="scripted/slots", slots=slots, latency_s=latency).start()
+    server = ScriptedServer(
+        merge, score, model_id="scripted/slots", slots=slots, latency_s=latency, judge=lambda prompt: 0.9
+    ).start()
     print(server.url, flush=True)
     threading.Event().wait()

@@ -60,7 +60,7 @@ def truncate(text: str, share: float = 0.6) -> str:
 
 def constructed(pair: dict, index: int) -> list[tuple[str, str, dict[str, str]]]:
     """(class, expected, merged) for one pair."""
-    a, b = source(pair["a"]), source(pair["b"])
+    a = source(pair["a"])
     question, input = pair["question"], pair.get("input", "")
     both = f"{pair['answer_a']}\n\n{pair['answer_b']}"
     kept_answer = pair["answer_a"] if index % 2 == 0 else pair["answer_b"]

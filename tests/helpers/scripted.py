@@ -56,6 +56,9 @@ class ScriptedServer(LoopbackServer):
     held: list[int] = field(default_factory=list)  # requests held (this one included) as each arrived
     slot_seconds: float = 0.0  # time slots spent answering
     serves_info: bool = True  # TGI's /info; servers of other kinds have none
+    judge: Callable[[str], float] | None = None  # judge prompt → P(yes); None: judge prompts are refused
+    first_arrival: float | None = None  # perf_counter of the first request since the last reset
+    last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
 
     def routes(self, app: web.Application) -> None:
@@ -70,16 +73,21 @@ class ScriptedServer(LoopbackServer):
         """What the server saw, for a client in another process (bench/merge.py); ?reset=1 starts over."""
         stats = {"requests": sum(self.requests.values()), "max_held": max(self.held, default=0)}
         stats["slot_seconds"] = self.slot_seconds
+        # From the first request to the last answer: the time the client kept the server working for.
+        stats["busy_span_s"] = (self.last_answer or 0.0) - (self.first_arrival or 0.0)
         if request.query.get("reset"):
             self.requests.clear()
             self.held.clear()
             self.slot_seconds = 0.0
+            self.first_arrival = self.last_answer = None
         return web.json_response(stats)
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
 
     async def _chat(self, request: web.Request) -> web.Response:
+        if self.first_arrival is None:
+            self.first_arrival = time.perf_counter()
         self._holding += 1
         self.held.append(self._holding)
         try:
@@ -87,7 +95,8 @@ class ScriptedServer(LoopbackServer):
                 started = time.perf_counter()
                 await asyncio.sleep(self.latency_s)
                 response = await self._answer(request)
-                self.slot_seconds += time.perf_counter() - started
+                self.last_answer = time.perf_counter()
+                self.slot_seconds += self.last_answer - started
                 return response
         finally:
             self._holding -= 1
@@ -102,6 +111,13 @@ class ScriptedServer(LoopbackServer):
                 raise web.HTTPBadRequest(text="no complexity script")
             self.requests["complexity"] += 1
             return web.json_response(_score_reply(self.complexity(query.group(1)), body.get("top_logprobs") or 1))
+        if body.get("logprobs") and "## Merged example" in prompt:
+            if self.judge is None:
+                raise web.HTTPBadRequest(text="no judge script")
+            self.requests["judge"] += 1
+            p_yes = min(max(self.judge(prompt), 1e-6), 1 - 1e-6)
+            verdict = {"Yes": p_yes, "No": 1 - p_yes}
+            return web.json_response(_score_reply(verdict, body.get("top_logprobs") or 1))
         if body.get("logprobs"):
             self.requests["score"] += 1
             distribution = self.score(*parse_deita(prompt))
