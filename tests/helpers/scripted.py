@@ -56,7 +56,8 @@ class ScriptedServer(LoopbackServer):
     held: list[int] = field(default_factory=list)  # requests held (this one included) as each arrived
     slot_seconds: float = 0.0  # time slots spent answering
     serves_info: bool = True  # TGI's /info; servers of other kinds have none
-    judge: Callable[[str], float] | None = None  # judge prompt → P(yes); None: judge prompts are refused
+    # judge prompt → P(yes), or a first-token distribution of its own; None: judge prompts are refused
+    judge: Callable[[str], float | dict[str, float]] | None = None
     first_arrival: float | None = None  # perf_counter of the first request since the last reset
     last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
@@ -115,8 +116,12 @@ class ScriptedServer(LoopbackServer):
             if self.judge is None:
                 raise web.HTTPBadRequest(text="no judge script")
             self.requests["judge"] += 1
-            p_yes = min(max(self.judge(prompt), 1e-6), 1 - 1e-6)
-            verdict = {"Yes": p_yes, "No": 1 - p_yes}
+            answer = self.judge(prompt)
+            if isinstance(answer, dict):  # a distribution of its own (e.g. neither word)
+                verdict = answer
+            else:
+                p_yes = min(max(answer, 1e-6), 1 - 1e-6)
+                verdict = {"Yes": p_yes, "No": 1 - p_yes}
             return web.json_response(_score_reply(verdict, body.get("top_logprobs") or 1))
         if body.get("logprobs"):
             self.requests["score"] += 1
