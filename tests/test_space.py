@@ -66,9 +66,20 @@ def test_named_api_runs_stage1_merge_and_export(space_url):
     )
     assert "40** valid" in counts and "1 empty instruction" in counts and "pairs" in counts
     assert len(pairs["data"]) >= 2 and len(plot["data"]) == 40 and plot["columns"][:3] == ["x", "y", "topic"]
-    merges = client.predict(2, api_name="/merge")
-    assert len(merges["data"]) == 2
+    merges = client.predict(2, 0.75, 0.5, False, api_name="/merge")
+    assert len(merges["data"]) == 2 and merges["headers"][4:7] == [
+        "retention a: question / answer",
+        "retention b: question / answer",
+        "judge P(yes)",
+    ]
     assert {row[0] for row in merges["data"]} <= {"accepted", "rejected", "failed"}
+    # The sliders decide the merges shown again from their stored scores: the same merges, new decisions.
+    strict = client.predict(1.0, 1.0, api_name="/regate")
+    lenient = client.predict(0.3, 0.0, api_name="/regate")
+    scored = [i for i, row in enumerate(merges["data"]) if row[0] != "failed"]
+    assert [strict["data"][i][9] for i in scored] == [lenient["data"][i][9] for i in scored]
+    assert all(strict["data"][i][0] == "rejected" for i in scored)
+    assert all(lenient["data"][i][0] == "accepted" for i in scored), [lenient["data"][i][10] for i in scored]
     archive, card = client.predict(api_name="/export")
     assert Path(archive).suffix == ".zip" and Path(archive).stat().st_size > 0
     assert "## Provenance columns" in card and "| final rows |" in card
@@ -82,7 +93,7 @@ def test_errors_are_shown_not_stack_traces(space_url):
     with pytest.raises(AppError, match="Upload a JSON"):
         client.predict("Upload a file", None, "", 10, 0.8, 0.6, api_name="/stage1")
     with pytest.raises(AppError, match="Run stage 1 first"):
-        client.predict(2, api_name="/merge")
+        client.predict(2, 0.75, 0.5, False, api_name="/merge")
 
 
 @pytest.mark.browser

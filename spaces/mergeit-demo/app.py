@@ -21,6 +21,7 @@ from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
 from mergeit_hf.engines.datasets_engine import with_skipped
+from mergeit_hf.output.regate import regate_pairs
 from mergeit_hf.resources import resource_dir
 from mergeit_hf.run.pipeline import finish_run, save
 from mergeit_hf.stage2.merger import Merger
@@ -31,7 +32,19 @@ MAX_UPLOAD = "20mb"
 EXAMPLE = "Example data (42 hand-written Alpaca rows)"
 SOURCES = [EXAMPLE, "Upload a file", "Hub dataset"]
 PAIR_COLUMNS = ["cluster", "similarity", "instruction a", "instruction b"]
-MERGE_COLUMNS = ["decision", "q(a)", "q(b)", "q(merged)", "retention a / b", "source a", "source b", "merged", "why"]
+MERGE_COLUMNS = [
+    "decision",
+    "q(a)",
+    "q(b)",
+    "q(merged)",
+    "retention a: question / answer",
+    "retention b: question / answer",
+    "judge P(yes)",
+    "source a",
+    "source b",
+    "merged",
+    "why",
+]
 
 
 def example_path() -> Path:
@@ -122,25 +135,44 @@ def _pairs_table(stage1) -> pd.DataFrame:
 
 
 @shown_in_page
-def merge_pairs(n_pairs: float, state: dict, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+def merge_pairs(n_pairs: float, alpha: float, min_retention: float, judge: bool, state: dict, progress=gr.Progress()):  # noqa: B008
     """Stage 2 on the first pairs, one at a time so the page can show progress."""
     if not state or "stage1" not in state:
         raise gr.Error("Run stage 1 first.")
     pairs = state["stage1"].pairs.select(range(min(int(n_pairs), MAX_PAIRS, len(state["stage1"].pairs))))
     if len(pairs) == 0:
         raise gr.Error("Stage 1 found no pairs: lower τ or raise the budget.")
-    merger = Merger(config=dataclasses.replace(state["stage1"].config, max_new_tokens=256))
+    config = dataclasses.replace(
+        state["stage1"].config, max_new_tokens=256, alpha=alpha, min_retention=min_retention, judge=judge
+    )
+    merger = Merger(config=config)
     rows = []
     for index in progress.tqdm(range(len(pairs)), desc="Merging pairs"):
         rows.append(pairs.select([index]).map(merger, batched=True)[0])
-
+    state["stage1"] = dataclasses.replace(state["stage1"], config=config)
     state["merged"] = Dataset.from_list(rows)
     return _merges_table(rows), state
+
+
+@shown_in_page
+def regate_shown(alpha: float, min_retention: float, state: dict):
+    """The merges shown, decided again at the sliders' thresholds from their stored scores: no new request."""
+    if not state or state.get("merged") is None:
+        return gr.skip(), state
+    config = dataclasses.replace(state["stage1"].config, alpha=alpha, min_retention=min_retention)
+    min_judge = config.min_judge if config.judge else None
+    state["merged"] = regate_pairs(state["merged"], alpha, min_retention, min_judge)
+    state["stage1"] = dataclasses.replace(state["stage1"], config=config)
+    return _merges_table(state["merged"].to_list()), state
 
 
 def _merges_table(rows: list[dict]) -> pd.DataFrame:
     def score(value):
         return "n/a" if value is None else round(value, 2)
+
+    def parts(row: dict, side: str) -> str:
+        question, answer = row.get(f"retention_{side}_question"), row.get(f"retention_{side}_answer")
+        return f"{score(question)} / {score(answer)}"
 
     return pd.DataFrame(
         [
@@ -149,7 +181,9 @@ def _merges_table(rows: list[dict]) -> pd.DataFrame:
                 score(row["quality_a"]),
                 score(row["quality_b"]),
                 score(row["quality_merged"]),
-                f"{score(row['retention_a'])} / {score(row['retention_b'])}",
+                parts(row, "a"),
+                parts(row, "b"),
+                score(row.get("judge_p_yes")),
                 row["a_instruction"],
                 row["b_instruction"],
                 f"{row['merged_instruction']}\n\n{row['merged_output']}",
@@ -215,9 +249,17 @@ def build_app() -> gr.Blocks:
             elem_id="topic-map",
         )
         pairs = gr.Dataframe(headers=PAIR_COLUMNS, label="Pairs to merge", elem_id="pairs-table", wrap=True)
+        defaults = MergeItConfig()
         with gr.Row():
             n_pairs = gr.Slider(1, MAX_PAIRS, value=3, step=1, label="pairs to merge now")
+            judge = gr.Checkbox(value=False, label="also ask the judge (one more request per merge)")
             merge_button = gr.Button("2. Merge pairs", elem_id="merge")
+        with gr.Row():
+            # Moving these re-gates the merges shown from their stored scores: no request is sent.
+            alpha = gr.Slider(0.3, 1.0, value=defaults.alpha, step=0.05, label="α (quality gate)", elem_id="alpha")
+            min_retention = gr.Slider(
+                0.0, 1.0, value=defaults.min_retention, step=0.05, label="min_retention", elem_id="min-retention"
+            )
         merges = gr.Dataframe(headers=MERGE_COLUMNS, label="Merges beside their sources", wrap=True, elem_id="merges")
         export_button = gr.Button("3. Build the dataset and its card", elem_id="export")
         download = gr.File(label="Download (parquet + README.md card + accounting)")
@@ -228,7 +270,16 @@ def build_app() -> gr.Blocks:
             [topic_map, counts, pairs, state],
             api_name="stage1",
         )
-        merge_button.click(merge_pairs, [n_pairs, state], [merges, state], api_name="merge")
+        merge_button.click(
+            merge_pairs, [n_pairs, alpha, min_retention, judge, state], [merges, state], api_name="merge"
+        )
+        gr.on(
+            [alpha.release, min_retention.release],
+            regate_shown,
+            [alpha, min_retention, state],
+            [merges, state],
+            api_name="regate",
+        )
         export_button.click(export, [state], [download, card], api_name="export")
     return app
 
