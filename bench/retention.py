@@ -10,8 +10,9 @@ be accepted, every other class rejected). Variants:
   judge                  (``--judge-model GGUF``) the LLM judge alone, P(yes) >= min_judge, in-process
 Table 2, speed through the entry point users call: ``mergeit run`` on the shared Toolformer set (paper
 stage 1, its MiniLM embeddings given so the runs measure stage 2) against a scripted server with 128
-slots answering each request in 0.5 s (``_slot_server.py``, its own process), one run per configuration: the server's busy share (requests × 0.5 s / 128 over the
-span from its first request to its last answer) and merges a second over that span.
+slots answering each request in 0.5 s (``_slot_server.py``, its own process), one run per configuration:
+the server's busy share (requests × 0.5 s / 128 over the span from its first request to its last answer)
+and merges a second over that span.
 Run: cd bench && ../.venv/bin/python retention.py [--judge-model GGUF] [--skip-speed]
 """
 
