@@ -27,7 +27,7 @@ from datasets import Dataset
 import mergeit_hf as m
 from mergeit_hf.inputs.loading import ROW_FEATURES
 from mergeit_hf.stage1 import selection
-from mergeit_hf.stage1.selection import _facility_location, facility_location_value
+from mergeit_hf.stage1.selection import facility_location_ranking, facility_location_value
 from mergeit_hf.stage1.topics import assign_topics
 
 DIM, TOPICS, CHUNK = 384, 300, 20_000
@@ -88,7 +88,7 @@ def objective_table(path: Path, n_rows: int = 50_000, topics: int = 12) -> None:
         members = vectors[clusters == cluster]
         for name, limit in (("dense", len(members) + 1), ("pieces", selection.DENSE_CLUSTER_LIMIT)):
             started = time.perf_counter()
-            chosen = _facility_location(members, quota, 42, dense_limit=limit)
+            chosen = facility_location_ranking(members, quota, 42, dense_limit=limit)
             totals[name][1] += time.perf_counter() - started
             totals[name][0] += facility_location_value(members, chosen)
     sizes = sorted(int((clusters == c).sum()) for c in quotas)

@@ -16,7 +16,7 @@ from datasets.fingerprint import Hasher
 import mergeit_hf
 from mergeit_hf import MergeItConfig, embed_batch, run_stage1
 from mergeit_hf.stage1.pairs import find_pairs, match_cluster
-from mergeit_hf.stage1.selection import _facility_location, allocate_budget, facility_location_value, plan_selection
+from mergeit_hf.stage1.selection import facility_location_ranking, allocate_budget, facility_location_value, plan_selection
 from mergeit_hf.stage1.topics import fit_topic_clusters
 
 
@@ -115,8 +115,8 @@ def test_selection_ranks_are_the_greedy_order(roleplay_stage1):
 
 def test_huge_clusters_select_by_pieces_near_the_whole_cluster_objective(roleplay_stage1):
     vectors = np.asarray(roleplay_stage1.rows.with_format("numpy")["embedding"], dtype=np.float32)
-    whole = _facility_location(vectors, 80, seed=0)
-    pieces = _facility_location(vectors, 80, seed=0, dense_limit=100)  # 400 real rows in pieces of 100
+    whole = facility_location_ranking(vectors, 80, seed=0)
+    pieces = facility_location_ranking(vectors, 80, seed=0, dense_limit=100)  # 400 real rows in pieces of 100
     assert len(pieces) == len(set(pieces)) == 80 and pieces != whole
     ratio = facility_location_value(vectors, pieces) / facility_location_value(vectors, whole)
     assert 0.98 <= ratio <= 1.01, ratio  # greedy is not optimal: pieces may even do a little better

@@ -80,13 +80,19 @@ def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) ->
     """
     limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
     todo = pairs.select(range(limit))
+    batch = run_sync(merger.merge_pairs(iter(todo), merger.templates(), window="auto", total=limit))
+    return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
+
+
+def merged_pairs_dataset(pairs: Dataset, todo: Dataset, batch: MergeBatch, merger: Merger, limit: int) -> Dataset:
+    """The pairs merged so far (``todo``, in order) joined to their outcome columns, then the pairs past
+    ``limit`` as skipped: what every engine's stage 2 returns."""
     templates = merger.templates()
-    batch = run_sync(merger.merge_pairs(iter(todo), templates, window="auto", total=limit))
     columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
     merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
     if limit < len(pairs):
         merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
-    return merged, batch
+    return merged
 
 
 def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:

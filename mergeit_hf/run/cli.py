@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.engines.choice import ENGINES, Engine
 from mergeit_hf.errors import ConfigError, MergeItError
 
 EXIT_ERROR = 2
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pretty-name", help="dataset name shown on the card")
     run.add_argument("--general-size", type=int, help="|G| for the card's merge weight ω = |D|/|G|")
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
+    run.add_argument(
+        "--engine", default="datasets", choices=ENGINES, help="datasets (one machine) or ray (a Ray cluster)"
+    )
+    run.add_argument("--ray-address", help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else local)")
     _add_gate_options(run)
     run.add_argument(
         "--judge", action="store_true", default=None, help="also ask an LLM whether each merge answers all it asks"
@@ -173,8 +178,12 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     column_map = _column_map(args.column)
+    engine = Engine(args.engine, args.ray_address)
+    print(engine.start(), file=sys.stderr)
     if args.dry_run:
-        report, stage1 = pipeline.plan(args.input, config, column_map=column_map, input_format=args.input_format)
+        report, stage1 = pipeline.plan(
+            args.input, config, column_map=column_map, input_format=args.input_format, engine=engine
+        )
         print(report.summary())
         if config.prefilter_top is not None:
             from mergeit_hf.stage1.prefilter import prefilter_count
@@ -213,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         license=args.license,
         pretty_name=args.pretty_name,
         general_size=args.general_size,
+        engine=engine,
     )
     print(result.report.summary())
     written = pipeline.save(result, args.output)

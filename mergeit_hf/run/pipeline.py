@@ -16,7 +16,7 @@ from huggingface_hub import DatasetCard
 
 from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.engines.datasets_engine import merge_stage, run_stage1
+from mergeit_hf.engines.choice import Engine
 from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.output.assemble import Assembly, assemble
 from mergeit_hf.output.card import RunRecord
@@ -82,10 +82,11 @@ def plan(
     *,
     column_map: Mapping[str, str] | None = None,
     input_format: InputFormat = "auto",
+    engine: Engine | None = None,
 ) -> tuple[LoadReport, Stage1Result]:
     """Load and run stage 1 only: what ``--dry-run`` reports before any LLM call."""
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
-    return report, run_stage1(rows, config)
+    return report, (engine or Engine()).run_stage1(rows, config)
 
 
 def run_pipeline(
@@ -101,17 +102,20 @@ def run_pipeline(
     license: str | None = None,
     pretty_name: str | None = None,
     general_size: int | None = None,
+    engine: Engine | None = None,
 ) -> PipelineResult:
-    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model."""
+    """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model.
+    ``engine`` (default: datasets, on this machine) runs stage 1 and the merges; the rest is the same."""
     config = config or MergeItConfig()
+    engine = engine or Engine()
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache, show_progress=True)
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
     prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
-    stage1 = run_stage1(prefiltered.kept if prefiltered else rows, config)
+    stage1 = engine.run_stage1(prefiltered.kept if prefiltered else rows, config)
     check = check_scorer_before_merging(stage1, merger)
-    merged_pairs, batch = merge_stage(stage1.pairs, merger, max_pairs)
+    merged_pairs, batch = engine.merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
         source,
         report,

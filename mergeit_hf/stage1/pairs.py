@@ -116,8 +116,17 @@ def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float
     config = config or MergeItConfig()
     tau = config.tau if tau is None else tau
     matches = find_pair_matches(dataset, tau, config.max_group_size)
+    source = {name: column_values(dataset, name) for name in SOURCE_COLUMNS}
+    return Dataset.from_dict(pair_columns(matches, source), features=PAIR_FEATURES)
+
+
+#: What a pairs row copies of each member (``pair_columns``' ``source``).
+SOURCE_COLUMNS = (*_SIDE_FIELDS, "cluster_id")
+
+
+def pair_columns(matches: list[PairMatch], source: dict[str, list]) -> dict[str, list]:
+    """Pairs rows (``PAIR_FEATURES``) for matches over rows whose ``SOURCE_COLUMNS`` are ``source``."""
     columns: dict[str, list] = {name: [] for name in PAIR_FEATURES}
-    source = {name: column_values(dataset, name) for name in (*_SIDE_FIELDS, "cluster_id")}
     row = lambda position: {name: source[name][position] for name in _SIDE_FIELDS}  # noqa: E731
     for match in matches:
         columns["pair_id"].append("+".join(source["id"][m] for m in match.members))
@@ -128,7 +137,7 @@ def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float
                 columns[f"{side}_{name}"].append(source[name][position])
         columns["group_size"].append(len(match.members))
         columns["more_sources"].append([row(m) for m in match.members[2:]])
-    return Dataset.from_dict(columns, features=PAIR_FEATURES)
+    return columns
 
 
 def group_sources(group: dict) -> list[dict[str, str]]:

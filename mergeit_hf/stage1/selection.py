@@ -94,12 +94,12 @@ def plan_selection(dataset: Dataset, config: MergeItConfig | None = None) -> Sel
     rank_by_id: dict[str, int] = {}
     for cluster, rows in members.items():  # one cluster's embeddings in memory at a time
         vectors = take_embeddings(dataset, rows)
-        for rank, local in enumerate(_facility_location(vectors, quotas[cluster], config.seed)):
+        for rank, local in enumerate(facility_location_ranking(vectors, quotas[cluster], config.seed)):
             rank_by_id[ids[rows[local]]] = rank
     return SelectionPlan(rank_by_id, quotas, sizes)
 
 
-def _facility_location(
+def facility_location_ranking(
     embeddings: np.ndarray, n_keep: int, seed: int, dense_limit: int = DENSE_CLUSTER_LIMIT
 ) -> list[int]:
     """Indices chosen by greedy facility location, in the order they were chosen (pieces: interleaved)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,48 +87,51 @@ def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) ->
     config = config or MergeItConfig()
     if "embedding" not in dataset.column_names:
         raise KeyError("clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first")
-    if len(dataset) == 0:
+    return fit_topics(lambda rows: take_embeddings(dataset, rows), len(dataset), config)
+
+
+def fit_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
+    """Positions (ascending) of the rows the fit reads: every row up to ``minibatch_kmeans_above``, else a
+    random sample of ``KMEANS_SAMPLE_ROWS``. An engine gathers their embeddings wherever the rows live."""
+    if n_rows <= config.minibatch_kmeans_above:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(config.seed).permutation(n_rows)[:KMEANS_SAMPLE_ROWS])
+
+
+def fit_topics(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig) -> TopicClusters:
+    """The topic fit over ``n_rows`` rows whose embeddings ``embeddings_at(positions)`` returns (positions
+    from ``fit_rows``): the same centroids whichever engine holds the rows."""
+    if n_rows == 0:
         raise ValueError("cannot cluster an empty dataset")
-    n_clusters = config.resolve_n_clusters(len(dataset))
-    pca = _fit_pca(dataset, config.pca_variance, config.seed) if config.pca_variance else None
-    if len(dataset) <= config.minibatch_kmeans_above:
-        return _fit_full(dataset, n_clusters, config.seed, pca)
-    return _fit_streamed(dataset, n_clusters, config.seed, pca)
+    n_clusters = config.resolve_n_clusters(n_rows)
+    pca = _fit_pca(embeddings_at, n_rows, config.pca_variance, config.seed) if config.pca_variance else None
+    sample = _project(embeddings_at(fit_rows(n_rows, config)), pca)
+    if n_rows <= config.minibatch_kmeans_above:
+        from sklearn.cluster import KMeans
+
+        model = KMeans(n_clusters=n_clusters, random_state=config.seed, n_init="auto").fit(sample)
+        return _fitted(model.cluster_centers_, "kmeans", pca)
+    # Mini-batch k-means on the sample: the centroids of 120 topics need no more, and assigning every row
+    # afterwards is one matrix product per chunk.
+    from sklearn.cluster import MiniBatchKMeans
+
+    batch = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)
+    model = MiniBatchKMeans(n_clusters=n_clusters, random_state=config.seed, batch_size=batch, n_init=3).fit(sample)
+    return _fitted(model.cluster_centers_, "minibatch_kmeans", pca)
 
 
-def _fit_pca(dataset: Dataset, variance: float, seed: int) -> Projection:
+def _fit_pca(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, variance: float, seed: int) -> Projection:
     """PCA keeping ``variance`` of the variance (the authors' scripts: 0.95), fitted on up to
     ``_PCA_SAMPLE_ROWS`` rows drawn at random: the components of a million rows need no more."""
     from sklearn.decomposition import PCA
 
-    rows = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:_PCA_SAMPLE_ROWS])
-    pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(take_embeddings(dataset, rows))
+    rows = np.sort(np.random.default_rng(seed).permutation(n_rows)[:_PCA_SAMPLE_ROWS])
+    pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(embeddings_at(rows))
     return pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32)
 
 
 def _project(embeddings: np.ndarray, pca: Projection | None) -> np.ndarray:
     return embeddings if pca is None else (embeddings - pca[0]) @ pca[1]
-
-
-def _fit_full(dataset: Dataset, n_clusters: int, seed: int, pca: Projection | None) -> TopicClusters:
-    from sklearn.cluster import KMeans
-
-    embeddings = np.concatenate(list(iter_embeddings(dataset)))
-    embeddings = _project(embeddings, pca)
-    model = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(embeddings)
-    return _fitted(model.cluster_centers_, "kmeans", pca)
-
-
-def _fit_streamed(dataset: Dataset, n_clusters: int, seed: int, pca: Projection | None) -> TopicClusters:
-    """Mini-batch k-means on a random sample of ``KMEANS_SAMPLE_ROWS`` rows: the centroids of 120 topics
-    need no more, and assigning every row afterwards is one matrix product per chunk."""
-    from sklearn.cluster import MiniBatchKMeans
-
-    rows = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:KMEANS_SAMPLE_ROWS])
-    sample = _project(take_embeddings(dataset, rows), pca)
-    batch = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)
-    model = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, batch_size=batch, n_init=3).fit(sample)
-    return _fitted(model.cluster_centers_, "minibatch_kmeans", pca)
 
 
 def assign_topics(dataset: Dataset, topics: TopicClusters) -> np.ndarray:

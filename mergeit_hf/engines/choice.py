@@ -1,0 +1,58 @@
+"""Which engine runs the stages: ``datasets`` (one machine, the default) or ``ray`` (a Ray cluster, or a
+local Ray). Both take the same rows and config and return the same results; Ray is imported only when
+chosen, so it stays an optional extra (``pip install 'mergeit-hf[ray]'``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from datasets import Dataset
+
+from mergeit_hf.config import MergeItConfig
+from mergeit_hf.engines import datasets_engine
+from mergeit_hf.errors import ConfigError
+from mergeit_hf.stage1.result import Stage1Result
+from mergeit_hf.stage2.merge_results import MergeBatch
+from mergeit_hf.stage2.merger import Merger
+
+EngineName = Literal["datasets", "ray"]
+ENGINES: tuple[EngineName, ...] = ("datasets", "ray")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """name: "datasets" or "ray"; ray_address: the cluster to join (else ``RAY_ADDRESS``, else a local Ray)."""
+
+    name: EngineName = "datasets"
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.name!r}")
+        if self.ray_address and self.name != "ray":
+            raise ConfigError("a Ray address was given but the engine is 'datasets': add --engine ray")
+
+    def start(self) -> str:
+        """Start (or join) what the engine runs on; a line saying what that is."""
+        if self.name == "datasets":
+            return "engine: datasets, on this machine"
+        try:
+            from mergeit_hf.engines.ray_engine import ray_session
+        except ImportError as exc:
+            raise ConfigError(f"--engine ray needs Ray Data: pip install 'mergeit-hf[ray]' ({exc})") from None
+        return "engine: " + ray_session(self.ray_address)
+
+    def run_stage1(self, rows: Dataset, config: MergeItConfig) -> Stage1Result:
+        if self.name == "datasets":
+            return datasets_engine.run_stage1(rows, config)
+        from mergeit_hf.engines.ray_engine import run_stage1_ray
+
+        return run_stage1_ray(rows, config)
+
+    def merge_stage(self, pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, MergeBatch]:
+        if self.name == "datasets":
+            return datasets_engine.merge_stage(pairs, merger, max_pairs)
+        from mergeit_hf.engines.ray_engine import merge_stage_ray
+
+        return merge_stage_ray(pairs, merger, max_pairs)
