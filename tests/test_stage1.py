@@ -16,7 +16,12 @@ from datasets.fingerprint import Hasher
 import mergeit_hf
 from mergeit_hf import MergeItConfig, embed_batch, run_stage1
 from mergeit_hf.stage1.pairs import find_pairs, match_cluster
-from mergeit_hf.stage1.selection import facility_location_ranking, allocate_budget, facility_location_value, plan_selection
+from mergeit_hf.stage1.selection import (
+    allocate_budget,
+    facility_location_ranking,
+    facility_location_value,
+    plan_selection,
+)
 from mergeit_hf.stage1.topics import fit_topic_clusters
 
 
