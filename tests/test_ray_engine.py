@@ -1,0 +1,73 @@
+"""Issue 17: the same stages on Ray Data. `mergeit run --engine ray` and `mergeit run` on the same 2,500
+real rows, against the same scripted server, each with its own request cache: every row's fate, every pair
+and every merge status agree, and the Ray run says Ray ran. Ray runs locally here (2 CPUs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mergeit_hf.engines.choice import Engine
+from mergeit_hf.errors import ConfigError
+from mergeit_hf.output.folder import OutputFolder
+from mergeit_hf.run.cli import main
+from tests.conftest import shared
+from tests.helpers.pairs import restating_scripts
+from tests.helpers.scripted import ScriptedServer, peaked
+
+N_ROWS = 2500
+
+
+@pytest.fixture(scope="module")
+def both_engines(tmp_path_factory):
+    pytest.importorskip("ray")
+    rows = json.loads(shared("gpteacher_roleplay.json").read_text())[:N_ROWS]
+    merge, _ = restating_scripts(rows)
+
+    def score(instruction: str, output: str) -> dict[str, float]:  # statuses that vary from pair to pair
+        return peaked(6 - len(output) % 3) if "as a second task" in instruction else peaked(2 + len(output) % 3)
+
+    server = ScriptedServer(merge, score, slots=8).start()
+    folder = tmp_path_factory.mktemp("engines")
+    data, config = folder / "rows.json", folder / "config.yaml"
+    data.write_text(json.dumps(rows))
+    config.write_text("scorer_check_rows: 0\nalpha: 0.75\n")
+    outputs = {}
+    try:
+        for engine in ("datasets", "ray"):
+            out = folder / engine
+            args = ["run", str(data), "--output", str(out), "--endpoint", server.url, "--config", str(config)]
+            assert main([*args, "--cache-dir", str(folder / f"cache-{engine}"), "--engine", engine]) == 0
+            outputs[engine] = OutputFolder.open(out)
+    finally:
+        server.stop()
+    yield outputs
+
+
+def test_both_engines_agree_on_every_row_pair_and_merge(both_engines, capfd):
+    plain, ray = both_engines["datasets"], both_engines["ray"]
+    fates = lambda out: out.accounting.select_columns(["id", "fate", "detail", "output_id"]).to_list()  # noqa: E731
+    assert len(plain.accounting) == N_ROWS and fates(ray) == fates(plain)
+    decisions = ["pair_id", "merge_status", "merge_reason", "retention_a", "retention_b", "merged_output"]
+    assert ray.pairs.select_columns(decisions).to_list() == plain.pairs.select_columns(decisions).to_list()
+    statuses = set(plain.pairs["merge_status"])
+    assert {"accepted", "rejected"} <= statuses, statuses  # the comparison covers both outcomes
+    assert ray.final["id"] == plain.final["id"] and ray.final["output"] == plain.final["output"]
+    assert ray.record.counts == plain.record.counts and ray.record.embedding_source.endswith("CPU actors)")
+
+
+def test_the_ray_run_says_ray_ran(both_engines):
+    pytest.importorskip("ray")
+    import ray
+
+    assert ray.is_initialized()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    assert len(nodes) == 1  # the local Ray this run started
+
+
+def test_an_address_needs_the_ray_engine():
+    with pytest.raises(ConfigError, match="add --engine ray"):
+        Engine("datasets", ray_address="ray://head:10001")
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        Engine("spark")  # type: ignore[arg-type]
