@@ -91,7 +91,9 @@ def merges_by_eye(result: dict) -> str:
         out.append(f"## {row['pair_id']} — {row['merge_status']} ({row['rejection_cause'] or row['merge_status']})")
         out.append(f"reason: {row['merge_reason']}\n")
         for side in ("a", "b"):
-            out.append(f"**{side}** (retention {row[f'retention_{side}']}): {row[f'{side}_instruction']}")
+            question, answer = row[f"retention_{side}_question"], row[f"retention_{side}_answer"]
+            parts = "not measured" if question is None else f"question {question:.2f}, answer {answer:.2f}"
+            out.append(f"**{side}** (retention {parts}): {row[f'{side}_instruction']}")
             out.append(f"> {row[f'{side}_output'][:600]}\n")
         out.append(f"**merged** instruction: {row['merged_instruction']}\ninput: {row['merged_input']}")
         out.append(f"> {row['merged_output'][:1200]}\n")

@@ -47,7 +47,7 @@ _STOP_WORD_TEXT = """
     their them then there these they this those through under until upon very was were what when
     where which while will with within without would your yours yourself please write give provide
     create describe explain following answer question example examples task using based given need
-    well want know sure they're
+    well want know sure they're imagine pretend role roleplay take suppose
 """
 STOP_WORDS = frozenset(_STOP_WORD_TEXT.split())
 
