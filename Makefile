@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch lies on these machines' disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# llama-cpp-python compiles from source the first time (about 5 minutes on 2 cores), then is cached.
-	$(PY) -m pip install --quiet -e ".[local,space,dev]"
+	$(PY) -m pip install --quiet -e ".[local,space,dev,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,116 @@
+"""Both engines on the user's entry point at a million rows: ``mergeit run FILE --dry-run`` with
+``--engine datasets`` and ``--engine ray``, side by side in one run.
+
+The file carries its own 384-d embeddings (the synthetic rows of ``scale.py``, as parquet), so stage 1 is
+loading, topics, selection and pairs; the dry run then prints the planned requests and sends none. Each run
+is a fresh process with an empty datasets cache; Ray starts locally inside it (2 CPUs here) and stops with
+it. Memory is sampled from /proc every half second: the driver's resident memory, and the sum over every
+other process in its tree (Ray's raylet, object store and workers; pages shared between them are counted
+once per process, so the workers' figure is an upper bound).
+Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from loading import as_parquet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def dry_run(path: Path, engine: str) -> dict:
+    output = tempfile.mkdtemp(prefix="mergeit-bench-out-")
+    cache = tempfile.mkdtemp(prefix="mergeit-bench-datasets-")
+    command = [sys.executable, "-m", "mergeit_hf", "run", str(path), "--output", output, "--dry-run"]
+    env = {**os.environ, "HF_DATASETS_CACHE": cache, "RAY_AUTH_MODE": "disabled"}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [*command, "--engine", engine], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    peaks = {"driver": 0.0, "workers": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            tree = _tree(process.pid)
+            peaks["driver"] = max(peaks["driver"], _rss_mib(process.pid))
+            peaks["workers"] = max(peaks["workers"], sum(_rss_mib(p) for p in tree[1:]))
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(output, ignore_errors=True)
+    summary = next((line for line in stdout.splitlines() if "topics" in line and "pairs" in line), "")
+    if process.returncode != 0:
+        summary = f"exit {process.returncode}: {stderr[-400:]}"
+    return {"seconds": seconds, **peaks, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    path = as_parquet(args.rows)
+    print(f"## `mergeit run {path.name} --dry-run`, {args.rows:,} rows with embeddings, {os.cpu_count()} CPUs\n")
+    print("| engine | seconds | driver peak RSS (MiB) | other processes' peak RSS, summed (MiB) | stage 1 |")
+    print("|---|---|---|---|---|")
+    results = {}
+    for engine in ("datasets", "ray"):
+        results[engine] = result = dry_run(path, engine)
+        print(
+            f"| {engine} | {result['seconds']:.0f} | {result['driver']:,.0f} | {result['workers']:,.0f} "
+            f"| {result['summary']} |",
+            flush=True,
+        )
+    ratio = results["ray"]["seconds"] / results["datasets"]["seconds"]
+    print(f"\nRATIO seconds ray / datasets: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
