@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import yaml
 from _common import shared_file
+from labelled.build import CLASSES as CLASS_ORDER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
@@ -44,15 +45,6 @@ HERE = Path(__file__).resolve().parent
 CASES = HERE / "labelled" / "cases.jsonl"
 SLOTS, LATENCY = 128, 0.5
 MIN_RETENTION = m.MergeItConfig().min_retention
-CLASS_ORDER = (
-    "complete",
-    "answer dropped",
-    "one source dropped",
-    "question dropped",
-    "numbers changed",
-    "names swapped",
-    "truncated",
-)
 
 
 def whole_rows(case: dict, model: Embedder) -> float:

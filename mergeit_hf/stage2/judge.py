@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.scheduler import RequestScheduler
 from mergeit_hf.errors import EndpointConfigError, EndpointError
 from mergeit_hf.prompts import PromptTemplate
+from mergeit_hf.stage2.scoring import score_params
 
 YES, NO = "yes", "no"
 
@@ -49,17 +49,6 @@ def read_verdict(top_logprobs: Iterable[tuple[str, float]]) -> JudgeVerdict:
     return JudgeVerdict(p.get(YES, 0.0) / mass, mass)
 
 
-def judge_params(config: MergeItConfig) -> dict[str, Any]:
-    # One token at temperature 1.0: the model's own probabilities, nothing generated past the verdict.
-    return {
-        "max_tokens": 1,
-        "temperature": 1.0,
-        "seed": config.seed,
-        "logprobs": True,
-        "top_logprobs": config.top_logprobs,
-    }
-
-
 @dataclass
 class Judge:
     """Asks ``scheduler`` for verdicts with ``template``; ``raw`` sends the rendered prompt as a raw completion."""
@@ -78,8 +67,8 @@ class Judge:
         """The verdict, or the endpoint's error (the caller fails that pair with it)."""
         content = self.template.render(sources=list(sources), merged=merged)
         request = content if self.raw else [{"role": "user", "content": content}]
-        try:
-            reply, _ = await self.scheduler.complete(self.template, request, judge_params(self.config))
+        try:  # one token at temperature 1, as a quality score: the model's own probabilities
+            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config))
         except EndpointConfigError:
             raise
         except EndpointError as exc:

@@ -161,29 +161,13 @@ class Merger:
 
     def endpoint_settings(self) -> EndpointSettings:
         """The merge endpoint: a URL, a provider, or neither (the embedded model)."""
-        config = self.config
-        return EndpointSettings(
-            url=self.resolved_endpoint,
-            model=self.resolved_model,
-            provider=config.provider,
-            key_variable="MERGEIT_API_KEY",
-            role="LLM endpoint",
-            timeout_s=config.request_timeout_s,
-            attempts=config.request_retries,
-        )
+        return self._settings(self.resolved_endpoint, self.resolved_model, "MERGEIT_API_KEY", "LLM endpoint")
 
     def scorer_settings(self) -> EndpointSettings | None:
         """The scorer endpoint of its own, if one is set."""
-        url, config = self.resolved_scorer_endpoint, self.config
-        if not url:
-            return None
-        return EndpointSettings(
-            url=url,
-            model=config.scorer_model,
-            key_variable="MERGEIT_SCORER_API_KEY",
-            role="scorer endpoint",
-            timeout_s=config.request_timeout_s,
-            attempts=config.request_retries,
+        url = self.resolved_scorer_endpoint
+        return (
+            self._settings(url, self.config.scorer_model, "MERGEIT_SCORER_API_KEY", "scorer endpoint") if url else None
         )
 
     def judge_settings(self) -> EndpointSettings | None:
@@ -191,11 +175,17 @@ class Merger:
         config = self.config
         if not (config.judge and config.judge_endpoint):
             return None
+        return self._settings(config.judge_endpoint, config.judge_model, "MERGEIT_JUDGE_API_KEY", "judge endpoint")
+
+    def _settings(self, url: str | None, model: str | None, key_variable: str, role: str) -> EndpointSettings:
+        config = self.config
         return EndpointSettings(
-            url=config.judge_endpoint,
-            model=config.judge_model,
-            key_variable="MERGEIT_JUDGE_API_KEY",
-            role="judge endpoint",
+            url=url,
+            model=model,
+            # Providers route merges only; the scorer and the judge are URLs of their own when set.
+            provider=config.provider if role == "LLM endpoint" else None,
+            key_variable=key_variable,
+            role=role,
             timeout_s=config.request_timeout_s,
             attempts=config.request_retries,
         )
