@@ -55,6 +55,8 @@ def test_both_engines_agree_on_every_row_pair_and_merge(both_engines, capfd):
     assert {"accepted", "rejected"} <= statuses, statuses  # the comparison covers both outcomes
     assert ray.final["id"] == plain.final["id"] and ray.final["output"] == plain.final["output"]
     assert ray.record.counts == plain.record.counts and ray.record.embedding_source.endswith("CPU actors)")
+    assert plain.record.engine == "datasets" and ray.record.engine.startswith("Ray ")
+    assert "- Engine: Ray " in (ray.folder / "README.md").read_text()
 
 
 def test_the_ray_run_says_ray_ran(both_engines):

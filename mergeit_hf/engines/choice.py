@@ -34,7 +34,7 @@ class Engine:
             raise ConfigError("a Ray address was given but the engine is 'datasets': add --engine ray")
 
     def start(self) -> str:
-        """Start (or join) what the engine runs on; a line saying what that is."""
+        """Start (or join) what the engine runs on; a line saying what that is (also ``description``)."""
         if self.name == "datasets":
             return "engine: datasets, on this machine"
         try:
@@ -42,6 +42,15 @@ class Engine:
         except ImportError as exc:
             raise ConfigError(f"--engine ray needs Ray Data: pip install 'mergeit-hf[ray]' ({exc})") from None
         return "engine: " + ray_session(self.ray_address)
+
+    @property
+    def description(self) -> str:
+        """What the run record and the card say ran the stages."""
+        if self.name == "datasets":
+            return "datasets"
+        from mergeit_hf.engines.ray_engine import ray_session
+
+        return ray_session(self.ray_address)  # joined already: only describes it
 
     def run_stage1(self, rows: Dataset, config: MergeItConfig) -> Stage1Result:
         if self.name == "datasets":

@@ -76,6 +76,7 @@ class RunRecord:
     embedding_source: str = ""
     endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # kind, model, structured output
     tokens: dict[str, int] = field(default_factory=dict)  # prompt / completion tokens over the pairs
+    engine: str = "datasets"  # what ran the stages: "datasets" (one machine) or "ray: <cluster>"
 
     @property
     def acceptance_rate(self) -> float:
@@ -146,6 +147,7 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         retention_figure=next((f for f in figures if f.endswith("retention.png")), None),
         sweep_figure=next((f for f in figures if f.endswith("sweep.png")), None),
         regated_at=record.regated_at,
+        engine=record.engine,
     )
 
 

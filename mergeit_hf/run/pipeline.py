@@ -129,6 +129,7 @@ def run_pipeline(
         license=license,
         pretty_name=pretty_name,
         general_size=general_size,
+        engine=engine.description,
     )
 
 
@@ -163,6 +164,7 @@ def finish_run(
     license: str | None = None,
     pretty_name: str | None = None,
     general_size: int | None = None,
+    engine: str = "datasets",
 ) -> PipelineResult:
     """Assemble the final rows, the accounting, the run record and the card from both stages' results."""
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -197,6 +199,7 @@ def finish_run(
         pretty_name=pretty_name,
         source_datasets=_hub_source(source),
         general_size=general_size,
+        engine=engine,
     )
     card, figures = card_and_figures(record, assembly.final, pairs_for_export(merged_pairs))
     return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent, figures)

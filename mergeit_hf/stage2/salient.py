@@ -61,6 +61,7 @@ def normalise_number(text: str) -> str:
     return digits + percent
 
 
+@functools.lru_cache(maxsize=65536)  # a vocabulary's worth: every merge reads the same words again
 def _stem(word: str) -> str:
     """Light suffix stripping, so "reverse", "reverses" and "reversing" compare equal."""
     word = word.lower()
@@ -72,7 +73,12 @@ def _stem(word: str) -> str:
 
 
 def _words(text: str) -> dict[str, str]:
-    """Stem → the first form it appeared in (shown when the word is lost)."""
+    """Stem → the first form it appeared in (shown when the word is lost). Read-only: it is cached."""
+    return _cached_words(text)
+
+
+@functools.lru_cache(maxsize=8192)  # the merged text and the partners' texts are read once per part and side
+def _cached_words(text: str) -> dict[str, str]:
     words: dict[str, str] = {}
     for word in _WORD.findall(text):
         if word.lower() not in STOP_WORDS:
@@ -82,8 +88,13 @@ def _words(text: str) -> dict[str, str]:
 
 def numbers(text: str) -> list[str]:
     """The normalised numbers of ``text`` in order of appearance, once each, list markers left out."""
+    return list(_numbers(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _numbers(text: str) -> tuple[str, ...]:
     found = (normalise_number(m.group()) for m in _NUMBER.finditer(_LIST_MARKER.sub(" ", text)))
-    return list(dict.fromkeys(found))
+    return tuple(dict.fromkeys(found))
 
 
 def salient_items(text: str, partner_texts: Sequence[str] = ()) -> dict[str, ItemKind]:
