@@ -33,15 +33,17 @@ def both_engines(tmp_path_factory):
     data, config = folder / "rows.json", folder / "config.yaml"
     data.write_text(json.dumps(rows))
     config.write_text("scorer_check_rows: 0\nalpha: 0.75\n")
-    outputs = {}
+    outputs, sent = {}, {}
     try:
-        for engine in ("datasets", "ray"):
+        for engine in ("datasets", "ray", "ray-again"):
             out = folder / engine
             args = ["run", str(data), "--output", str(out), "--endpoint", server.url, "--config", str(config)]
-            assert main([*args, "--cache-dir", str(folder / f"cache-{engine}"), "--engine", engine]) == 0
-            outputs[engine] = OutputFolder.open(out)
+            cache = folder / f"cache-{engine.removesuffix('-again')}"  # the rerun resumes from the Ray run's cache
+            assert main([*args, "--cache-dir", str(cache), "--engine", engine.removesuffix("-again")]) == 0
+            outputs[engine], sent[engine] = OutputFolder.open(out), sum(server.requests.values())
     finally:
         server.stop()
+    outputs["requests after each run"] = sent
     yield outputs
 
 
@@ -57,6 +59,14 @@ def test_both_engines_agree_on_every_row_pair_and_merge(both_engines, capfd):
     assert ray.record.counts == plain.record.counts and ray.record.embedding_source.endswith("CPU actors)")
     assert plain.record.engine == "datasets" and ray.record.engine.startswith("Ray ")
     assert "- Engine: Ray " in (ray.folder / "README.md").read_text()
+
+
+def test_a_ray_run_again_sends_nothing(both_engines):
+    """The merge actors write every answer to the request cache: a rerun (after a kill, too) sends nothing."""
+    sent = both_engines["requests after each run"]
+    assert sent["ray"] > sent["datasets"] and sent["ray-again"] == sent["ray"]
+    again, first = both_engines["ray-again"], both_engines["ray"]
+    assert again.pairs["merge_status"] == first.pairs["merge_status"]
 
 
 def test_the_ray_run_says_ray_ran(both_engines):
