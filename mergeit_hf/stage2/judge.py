@@ -57,8 +57,6 @@ class Judge:
     template: PromptTemplate
     config: MergeItConfig
     raw: bool = False
-    verdicts: int = 0
-    unavailable: int = 0
 
     def describe(self) -> dict[str, str]:
         return {**self.scheduler.backend.describe(), "template": self.template.name}
@@ -73,7 +71,4 @@ class Judge:
             raise
         except EndpointError as exc:
             return exc
-        verdict = read_verdict(reply.first_top_logprobs)
-        self.verdicts += 1
-        self.unavailable += not verdict.available
-        return verdict
+        return read_verdict(reply.first_top_logprobs)

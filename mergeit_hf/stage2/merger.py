@@ -278,7 +278,7 @@ class Merger:
                 session.judge,
             )
             if window == "auto":
-                window = WINDOW_PER_SLOT * (session.merges.concurrency if session.merges else 1)
+                window = WINDOW_PER_SLOT * session.merges.concurrency
             total = total if total is not None else (len(pairs) if isinstance(pairs, Sized) else None)
             progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await _merge_in_order(run, pairs, window, progress)
@@ -290,7 +290,7 @@ class Merger:
                 counts.unavailable,
             )
             stats.requests_sent, stats.cache_hits = session.requests_sent, session.cache.hits
-            stats.idle_releases = session.merges.idle_releases if session.merges else 0
+            stats.idle_releases = session.merges.idle_releases
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
 
 

@@ -113,7 +113,6 @@ class StaticEmbedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._static.dim), dtype=np.float32)
-        # One process: model2vec spawns workers only past 10k texts, and merges send far fewer at once.
-        vectors = self._static.encode(texts, show_progress_bar=False, use_multiprocessing=False)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.where(norms == 0, 1, norms)
+        # One process: model2vec spawns workers only past 10k texts, and merges send far fewer at once. It
+        # normalises itself (a text with no known piece stays the zero vector).
+        return self._static.encode(texts, show_progress_bar=False, use_multiprocessing=False, normalize=True)
