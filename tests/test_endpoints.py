@@ -368,3 +368,32 @@ def test_each_endpoint_reads_its_own_key_and_model(monkeypatch):
     assert (scorer.model, scorer.key_variable, scorer.role) == ("deita", "MERGEIT_SCORER_API_KEY", "scorer endpoint")
     assert api_key(scorer.key_variable) == "sk-scorer" and api_key(merge.key_variable) == "hf_fallback"
     assert "sk-scorer" not in repr(merger) and "sk-scorer" not in json.dumps(config.to_dict())
+
+
+def test_a_judge_endpoint_of_its_own_is_spoken_to_by_its_rules(rows, pairs, tmp_path, monkeypatch):
+    """Issue 16's judge on an OpenAI-shaped server of its own: a key, two models (the judge's must be named),
+    and 30% of requests failing (5xx, 429, dropped connections); merges and scores stay on their server."""
+    monkeypatch.setenv("MERGEIT_JUDGE_API_KEY", KEY)
+    merges = _server(rows)
+    judge = DialectServer(
+        *restating_scripts(rows),
+        dialect="openai",
+        served=("gpt-4o", "gpt-4o-mini"),
+        api_key=KEY,
+        fault_rate=0.3,
+        judge=lambda prompt: 0.8,
+    ).start()
+    options = {"judge": True, "judge_endpoint": judge.url + "/v1", "request_retries": 10}
+    try:
+        with pytest.raises(EndpointConfigError, match=r"not 'gpt-5'"):
+            _merge(pairs, merges, tmp_path / "wrong", judge_model="gpt-5", **options)
+        merged, batch = _merge(pairs, merges, tmp_path / "right", judge_model="gpt-4o-mini", **options)
+    finally:
+        merges.stop()
+        judge.stop()
+    assert set(merged["merge_status"]) == {"accepted"}, set(merged["merge_reason"])
+    assert merged["judge_p_yes"] == pytest.approx([0.8] * len(pairs))
+    assert judge.requests["judge"] == len(pairs) and merges.requests["judge"] == 0  # each verdict asked once
+    statuses = {s for _, s in judge.log}
+    assert set(judge.models) == {"gpt-4o-mini"} and statuses - {"200"} <= set(FAULTS) and statuses & set(FAULTS)
+    assert batch.endpoints["judge"]["model"] == "gpt-4o-mini"
