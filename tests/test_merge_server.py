@@ -218,3 +218,21 @@ def test_a_real_llama_server_settles_its_structured_output_and_names_its_model_b
     }
     assert merged["merge_model"] == ["SmolLM2-135M-Instruct.Q4_1.gguf"] and "/" not in merged["merge_model"][0]
     assert merged["prompt_tokens"][0] > 100 and merged["completion_tokens"][0] > 0  # the server's own usage
+
+
+def test_the_judge_reads_a_real_models_first_token(pairs, llama_server, tmp_path):
+    """Issue 16: the judge's verdict read from a real server's logprobs (SmolLM2 behind llama.cpp's server):
+    both words among its top logprobs, P(yes) a probability, the column filled and the gate reading it."""
+    from mergeit_hf.engines.datasets_engine import merge_stage
+
+    llama_server.wait_idle()
+    config = MergeItConfig(**{**FAST.to_dict(), "judge": True, "min_judge": 0.99})
+    merger = Merger(endpoint=llama_server.url + "/v1", config=config, cache_dir=str(tmp_path))
+    merged, batch = merge_stage(pairs.select(range(2)), merger)
+    assert batch.endpoints["judge"]["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    scored = [row for row in merged if row["merge_status"] != "failed"]
+    assert scored, list(merged["merge_reason"])
+    for row in scored:
+        assert 0.0 < row["judge_p_yes"] < 1.0 and row["min_judge"] == 0.99
+        # a 135M model is never that sure: the gate at 0.99 rejects, naming the judge
+        assert row["merge_status"] == "rejected" and "judge" in row["rejection_cause"], row["merge_reason"]
