@@ -32,10 +32,10 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
-from mergeit_hf.endpoints.local_llama import local_model_path
+from mergeit_hf.endpoints.servers.local_llama import local_model_path
 from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.stage1.pairs import PAIR_FEATURES
-from mergeit_hf.stage2.merger import Merger, stage2_templates
+from mergeit_hf.stage2.merge.merger import Merger, stage2_templates
 from tests.helpers.servers import FaultProxy, free_port
 
 HERE = Path(__file__).resolve().parent

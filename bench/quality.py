@@ -23,10 +23,10 @@ from _common import shared_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
-from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.output import sweep
-from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.columns import outcome_columns
+from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.scorer_check import run_scorer_check
 
 RETENTIONS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -44,7 +44,7 @@ def measure(model: str | None, pairs, rows, args) -> dict:
     check = run_scorer_check(rows, merger, args.check_rows)
     print(check.report(), flush=True)
     batch = run_sync(merger.merge_pairs(pairs.to_list(), merger.templates()))
-    model_id, stats = batch.merge_model, batch.stats
+    model_id, counts = batch.merge_model, batch.counts
     merged = pairs
     columns = outcome_columns(batch.outcomes, config, merger.templates(), batch.merge_model, batch.quality_model)
     for name, values in columns.items():
@@ -57,7 +57,7 @@ def measure(model: str | None, pairs, rows, args) -> dict:
         "seconds": time.perf_counter() - started,
         "check": check,
         "table": table,
-        "failed": stats.failed,
+        "failed": counts.of("failed"),
         "weaker": weaker,
         "pairs": merged,
     }

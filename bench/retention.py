@@ -36,10 +36,10 @@ from labelled.build import CLASSES as CLASS_ORDER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mergeit_hf as m
-from mergeit_hf.stage1.embedding import Embedder
-from mergeit_hf.stage2.merger import Merger
-from mergeit_hf.stage2.retention import RetentionTexts, part_retention
-from mergeit_hf.stage2.static_embedding import StaticEmbedder
+from mergeit_hf.embeddings.embedder import Embedder
+from mergeit_hf.embeddings.static import StaticEmbedder
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.retention.measure import RetentionTexts, part_retention
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "labelled" / "cases.jsonl"

@@ -16,7 +16,7 @@ import numpy as np
 from _common import peak_rss_mib, shared_file
 
 import mergeit_hf as m
-from mergeit_hf.stage1.embedding import Embedder, join_text, load_model
+from mergeit_hf.embeddings.embedder import Embedder, join_text, load_model
 from mergeit_hf.stage1.pairs import find_pair_matches, match_cluster
 from mergeit_hf.stage1.selection import is_selected, plan_selection
 from mergeit_hf.stage1.topics import fit_topic_clusters

@@ -2,6 +2,7 @@
 
 from mergeit_hf._version import __version__
 from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
+from mergeit_hf.embeddings.embedder import Embedder, embed_batch
 from mergeit_hf.engines.datasets_engine import run_stage1
 from mergeit_hf.errors import (
     ConfigError,
@@ -14,12 +15,11 @@ from mergeit_hf.errors import (
 from mergeit_hf.inputs.loading import LoadReport, load_rows
 from mergeit_hf.output.publish import push_to_hub, write_repo_folder
 from mergeit_hf.run.pipeline import PipelineResult, run_pipeline
-from mergeit_hf.stage1.embedding import Embedder, embed_batch
 from mergeit_hf.stage1.pairs import find_pairs, pairs_against_tau
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, add_selection, is_selected, plan_selection
 from mergeit_hf.stage1.topics import TopicClusters, add_clusters, fit_topic_clusters
-from mergeit_hf.stage2.merger import Merger, MergeStats, merge_batch
+from mergeit_hf.stage2.merge.merger import Merger, MergeStats, merge_batch
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",

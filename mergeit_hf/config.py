@@ -76,7 +76,7 @@ class MergeItConfig:
         compute_retention: False skips retention (``retention_*`` columns empty, retention gate off; set
             ``min_retention: 0`` too).
         retention_model: the model whose embeddings give retention its semantic part: None is the static
-            model distilled once from ``embedding_model`` (``static_embedding``: thousands of texts a second
+            model distilled once from ``embedding_model`` (``embeddings.static``: thousands of texts a second
             on a CPU, so a large endpoint stays busy); a sentence-transformers name or folder runs that
             transformer instead (MiniLM on 2 CPU cores embeds ~5 merges a second, README *Throughput*).
         judge: also ask an LLM whether each merge answers every part of its instruction, consistently with

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from mergeit_hf import ConfigError, MergeItConfig
-from mergeit_hf.stage2.quality import expected_score, gate_explanation, gate_threshold, passes_gate
+from mergeit_hf.stage2.gate import gate_explanation, gate_threshold, passes_gate
+from mergeit_hf.stage2.scoring.deita import expected_score
 
 
 def test_paper_defaults_and_authors_preset():

@@ -16,19 +16,19 @@ import httpx
 import pytest
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.endpoints.probe import model_label
-from mergeit_hf.endpoints.scheduler import run_sync
-from mergeit_hf.endpoints.transport import (
+from mergeit_hf.endpoints.http.transport import (
     base_url,
     is_retryable_status,
     is_transient,
     retry_after_seconds,
     server_message,
 )
+from mergeit_hf.endpoints.probe import model_label
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.errors import EndpointConfigError, EndpointError
-from mergeit_hf.stage2.merge_output import MERGE_SCHEMA
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.answer import MERGE_SCHEMA
+from mergeit_hf.stage2.merge.merger import Merger
 from tests.helpers.dialects import FAULTS, DialectServer
 from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restating_scripts
 
@@ -268,7 +268,7 @@ def test_hf_inference_providers_requests_at_the_transport(provider, url, sent_mo
     from huggingface_hub.inference._providers import _common
 
     from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend
-    from mergeit_hf.stage2.merge_request import merge_params
+    from mergeit_hf.stage2.merge.request import merge_params
 
     model, token = "meta-llama/Llama-3.3-70B-Instruct", "hf_canary_provider_token"
     monkeypatch.setenv("HF_TOKEN", token)
@@ -355,7 +355,7 @@ def test_offline_mode_stops_a_tgi_run_at_once_and_leaves_other_servers_alone(row
 
 
 def test_each_endpoint_reads_its_own_key_and_model(monkeypatch):
-    from mergeit_hf.endpoints.transport import api_key
+    from mergeit_hf.endpoints.http.transport import api_key
 
     monkeypatch.setenv("HF_TOKEN", "hf_fallback")
     monkeypatch.setenv("MERGEIT_SCORER_API_KEY", "sk-scorer")

@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from mergeit_hf import MergeItConfig
 from mergeit_hf.errors import TemplateError
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, real_rows, restate_all, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked

@@ -20,7 +20,7 @@ import mergeit_hf
 import mergeit_hf.endpoints.probe
 from mergeit_hf import EndpointError, MergeItConfig, QualityScoringError
 from mergeit_hf.endpoints.connect import open_chat_backend
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
 from tests.helpers.servers import LoopbackServer, free_port
 
 pytestmark = pytest.mark.server
@@ -75,7 +75,7 @@ def test_merger_hashes_identically_in_a_new_process():
     merger = Merger(endpoint="http://127.0.0.1:8080", config=FAST)
     code = (
         "from datasets.fingerprint import Hasher; from mergeit_hf import MergeItConfig; "
-        "from mergeit_hf.stage2.merger import Merger; "
+        "from mergeit_hf.stage2.merge.merger import Merger; "
         f"print(Hasher.hash(Merger(endpoint='http://127.0.0.1:8080', config=MergeItConfig(**{FAST.to_dict()!r}))))"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -105,7 +105,7 @@ def test_an_endpoint_that_keeps_failing_fails_pairs_with_a_reason(pairs, fault_p
 
 def test_concurrency_and_model_id_come_from_info(fault_proxy):
     fault_proxy.info = {"model_id": "hkust-nlp/deita-quality-scorer", "max_concurrent_requests": 3}
-    backend = mergeit_hf.stage2.merger.run_sync(open_chat_backend(Merger(endpoint=fault_proxy.url).endpoint_settings()))
+    backend = mergeit_hf.stage2.merge.merger.run_sync(open_chat_backend(Merger(endpoint=fault_proxy.url).endpoint_settings()))
     assert (backend.model_id, backend.default_concurrency) == ("hkust-nlp/deita-quality-scorer", 3)
 
 
@@ -138,10 +138,10 @@ def test_probe_waits_for_a_busy_server_as_long_as_a_request_may(monkeypatch):
     server = _BusyServer().start()
     try:
         probe = mergeit_hf.endpoints.probe.probe_server
-        served = mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
+        served = mergeit_hf.stage2.merge.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=30))
         assert served.model == "busy/model"
         with pytest.raises(EndpointError, match=r"did not answer the LLM endpoint .*/v1/models.*request_timeout_s"):
-            mergeit_hf.stage2.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
+            mergeit_hf.stage2.merge.merger.run_sync(probe(server.url, None, "LLM endpoint", read_timeout_s=0.3))
     finally:
         server.stop()
 

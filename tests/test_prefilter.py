@@ -8,7 +8,7 @@ import math
 import pytest
 from datasets import Dataset
 
-from mergeit_hf.stage2.quality import expected_score
+from mergeit_hf.stage2.scoring.deita import expected_score
 from tests.conftest import shared
 from tests.helpers.pairs import cli_run, restate_all
 from tests.helpers.scripted import ScriptedServer, peaked

@@ -12,7 +12,7 @@ import pytest
 from mergeit_hf import TemplateError
 from mergeit_hf.endpoints.base import ChatReply
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.merge_output import MergeParseError, parse_merge_output
+from mergeit_hf.stage2.merge.answer import MergeParseError, parse_merge_output
 
 ROOT = Path(__file__).resolve().parent.parent
 

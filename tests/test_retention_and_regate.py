@@ -14,13 +14,13 @@ import pytest
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.endpoints.local_llama import resolve_local_model
+from mergeit_hf.endpoints.servers.local_llama import resolve_local_model
 from mergeit_hf.errors import EndpointError, InputError
 from mergeit_hf.output.folder import OutputFolder
 from mergeit_hf.run.cli import main
-from mergeit_hf.stage2.merger import Merger
-from mergeit_hf.stage2.retention import part_retention
-from mergeit_hf.stage2.salient import numbers
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.retention.measure import part_retention
+from mergeit_hf.stage2.retention.salient import numbers
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, real_rows, restate_all, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked

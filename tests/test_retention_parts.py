@@ -16,8 +16,8 @@ import pytest
 
 from mergeit_hf import MergeItConfig
 from mergeit_hf.run.cli import main
-from mergeit_hf.stage2.judge import read_verdict
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.scoring.judge import read_verdict
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, served_cli_run
 from tests.helpers.scripted import ScriptedServer, peaked

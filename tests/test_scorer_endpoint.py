@@ -12,10 +12,10 @@ import math
 import pytest
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.endpoints.local_llama import local_model_path
+from mergeit_hf.endpoints.servers.local_llama import local_model_path
 from mergeit_hf.run.cli import main
-from mergeit_hf.stage2.merger import Merger
-from mergeit_hf.stage2.quality import expected_score
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.scoring.deita import expected_score
 from tests.helpers.pairs import pairs_dataset, real_rows, restate_all
 from tests.helpers.scripted import ScriptedServer, TgiScorer, peaked
 from tests.helpers.servers import FaultProxy

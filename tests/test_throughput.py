@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from mergeit_hf import MergeItConfig, load_rows, run_stage1
-from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.embeddings.embedder import Embedder, resolve_device
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.errors import ConfigError, InputError
-from mergeit_hf.stage1.embedding import Embedder, resolve_device
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
 from tests.conftest import shared
 from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
 from tests.helpers.scripted import ScriptedServer

@@ -18,9 +18,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mergeit_hf as m
-from mergeit_hf.endpoints.scheduler import run_sync
-from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.endpoints.sending.sync import run_sync
+from mergeit_hf.stage2.merge.columns import outcome_columns
+from mergeit_hf.stage2.merge.merger import Merger
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "mergeit-bench" / "requests"
@@ -71,8 +71,8 @@ def main() -> None:
         )
     (HERE / "real.unlabelled.jsonl").write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in out))
     print(
-        f"wrote {len(out)} merges by {batch.merge_model}: {batch.stats.accepted} accepted, "
-        f"{batch.stats.rejected} rejected, {batch.stats.failed} failed"
+        f"wrote {len(out)} merges by {batch.merge_model}: {batch.counts.of('accepted')} accepted, "
+        f"{batch.counts.of('rejected')} rejected, {batch.counts.of('failed')} failed"
     )
 
 

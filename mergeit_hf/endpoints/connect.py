@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatBackend
-from mergeit_hf.endpoints.completions import CompletionEndpointBackend
-from mergeit_hf.endpoints.http_client import JsonHttpClient
-from mergeit_hf.endpoints.local_llama import LocalLlamaBackend
-from mergeit_hf.endpoints.openai_chat import OpenAIChatBackend
+from mergeit_hf.endpoints.http.client import JsonHttpClient
+from mergeit_hf.endpoints.http.transport import api_key, base_url
 from mergeit_hf.endpoints.probe import ServerInfo, probe_server
-from mergeit_hf.endpoints.tgi_chat import InferenceClientBackend, provider_backend
-from mergeit_hf.endpoints.transport import api_key, base_url
+from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
+from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend, provider_backend
+from mergeit_hf.endpoints.servers.local_llama import LocalLlamaBackend
+from mergeit_hf.endpoints.servers.openai_chat import OpenAIChatBackend
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Literal
 import httpx
 
 from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY
-from mergeit_hf.endpoints.transport import configuration_error, redact, server_message
+from mergeit_hf.endpoints.http.transport import configuration_error, redact, server_message
 from mergeit_hf.errors import EndpointConfigError, EndpointError
 
 #: "tgi": TGI (answers ``/info``; structured output as TGI's grammar). "openai": everything else that serves

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from mergeit_hf.endpoints.transport import server_message
+from mergeit_hf.endpoints.http.transport import server_message
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines import datasets_engine
 from mergeit_hf.errors import ConfigError
 from mergeit_hf.stage1.result import Stage1Result
-from mergeit_hf.stage2.merge_results import MergeBatch
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.merge.results import MergeBatch
 
 EngineName = Literal["datasets", "ray"]
 ENGINES: tuple[EngineName, ...] = ("datasets", "ray")

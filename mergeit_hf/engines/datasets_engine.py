@@ -11,19 +11,20 @@ import time
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Value, concatenate_datasets
+from datasets import Dataset, Value
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.embeddings.arrow import column_values
+from mergeit_hf.embeddings.embedder import Embedder, given_embeddings, resolve_device
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
-from mergeit_hf.stage1.embedding import Embedder, given_embeddings, resolve_device
 from mergeit_hf.stage1.pairs import find_pairs
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import is_selected, plan_selection
-from mergeit_hf.stage1.topics import assign_topics, column_values, fit_topic_clusters
-from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merge_results import MergeBatch, MergeOutcome
-from mergeit_hf.stage2.merger import Merger, stage2_templates
+from mergeit_hf.stage1.topics import assign_topics, fit_topic_clusters
+from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.merge.results import MergeBatch
 
 
 def run_stage1(rows: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Stage1Result:
@@ -82,27 +83,3 @@ def merge_stage(pairs: Dataset, merger: Merger, max_pairs: int | None = None) ->
     todo = pairs.select(range(limit))
     batch = run_sync(merger.merge_pairs(iter(todo), merger.templates(), window="auto", total=limit))
     return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
-
-
-def merged_pairs_dataset(pairs: Dataset, todo: Dataset, batch: MergeBatch, merger: Merger, limit: int) -> Dataset:
-    """The pairs merged so far (``todo``, in order) joined to their outcome columns, then the pairs past
-    ``limit`` as skipped: what every engine's stage 2 returns."""
-    templates = merger.templates()
-    columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
-    merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
-    if limit < len(pairs):
-        merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
-    return merged
-
-
-def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:
-    columns = outcome_columns([], merger.config, merger.templates())
-    return concatenate_datasets([pairs, Dataset.from_dict(columns)], axis=1)
-
-
-def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
-    """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
-    reason = f"not merged: this run was limited to {limit} pairs"
-    columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
-    skipped = Dataset.from_dict({**rest.to_dict(), **columns})
-    return concatenate_datasets([merged, skipped.cast(merged.features)])

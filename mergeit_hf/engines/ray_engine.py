@@ -31,17 +31,18 @@ import pyarrow as pa
 from datasets import Dataset, concatenate_datasets
 
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.embeddings.arrow import column_values, matrix
+from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
 from mergeit_hf.endpoints.connect import open_chat_backend
-from mergeit_hf.endpoints.scheduler import run_sync
-from mergeit_hf.engines.datasets_engine import merged_pairs_dataset
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
-from mergeit_hf.stage1.embedding import Embedder, given_embeddings
 from mergeit_hf.stage1.pairs import PAIR_FEATURES, SOURCE_COLUMNS, PairMatch, match_cluster, pair_columns
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
-from mergeit_hf.stage1.topics import TopicClusters, column_values, fit_rows, fit_topics
-from mergeit_hf.stage2.merge_results import MergeBatch, MergeStats
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage1.topics import TopicClusters, fit_rows, fit_topics
+from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats
 
 logger = logging.getLogger(__name__)
 POSITION = "_position"  # a row's place in the input: every result is put back in this order
@@ -83,24 +84,17 @@ class _EmbeddingActor:
         return batch
 
 
-def _matrix(column: Any) -> np.ndarray:
-    """Ray hands a list column over as an object array of arrays, a tensor column as a 2-D array."""
-    if isinstance(column, np.ndarray) and column.dtype != object:
-        return column.astype(np.float32, copy=False)
-    return np.stack(list(column)).astype(np.float32, copy=False) if len(column) else np.zeros((0, 0), np.float32)
-
-
 @dataclass(frozen=True)
 class _AssignTopics:
     topics: TopicClusters
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {POSITION: batch[POSITION], "cluster_id": self.topics.assign(_matrix(batch[EMBEDDING_COLUMN]))}
+        return {POSITION: batch[POSITION], "cluster_id": self.topics.assign(matrix(batch[EMBEDDING_COLUMN]))}
 
 
 def _select_in_topic(group: dict[str, np.ndarray], quotas: dict[int, int], seed: int) -> dict[str, np.ndarray]:
     order = np.argsort(group[POSITION], kind="stable")  # the datasets engine's order inside a topic
-    vectors = _matrix(group[EMBEDDING_COLUMN])[order]
+    vectors = matrix(group[EMBEDDING_COLUMN])[order]
     ranks = np.full(len(order), -1, dtype=np.int64)
     ranking = facility_location_ranking(vectors, quotas[int(group["cluster_id"][0])], seed)
     ranks[np.asarray(ranking, dtype=np.int64)] = np.arange(len(ranking))
@@ -119,7 +113,7 @@ class _Selected:
 def _pair_in_topic(group: dict[str, np.ndarray], tau: float, max_group_size: int) -> dict[str, np.ndarray]:
     order = np.argsort(group[POSITION], kind="stable")
     positions = group[POSITION][order]
-    matches = match_cluster(_matrix(group[EMBEDDING_COLUMN])[order], tau, max_group_size)
+    matches = match_cluster(matrix(group[EMBEDDING_COLUMN])[order], tau, max_group_size)
     members = np.full((len(matches), max_group_size), -1, dtype=np.int64)
     for i, (local, _) in enumerate(matches):
         members[i, : len(local)] = positions[list(local)]
@@ -219,12 +213,12 @@ def _fit_topics(data: Any, n_rows: int, config: MergeItConfig) -> TopicClusters:
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = np.isin(batch[POSITION], wanted)
-        return {POSITION: batch[POSITION][mask], EMBEDDING_COLUMN: _matrix(batch[EMBEDDING_COLUMN][mask])}
+        return {POSITION: batch[POSITION][mask], EMBEDDING_COLUMN: matrix(batch[EMBEDDING_COLUMN][mask])}
 
     positions, vectors = [], []
     for batch in data.map_batches(keep, batch_format="numpy").iter_batches(batch_format="numpy", batch_size=None):
         positions.append(batch[POSITION])
-        vectors.append(_matrix(batch[EMBEDDING_COLUMN]))
+        vectors.append(matrix(batch[EMBEDDING_COLUMN]))
     order = np.argsort(np.concatenate(positions))
     gathered_positions, gathered = np.concatenate(positions)[order], np.concatenate(vectors)[order]
     return fit_topics(lambda at: gathered[np.searchsorted(gathered_positions, at)], n_rows, config)
@@ -270,7 +264,7 @@ def _with_stage1_columns(rows: Dataset, clusters: np.ndarray, ranks: np.ndarray,
         n_rows = len(rows)
         vectors: np.ndarray | None = None
         for batch in embedded.iter_batches(batch_format="numpy", batch_size=None):
-            chunk = _matrix(batch[EMBEDDING_COLUMN])
+            chunk = matrix(batch[EMBEDDING_COLUMN])
             vectors = np.zeros((n_rows, chunk.shape[1]), np.float32) if vectors is None else vectors
             vectors[batch[POSITION]] = chunk
         assert vectors is not None
@@ -361,12 +355,7 @@ def _combined(batches: list[MergeBatch], merger: Merger) -> MergeBatch:
     stats = MergeStats()
     for batch in batches:
         for name, value in vars(batch.stats).items():
-            if isinstance(value, dict):
-                merged = getattr(stats, name)
-                for key, count in value.items():
-                    merged[key] = merged.get(key, 0) + count
-            else:
-                setattr(stats, name, getattr(stats, name) + value)
+            setattr(stats, name, getattr(stats, name) + value)
     first = batches[0]
     outcomes = [outcome for batch in batches for outcome in batch.outcomes]
     return MergeBatch(outcomes, stats, first.merge_model, first.quality_model, first.endpoints)

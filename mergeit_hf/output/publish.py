@@ -17,7 +17,7 @@ from typing import Any
 from datasets import Dataset
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi
 
-from mergeit_hf.endpoints.transport import redact
+from mergeit_hf.endpoints.http.transport import redact
 from mergeit_hf.errors import MergeItError
 
 MAX_SHARD_BYTES = 500 * 1024 * 1024

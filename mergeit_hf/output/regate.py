@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mergeit_hf.output.assemble import ACCOUNTING_FEATURES, final_dataset, pair_
 from mergeit_hf.output.folder import OutputFolder, write_output
 from mergeit_hf.output.sweep import SCORED, attempt_scores
 from mergeit_hf.stage2.gate import best_attempt
+from mergeit_hf.stage2.merge.results import OutcomeCounts
 
 
 def regate_pairs(pairs: Dataset, alpha: float, min_retention: float, min_judge: float | None = None) -> Dataset:
@@ -85,20 +85,13 @@ def regate_output(
     rows += [row for row in out.final.to_list() if row["merge_status"] == "unpaired"]
     final = final_dataset(rows)
     accounting = _accounting_again(out.accounting, fate)
-    statuses = Counter(pairs["merge_status"])
-    counts = dict(out.record.counts)
-    counts.update(
-        {
-            "merges accepted": statuses.get("accepted", 0),
-            "merges rejected": statuses.get("rejected", 0),
-            "final rows": len(final),
-        }
-    )
+    outcomes = OutcomeCounts.of_pairs(pairs)
+    counts = {**out.record.counts, **outcomes.lines(), "final rows": len(final)}
     record = dataclasses.replace(
         out.record,
         config={**out.record.config, "alpha": alpha, "min_retention": min_retention, **_judge_config(min_judge)},
         counts=counts,
-        rejection_causes=dict(Counter(c for c in pairs["rejection_cause"] if c)),
+        rejection_causes=outcomes.rejection_causes,
         regated_at=created_at,
     )
     write_output(out.folder, final, pairs, accounting, record)

@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(report.summary())
         if config.prefilter_top is not None:
-            from mergeit_hf.stage1.prefilter import prefilter_count
+            from mergeit_hf.stage2.prefilter import prefilter_count
 
             keep = prefilter_count(config.prefilter_top, report.rows_valid)
             print(
@@ -235,8 +235,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace) -> None:
-    from mergeit_hf.endpoints.local_llama import resolve_local_model
-    from mergeit_hf.stage2.request_plan import plan_requests, token_counter
+    from mergeit_hf.endpoints.servers.local_llama import resolve_local_model
+    from mergeit_hf.run.request_plan import plan_requests, token_counter
 
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
     embedded = endpoint is None and config.provider is None
@@ -254,7 +254,7 @@ def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace)
 
 def _check_scorer(args: argparse.Namespace) -> int:
     from mergeit_hf.inputs.loading import load_rows
-    from mergeit_hf.stage2.merger import Merger
+    from mergeit_hf.stage2.merge.merger import Merger
     from mergeit_hf.stage2.scorer_check import run_scorer_check
 
     if args.rows < 2:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,10 +21,10 @@ from mergeit_hf.output.assemble import Assembly, assemble
 from mergeit_hf.output.card import RunRecord
 from mergeit_hf.output.folder import card_and_figures, pairs_for_export
 from mergeit_hf.output.publish import push_to_hub, write_repo_folder
-from mergeit_hf.stage1.prefilter import PrefilterResult, prefilter
 from mergeit_hf.stage1.result import Stage1Result
-from mergeit_hf.stage2.merger import Merger
-from mergeit_hf.stage2.row_scores import score_rows
+from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.merge.results import OutcomeCounts
+from mergeit_hf.stage2.prefilter import PrefilterResult, prefilter_rows
 from mergeit_hf.stage2.scorer_check import ScorerCheck, run_scorer_check
 
 logger = logging.getLogger(__name__)
@@ -133,12 +132,6 @@ def run_pipeline(
     )
 
 
-def prefilter_rows(rows: Dataset, merger: Merger, top: int | float) -> PrefilterResult:
-    """Score every row's quality and complexity with the stage 2 scorer, then keep the ``top`` by their product."""
-    quality, complexity, sent = score_rows(rows, merger)
-    return prefilter(rows, quality, complexity, top, sent)
-
-
 def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerCheck | None:
     """The scorer check on a sample of the selected rows, where there is something to gate; warns when it fails."""
     rows = stage1.selected.select_columns(["instruction", "input", "output"]).to_list()
@@ -178,6 +171,7 @@ def finish_run(
         created_at=created_at,
         prefiltered=left_out,
     )
+    outcomes = OutcomeCounts.of_pairs(merged_pairs)
     record = RunRecord(
         source=str(source) if not isinstance(source, Dataset) else "<in-memory Dataset>",
         config=_recorded_config(stage1.config),
@@ -186,11 +180,11 @@ def finish_run(
         embedding_source=stage1.embedding_source,
         created_at=created_at,
         version=__version__,
-        counts=_counts(report, stage1, merged_pairs, assembly, len(left_out)),
+        counts=_counts(report, stage1, outcomes, assembly, len(left_out)),
         drop_reasons=report.drop_counts,
         unreadable=report.unreadable_detail if not report.complete else "",
-        scores_incomplete=int(sum(merged_pairs["quality_scores_incomplete"])) if len(merged_pairs) else 0,
-        rejection_causes=dict(Counter(c for c in merged_pairs["rejection_cause"] if c)) if len(merged_pairs) else {},
+        scores_incomplete=outcomes.scores_incomplete,
+        rejection_causes=outcomes.rejection_causes,
         scorer_check=scorer_check.to_dict() if scorer_check else None,
         endpoints=endpoints or {},
         tokens=token_totals(merged_pairs),
@@ -220,9 +214,8 @@ def _recorded_config(config: MergeItConfig) -> dict[str, Any]:
 
 
 def _counts(
-    report: LoadReport, stage1: Stage1Result, merged: Dataset, assembly: Assembly, prefiltered: int
+    report: LoadReport, stage1: Stage1Result, outcomes: OutcomeCounts, assembly: Assembly, prefiltered: int
 ) -> dict[str, int]:
-    statuses = Counter(merged["merge_status"]) if len(merged) else Counter()
     return {
         "input records": report.records_read,
         "input rows": report.rows_extracted,
@@ -231,10 +224,7 @@ def _counts(
         "selected": stage1.n_selected,
         "pairs": stage1.n_pairs,
         "paired rows": stage1.n_paired_rows,
-        "merges accepted": statuses.get("accepted", 0),
-        "merges rejected": statuses.get("rejected", 0),
-        "merges failed": statuses.get("failed", 0),
-        "merges skipped": statuses.get("skipped", 0),
+        **outcomes.lines(),
         "unpaired selected rows": stage1.n_unpaired_selected,
         "final rows": len(assembly.final),
     }

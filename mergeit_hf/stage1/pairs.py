@@ -19,7 +19,7 @@ import numpy as np
 from datasets import Dataset, Features, Value
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.stage1.topics import column_values, take_embeddings
+from mergeit_hf.embeddings.arrow import column_values, take_embeddings
 
 _SIDE_FIELDS = ("id", "instruction", "input", "output")
 _CANDIDATE_BLOCK = 8192

@@ -15,7 +15,7 @@ import numpy as np
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.stage1.topics import column_values, take_embeddings
+from mergeit_hf.embeddings.arrow import column_values, take_embeddings
 
 #: Above this many rows a cluster is split by k-means into pieces of about ``PIECE_ROWS`` rows, and facility
 #: location runs in each piece on its share of the quota: time and memory grow with n·PIECE_ROWS instead
@@ -41,10 +41,6 @@ class SelectionPlan:
     @property
     def n_rows(self) -> int:
         return sum(self.size_by_cluster.values())
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.n_selected / self.n_rows if self.n_rows else 0.0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ids = batch["id"]

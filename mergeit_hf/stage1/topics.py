@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +10,8 @@ import numpy as np
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.embeddings.arrow import STREAM_CHUNK_ROWS, iter_embeddings, take_embeddings
 
-_STREAM_CHUNK_ROWS = 8192
 KMEANS_SAMPLE_ROWS = 100_000
 #: A fitted PCA: the mean and the (dim, kept dims) components that project an embedding.
 Projection = tuple[np.ndarray, np.ndarray]
@@ -51,33 +51,6 @@ class TopicClusters:
         return {"cluster_id": self.assign(vectors)}
 
 
-def iter_embeddings(dataset: Dataset, chunk_rows: int = _STREAM_CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """Embeddings in chunks, so the whole matrix never has to be in memory at once; read as Arrow buffers
-    (no Python object per value: a million rows scan in well under a second)."""
-    view = dataset.with_format("arrow", columns=["embedding"])
-    for start in range(0, len(dataset), chunk_rows):
-        yield _matrix(view[start : start + chunk_rows]["embedding"])
-
-
-def column_values(dataset: Dataset, name: str) -> list:
-    """A whole column as a Python list, read through Arrow (``dataset[name]`` is a lazy column in datasets 4+,
-    and indexing it row by row costs a table lookup each time)."""
-    return dataset.with_format("arrow", columns=[name])[:][name].to_pylist()
-
-
-def take_embeddings(dataset: Dataset, rows: np.ndarray) -> np.ndarray:
-    """The embeddings of the rows at these positions, as one float32 matrix."""
-    return _matrix(dataset.with_format("arrow", columns=["embedding"])[rows]["embedding"])
-
-
-def _matrix(column: Any) -> np.ndarray:
-    array = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    if len(array) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    values = array.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(array), -1).astype(np.float32, copy=False)
-
-
 def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) -> TopicClusters:
     """Fit k-means on the ``embedding`` column; deterministic for ``config.seed``.
 
@@ -115,7 +88,7 @@ def fit_topics(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, c
     # afterwards is one matrix product per chunk.
     from sklearn.cluster import MiniBatchKMeans
 
-    batch = max(_STREAM_CHUNK_ROWS, 3 * n_clusters)
+    batch = max(STREAM_CHUNK_ROWS, 3 * n_clusters)
     model = MiniBatchKMeans(n_clusters=n_clusters, random_state=config.seed, batch_size=batch, n_init=3).fit(sample)
     return _fitted(model.cluster_centers_, "minibatch_kmeans", pca)
 

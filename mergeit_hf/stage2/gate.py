@@ -12,11 +12,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mergeit_hf.stage2.quality import gate_explanation, passes_gate
-from mergeit_hf.stage2.retention import LOST_ITEMS_SHOWN
+from mergeit_hf.stage2.retention.measure import LOST_ITEMS_SHOWN
 
 SIDES = ("a", "b", "c", "d", "e")  # a group's sources, in order
 GateTest = Literal["quality", "retention", "judge"]
+
+
+def gate_threshold(sources: Sequence[float], alpha: float) -> float:
+    """α·(2/k)·Σ q(s_i) for k sources: the paper's α·(q(a)+q(b)) at k = 2, and for larger groups the same
+    bar on the sources' mean (2α·mean), so a merge of five must beat its sources as a pair's must."""
+    return alpha * (2 / len(sources)) * sum(sources)
+
+
+def passes_gate(merged: float, sources: Sequence[float], alpha: float) -> bool:
+    """Keep a merge only if q(merged) > α·(2/k)·Σ q(s_i) (Eq. 9 at k = 2)."""
+    return merged > gate_threshold(sources, alpha)
+
+
+def gate_explanation(merged: float, sources: Sequence[float], alpha: float) -> str:
+    verdict = ">" if passes_gate(merged, sources, alpha) else "<="
+    terms = "+".join(f"{q:.3f}" for q in sources)
+    factor = f"{alpha}" if len(sources) == 2 else f"{alpha}·(2/{len(sources)})"
+    return f"q(merged)={merged:.3f} {verdict} {factor}·({terms})={gate_threshold(sources, alpha):.3f}"
 
 
 @dataclass(frozen=True)

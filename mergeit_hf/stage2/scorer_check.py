@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergeit_hf.endpoints.scheduler import run_sync
+from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.errors import EndpointError
-from mergeit_hf.stage2.quality import QualityScore
-from mergeit_hf.stage2.scoring import QualityScorer, ScoreCounts
+from mergeit_hf.stage2.scoring.deita import QualityScore
+from mergeit_hf.stage2.scoring.scorer import QualityScorer, ScoreCounts
 
 if TYPE_CHECKING:
-    from mergeit_hf.stage2.merger import Merger
+    from mergeit_hf.stage2.merge.merger import Merger
 
 Row = dict[str, str]
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -24,7 +24,7 @@ from mergeit_hf.engines.datasets_engine import with_skipped
 from mergeit_hf.output.regate import regate_pairs
 from mergeit_hf.resources import resource_dir
 from mergeit_hf.run.pipeline import finish_run, save
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
 
 MAX_ROWS = int(os.environ.get("MERGEIT_SPACE_MAX_ROWS", "2000"))
 MAX_PAIRS = int(os.environ.get("MERGEIT_SPACE_MAX_PAIRS", "12"))

@@ -6,7 +6,7 @@ import sys
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.stage2.merger import Merger
+from mergeit_hf.stage2.merge.merger import Merger
 
 pairs_path, endpoint, cache_dir, output_path = sys.argv[1:5]
 config = MergeItConfig(max_new_tokens=160, top_logprobs=1000, max_missing_score_fraction=1.0, concurrency=2)

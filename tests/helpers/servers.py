@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from aiohttp import ClientSession, ClientTimeout, web
 
-from mergeit_hf.endpoints.local_llama import local_model_path
+from mergeit_hf.endpoints.servers.local_llama import local_model_path
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ A part's retention in [0, 1] is ``number_recall × sqrt(semantic × lexical)``:
 semantic
     cosine similarity (clipped at 0) of the part to the best of the merged part's passages (the whole
     part, and its paragraphs packed to 150 words, so a source restated late in a long merge is found),
-    embedded by the retention model (``static_embedding``: static vectors distilled from the stage 1
+    embedded by the retention model (``embeddings.static``: static vectors distilled from the stage 1
     model). It stays high for a reworded source and falls when the merge is about something else, but
     alone it cannot see a dropped source: the two sources were paired because they are similar.
 lexical
@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-from mergeit_hf.stage2.salient import lexical_coverage, number_recall, numbers
+from mergeit_hf.stage2.retention.salient import lexical_coverage, number_recall, numbers
 
 Part = Literal["question", "answer"]
 PARTS: tuple[Part, ...] = ("question", "answer")

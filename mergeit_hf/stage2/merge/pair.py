@@ -2,7 +2,7 @@
 for retention and judged, and the gate's decision over the attempts.
 
 Every request goes through the session's schedulers (concurrency bound, request cache); what a merge is
-asked with comes from ``merge_request``, its answer is parsed by ``merge_output``, the decision is
+asked with comes from ``request``, its answer is parsed by ``answer``, the decision is
 ``gate.decide``. An endpoint error fails the pair with its reason; a refused key or model stops the run.
 """
 
@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.scheduler import RequestScheduler, read_outcome
+from mergeit_hf.embeddings.batcher import EmbeddingBatcher
+from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, read_outcome
 from mergeit_hf.errors import EndpointConfigError, EndpointError
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.batched_embedding import EmbeddingBatcher
 from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
-from mergeit_hf.stage2.judge import Judge, JudgeVerdict
-from mergeit_hf.stage2.merge_output import MergeParseError, parse_merge_output
-from mergeit_hf.stage2.merge_request import merge_messages, merge_params
-from mergeit_hf.stage2.merge_results import MergeAttempt, MergeOutcome, MergeStats
-from mergeit_hf.stage2.quality import QualityScore
-from mergeit_hf.stage2.retention import RetentionTexts, SourceRetention
-from mergeit_hf.stage2.scoring import QualityScorer
+from mergeit_hf.stage2.merge.answer import MergeParseError, parse_merge_output
+from mergeit_hf.stage2.merge.request import merge_messages, merge_params
+from mergeit_hf.stage2.merge.results import MergeAttempt, MergeOutcome
+from mergeit_hf.stage2.retention.measure import RetentionTexts, SourceRetention
+from mergeit_hf.stage2.scoring.deita import QualityScore
+from mergeit_hf.stage2.scoring.judge import Judge, JudgeVerdict
+from mergeit_hf.stage2.scoring.scorer import QualityScorer
 
 
 @dataclass
@@ -38,7 +38,6 @@ class PairRun:
     merge_template: PromptTemplate
     embeddings: EmbeddingBatcher | None  # None: compute_retention off
     config: MergeItConfig
-    stats: MergeStats
     complexity: QualityScorer | None = None  # Deita's complexity prompt, with ``complexity_scores``
     judge: Judge | None = None  # with ``judge``
 

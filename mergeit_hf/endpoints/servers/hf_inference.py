@@ -1,5 +1,5 @@
-"""TGI (a server that answers ``/info``) and HF Inference Providers, through huggingface_hub's
-``AsyncInferenceClient``: TGI reads structured output as its grammar, into which the client rewrites
+"""The servers huggingface_hub's ``AsyncInferenceClient`` speaks to: TGI (a server that answers ``/info``)
+and HF Inference Providers. TGI reads structured output as its grammar, into which the client rewrites
 OpenAI's ``json_schema``; a provider gets ``json_schema`` as it is, routed by huggingface_hub with the HF
 token. Transient failures are retried as for every endpoint (``transport``)."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.http.transport import failure, retrying
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
-from mergeit_hf.endpoints.transport import failure, retrying
 from mergeit_hf.errors import EndpointError
 
 _HTTPX_DEFAULT_CONNECTIONS = 100

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.scheduler import RequestScheduler
+from mergeit_hf.embeddings.embedder import join_text
+from mergeit_hf.endpoints.sending.scheduler import RequestScheduler
 from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage1.embedding import join_text
-from mergeit_hf.stage2.quality import QualityScore, expected_score
+from mergeit_hf.stage2.scoring.deita import QualityScore, expected_score
 
 #: Too few scores say nothing about a server's top-k cap; the run stops only after this many.
 MIN_SCORES_BEFORE_STOPPING = 12

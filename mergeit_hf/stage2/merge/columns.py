@@ -7,8 +7,8 @@ import json
 from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.merge_request import merge_params
-from mergeit_hf.stage2.merge_results import MergeOutcome
+from mergeit_hf.stage2.merge.request import merge_params
+from mergeit_hf.stage2.merge.results import MergeOutcome
 
 
 def outcome_columns(

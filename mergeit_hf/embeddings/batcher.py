@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mergeit_hf.stage1.embedding import Embedder
+from mergeit_hf.embeddings.embedder import Embedder
 
 
 @dataclass
@@ -23,7 +23,6 @@ class EmbeddingBatcher:
 
     embedder: Embedder
     max_texts: int = 512  # one pass never takes more, so a waiting merge is never starved for long
-    passes: int = 0  # forward passes run (what batching saves shows as passes << callers)
     _queue: list[tuple[list[str], asyncio.Future]] = field(default_factory=list)
     _worker: asyncio.Task | None = None
 
@@ -45,7 +44,6 @@ class EmbeddingBatcher:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self.passes += 1
             row = {text: i for i, text in enumerate(unique)}
             for texts, future in batch:
                 if not future.done():

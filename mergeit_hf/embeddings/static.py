@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergeit_hf.stage1.embedding import resolve_model_path
+from mergeit_hf.embeddings.embedder import resolve_model_path
 
 if TYPE_CHECKING:
     from model2vec import StaticModel

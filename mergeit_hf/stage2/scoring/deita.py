@@ -1,9 +1,9 @@
-"""Deita's expected quality score and MergeIT's quality gate (paper, Eq. 9)."""
+"""Deita's expected quality score: the mean of the digits 1-6 weighted by their first-token probabilities."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
@@ -47,21 +47,3 @@ def expected_score(top_logprobs: Iterable[tuple[str, float]]) -> QualityScore:
     total = sum(weights.values())
     value = sum(int(digit) * weight for digit, weight in weights.items()) / total
     return QualityScore(value, len(best))
-
-
-def gate_threshold(sources: Sequence[float], alpha: float) -> float:
-    """α·(2/k)·Σ q(s_i) for k sources: the paper's α·(q(a)+q(b)) at k = 2, and for larger groups the same
-    bar on the sources' mean (2α·mean), so a merge of five must beat its sources as a pair's must."""
-    return alpha * (2 / len(sources)) * sum(sources)
-
-
-def passes_gate(merged: float, sources: Sequence[float], alpha: float) -> bool:
-    """Keep a merge only if q(merged) > α·(2/k)·Σ q(s_i) (Eq. 9 at k = 2)."""
-    return merged > gate_threshold(sources, alpha)
-
-
-def gate_explanation(merged: float, sources: Sequence[float], alpha: float) -> str:
-    verdict = ">" if passes_gate(merged, sources, alpha) else "<="
-    terms = "+".join(f"{q:.3f}" for q in sources)
-    factor = f"{alpha}" if len(sources) == 2 else f"{alpha}·(2/{len(sources)})"
-    return f"q(merged)={merged:.3f} {verdict} {factor}·({terms})={gate_threshold(sources, alpha):.3f}"

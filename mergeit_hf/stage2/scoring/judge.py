@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.scheduler import RequestScheduler
+from mergeit_hf.endpoints.sending.scheduler import RequestScheduler
 from mergeit_hf.errors import EndpointConfigError, EndpointError
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.scoring import score_params
+from mergeit_hf.stage2.scoring.scorer import score_params
 
 YES, NO = "yes", "no"
 

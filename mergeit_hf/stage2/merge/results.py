@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from datasets import Dataset
 
 from mergeit_hf.stage2.gate import AttemptScores
 
@@ -59,45 +63,47 @@ class MergeOutcome:
 
 @dataclass
 class MergeStats:
-    """Counts over a run; ``acceptance_rate`` and ``incomplete_fraction`` explain it at a glance."""
+    """What a ``merge_pairs`` call sent, which the outcomes cannot tell (their counts: ``OutcomeCounts``)."""
 
-    accepted: int = 0
-    rejected: int = 0
-    failed: int = 0
-    scores: int = 0
-    scores_incomplete: int = 0
-    scores_unavailable: int = 0
-    requests_sent: int = 0
-    cache_hits: int = 0
+    requests_sent: int = 0  # requests actually sent; the rest came from the request cache
     idle_releases: int = 0  # answers that freed a slot no request was waiting for (``RequestScheduler``)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    failure_reasons: dict[str, int] = field(default_factory=dict)
-    rejection_causes: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def pairs(self) -> int:
-        return self.accepted + self.rejected + self.failed
 
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.pairs if self.pairs else 0.0
+@dataclass(frozen=True)
+class OutcomeCounts:
+    """A run's outcomes counted once, the same way live, re-gated and read back from a folder."""
 
-    @property
-    def incomplete_fraction(self) -> float:
-        return self.scores_incomplete / self.scores if self.scores else 0.0
+    statuses: dict[str, int]
+    rejection_causes: dict[str, int]
+    scores_incomplete: int  # quality scores computed with fewer than six digits among the top logprobs
 
-    def add(self, outcome: MergeOutcome) -> None:
-        setattr(self, outcome.status, getattr(self, outcome.status) + 1)
-        if outcome.tokens:
-            self.prompt_tokens += outcome.tokens[0]
-            self.completion_tokens += outcome.tokens[1]
-        if outcome.status == "failed":
-            kind = outcome.reason.split(":")[0]
-            self.failure_reasons[kind] = self.failure_reasons.get(kind, 0) + 1
-        if outcome.rejection_cause:
-            cause = outcome.rejection_cause
-            self.rejection_causes[cause] = self.rejection_causes.get(cause, 0) + 1
+    @classmethod
+    def of_outcomes(cls, outcomes: Iterable[MergeOutcome]) -> OutcomeCounts:
+        listed = list(outcomes)
+        return cls.count(
+            (o.status for o in listed), (o.rejection_cause for o in listed), (o.scores_incomplete for o in listed)
+        )
+
+    @classmethod
+    def of_pairs(cls, pairs: Dataset) -> OutcomeCounts:
+        """From the merged pairs' columns (``merge_status``, ``rejection_cause``, ``quality_scores_incomplete``)."""
+        if len(pairs) == 0:
+            return cls({}, {}, 0)
+        incomplete = pairs["quality_scores_incomplete"] if "quality_scores_incomplete" in pairs.column_names else []
+        return cls.count(pairs["merge_status"], pairs["rejection_cause"], incomplete)
+
+    @classmethod
+    def count(
+        cls, statuses: Iterable[str], causes: Iterable[str | None], incomplete: Iterable[int | None]
+    ) -> OutcomeCounts:
+        return cls(dict(Counter(statuses)), dict(Counter(c for c in causes if c)), int(sum(n or 0 for n in incomplete)))
+
+    def of(self, status: MergeStatus) -> int:
+        return self.statuses.get(status, 0)
+
+    def lines(self) -> dict[str, int]:
+        """The run record's lines for the merges, every status named (zeros too)."""
+        return {f"merges {status}": self.of(status) for status in ("accepted", "rejected", "failed", "skipped")}
 
 
 @dataclass(frozen=True)
@@ -109,3 +115,7 @@ class MergeBatch:
     merge_model: str
     quality_model: str
     endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # ``Session.endpoints()``
+
+    @property
+    def counts(self) -> OutcomeCounts:
+        return OutcomeCounts.of_outcomes(self.outcomes)

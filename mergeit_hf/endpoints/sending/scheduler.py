@@ -8,20 +8,15 @@ the semaphore; each answer is cached the moment it arrives, so a killed run re-s
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import os
-from collections.abc import Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
-from mergeit_hf.endpoints.request_cache import RequestCache, payload_hash
+from mergeit_hf.endpoints.sending.request_cache import RequestCache, payload_hash
 from mergeit_hf.prompts import PromptTemplate
 
-T = TypeVar("T")
 #: A chat request (messages, through the server's chat template) or a raw prompt sent byte for byte.
 Request = list[dict[str, str]] | str
 
@@ -29,10 +24,6 @@ Request = list[dict[str, str]] | str
 #: Where the replies' tokens are counted: stage 2 sets one ``TokenUsage`` per pair, in the pair's own task
 #: (a context variable follows each asyncio task), so a pair counts the replies it used, cached ones too.
 current_usage: ContextVar[TokenUsage | None] = ContextVar("current_usage", default=None)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MERGEIT_CACHE") or Path.home() / ".cache" / "mergeit-hf" / "requests")
 
 
 @dataclass
@@ -106,13 +97,3 @@ def read_outcome(task: asyncio.Future) -> None:
     """A done callback that reads how a task ended, so an error nobody awaits is not printed by asyncio."""
     if not task.cancelled():
         task.exception()
-
-
-def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine from sync code, also where an event loop already runs (Jupyter, Gradio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()

@@ -17,10 +17,10 @@ from typing import Any
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.endpoints.local_llama import resolve_local_model
+from mergeit_hf.endpoints.servers.local_llama import resolve_local_model
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.merge_request import merge_messages, merge_params, merge_sources
-from mergeit_hf.stage2.scoring import score_prompt
+from mergeit_hf.stage2.merge.request import merge_messages, merge_params, merge_sources
+from mergeit_hf.stage2.scoring.scorer import score_prompt
 
 CHARACTERS_PER_TOKEN = 4
 SAMPLE_GROUPS = 2_000

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from mergeit_hf.endpoints.transport import failure, is_retryable_status, retrying
+from mergeit_hf.endpoints.http.transport import failure, is_retryable_status, retrying
 
 
 class JsonHttpClient:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -24,6 +25,11 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+def default_cache_dir() -> Path:
+    """``MERGEIT_CACHE``, else ~/.cache/mergeit-hf/requests."""
+    return Path(os.environ.get("MERGEIT_CACHE") or Path.home() / ".cache" / "mergeit-hf" / "requests")
+
+
 def payload_hash(payload: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of (model id, template hash, messages, generation parameters)."""
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -35,8 +41,6 @@ class RequestCache:
 
     def __init__(self, folder: str | Path | None) -> None:
         self.folder = Path(folder) if folder is not None else None
-        self.hits = 0
-        self.stores = 0
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         if self.folder is not None:
@@ -47,10 +51,6 @@ class RequestCache:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute(_SCHEMA)
 
-    @property
-    def enabled(self) -> bool:
-        return self._connection is not None
-
     def get(self, key: str) -> dict[str, Any] | None:
         if self._connection is None:
             return None
@@ -58,7 +58,6 @@ class RequestCache:
             row = self._connection.execute("SELECT response FROM responses WHERE payload_hash = ?", (key,)).fetchone()
         if row is None:
             return None
-        self.hits += 1
         return json.loads(row[0])
 
     def put(self, key: str, payload: dict[str, Any], response: dict[str, Any]) -> None:
@@ -69,13 +68,6 @@ class RequestCache:
                 "INSERT OR REPLACE INTO responses (payload_hash, payload, response) VALUES (?, ?, ?)",
                 (key, json.dumps(payload, sort_keys=True), json.dumps(response)),
             )
-        self.stores += 1
-
-    def __len__(self) -> int:
-        if self._connection is None:
-            return 0
-        with self._lock:
-            return self._connection.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
         if self._connection is not None:

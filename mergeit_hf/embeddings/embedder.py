@@ -14,9 +14,9 @@ import numpy as np
 from datasets import Dataset
 
 from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
+from mergeit_hf.embeddings.arrow import iter_embeddings
 from mergeit_hf.errors import InputError
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
-from mergeit_hf.stage1.topics import iter_embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
-from mergeit_hf.endpoints.http_client import JsonHttpClient
+from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.endpoints.structured_output import FormatLadder, in_form
 

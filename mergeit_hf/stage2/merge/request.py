@@ -9,7 +9,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.structured_output import json_schema_format
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage1.pairs import group_sources
-from mergeit_hf.stage2.merge_output import MERGE_FIELDS, MERGE_SCHEMA
+from mergeit_hf.stage2.merge.answer import MERGE_FIELDS, MERGE_SCHEMA
 
 #: A gate retry at temperature 0 would return the same merge; retries then sample at this temperature.
 GATE_RETRY_TEMPERATURE = 0.7

@@ -23,7 +23,7 @@ import re
 from typing import Any, Literal
 
 from mergeit_hf.endpoints.base import ChatReply, usage_of
-from mergeit_hf.endpoints.http_client import JsonHttpClient
+from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.errors import EndpointError
 

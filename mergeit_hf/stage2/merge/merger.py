@@ -3,9 +3,9 @@
 ``pairs.map(mergeit_hf.merge_batch, batched=True)`` (or unbatched) adds the merged fields, the quality
 scores, each source's retention, the gate's decision and the provenance of the merge. ``Merger(...)``
 builds a configured callable of the same kind. Requests run concurrently under a bound and are cached
-(``endpoints.scheduler``); a request's parameters come from ``merge_request``, answers are parsed by
-``merge_output``; one pair's path (scores, retention, judge, the gate) is ``pair_merge``; results are
-``merge_results`` and the columns ``merge_columns``. Each pair ends accepted, rejected or failed with a
+(``endpoints.sending.scheduler``); a request's parameters come from ``request``, answers are parsed by
+``answer``; one pair's path (scores, retention, judge, the gate) is ``pair``; what the session holds is
+``session``; results are ``results`` and the columns ``columns``. Each pair ends accepted, rejected or failed with a
 reason.
 """
 
@@ -23,21 +23,20 @@ from tqdm.auto import tqdm
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
-from mergeit_hf.endpoints.completions import CompletionEndpointBackend
 from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
-from mergeit_hf.endpoints.request_cache import RequestCache
-from mergeit_hf.endpoints.scheduler import RequestScheduler, current_usage, default_cache_dir, run_sync
+from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
+from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, current_usage
+from mergeit_hf.endpoints.sending.sync import run_sync
+from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
 from mergeit_hf.errors import TemplateError
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage1.embedding import Embedder
-from mergeit_hf.stage2.batched_embedding import EmbeddingBatcher
-from mergeit_hf.stage2.judge import Judge
-from mergeit_hf.stage2.merge_columns import outcome_columns
-from mergeit_hf.stage2.merge_request import merge_sources
-from mergeit_hf.stage2.merge_results import MergeBatch, MergeOutcome, MergeStats
-from mergeit_hf.stage2.pair_merge import PairRun, merge_one, with_complexity
-from mergeit_hf.stage2.scoring import QualityScorer, ScoreCounts
-from mergeit_hf.stage2.static_embedding import StaticEmbedder
+from mergeit_hf.stage2.merge.columns import outcome_columns
+from mergeit_hf.stage2.merge.pair import PairRun, merge_one, with_complexity
+from mergeit_hf.stage2.merge.request import merge_sources
+from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome, MergeStats
+from mergeit_hf.stage2.merge.session import Session, complexity_scorer, retention_embeddings
+from mergeit_hf.stage2.scoring.judge import Judge
+from mergeit_hf.stage2.scoring.scorer import QualityScorer, ScoreCounts
 
 #: Pairs in flight per server slot when merging a stream: a pair's requests are partly sequential
 #: (merge and source scores, then the merge's score), so a few pairs per slot keep every slot busy.
@@ -53,41 +52,6 @@ __all__ = [
     "merge_batch",
     "run_sync",
 ]
-
-
-@dataclass
-class Session:
-    """What stage 2 holds open while it sends: the request cache, the merge scheduler and the quality
-    scorer (on its own scheduler when a scorer endpoint is set). Opened by ``Merger.session()``."""
-
-    cache: RequestCache
-    merges: RequestScheduler | None  # None in a scoring-only session
-    scorer: QualityScorer
-    judge: Judge | None = None  # with ``judge``
-
-    @property
-    def merge_model(self) -> str:
-        """The merge model as the card shows it (a local path's file name, never the user's folders)."""
-        return self.merges.backend.describe()["model"] if self.merges else ""
-
-    @property
-    def quality_model(self) -> str:
-        return self.scorer.scheduler.backend.describe()["model"]
-
-    def endpoints(self) -> dict[str, dict[str, str]]:
-        """What each endpoint is and how it was spoken to (kind, model, structured output or route)."""
-        described = {"merge": self.merges.backend.describe()} if self.merges else {}
-        if self.scorer.raw:
-            described["scorer"] = self.scorer.scheduler.backend.describe()
-        if self.judge is not None:
-            described["judge"] = self.judge.describe()
-        return described
-
-    @property
-    def requests_sent(self) -> int:
-        judging = self.judge.scheduler if self.judge else None
-        schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler, judging) if s is not None}
-        return sum(s.requests_sent for s in schedulers.values())
 
 
 def stage2_templates(config: MergeItConfig) -> tuple[PromptTemplate, PromptTemplate]:
@@ -273,7 +237,6 @@ class Merger:
                 merge_template,
                 retention_embeddings(config),
                 config,
-                MergeStats(),
                 complexity_scorer(session),
                 session.judge,
             )
@@ -283,33 +246,8 @@ class Merger:
             progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
             outcomes = await _merge_in_order(run, pairs, window, progress)
             progress.close()
-            stats = run.stats
-            stats.scores, stats.scores_incomplete, stats.scores_unavailable = (
-                counts.scores,
-                counts.incomplete,
-                counts.unavailable,
-            )
-            stats.requests_sent, stats.cache_hits = session.requests_sent, session.cache.hits
-            stats.idle_releases = session.merges.idle_releases
+            stats = MergeStats(session.requests_sent, session.merges.idle_releases)
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
-
-
-def retention_embeddings(config: MergeItConfig) -> EmbeddingBatcher | None:
-    """The retention model (static vectors distilled from the stage 1 model, unless ``retention_model``
-    names a transformer), behind a batcher; None with ``compute_retention`` off."""
-    if not config.compute_retention:
-        return None
-    if config.retention_model is None:
-        return EmbeddingBatcher(StaticEmbedder(config.embedding_model))
-    return EmbeddingBatcher(Embedder(config.retention_model, config.text_columns, config.embedding_batch_size))
-
-
-def complexity_scorer(session: Session) -> QualityScorer | None:
-    """Deita's complexity prompt on the scorer's scheduler, when ``complexity_scores`` asks for it."""
-    config = session.scorer.config
-    if not config.complexity_scores:
-        return None
-    return session.scorer.with_template(PromptTemplate.load(config.complexity_template))
 
 
 async def _merge_in_order(
@@ -348,7 +286,6 @@ async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) ->
         outcome = await with_complexity(run.complexity, sources, outcome)
     if usage.replies:
         outcome = dataclasses.replace(outcome, tokens=(usage.prompt, usage.completion))
-    run.stats.add(outcome)
     progress.update(1)
     return outcome
 
