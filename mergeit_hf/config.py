@@ -32,6 +32,10 @@ MAX_GROUP_SIZE = 5
 ClusterCount = int | Literal["sqrt_half"]
 
 
+#: The presets a config can start from: the paper's settings (the defaults), or the authors' scripts'.
+PRESETS = ("paper", "authors_scripts")
+
+
 @dataclass(frozen=True)
 class MergeItConfig:
     """Configuration of both MergeIT stages.
@@ -158,7 +162,7 @@ class MergeItConfig:
     model: str | None = None
     scorer_model: str | None = None
     provider: str | None = None
-    preset: str = field(default="paper")
+    preset: str = field(default="paper")  # one of PRESETS; "authors_scripts" starts from ``authors_scripts()``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_columns", tuple(self.text_columns))
@@ -167,6 +171,8 @@ class MergeItConfig:
             raise ConfigError("invalid MergeItConfig: " + "; ".join(problems))
 
     def _problems(self):
+        if self.preset not in PRESETS:
+            yield f"preset must be one of {list(PRESETS)}, got {self.preset!r}"
         if not self.text_columns:
             yield "text_columns must name at least one column"
         if self.n_clusters != "sqrt_half" and not (isinstance(self.n_clusters, int) and self.n_clusters >= 1):

@@ -26,5 +26,11 @@ class EndpointConfigError(EndpointError):
     ambiguous model list): the run stops once with the server's words, instead of failing every pair."""
 
 
+class MalformedAnswerError(EndpointError):
+    """The server answered (often HTTP 200) with something that is not the answer its dialect promises: an
+    HTML page from a proxy, JSON cut in half, an error object, no choices. Transient, as a 5xx is: retried
+    within ``request_retries``, then that one request fails with what came back."""
+
+
 class QualityScoringError(MergeItError, RuntimeError):
     """Too many quality scores could not be computed from the endpoint's logprobs."""

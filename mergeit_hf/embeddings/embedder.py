@@ -17,6 +17,7 @@ from mergeit_hf.config import DEFAULT_EMBEDDING_MODEL, MergeItConfig
 from mergeit_hf.embeddings.arrow import iter_embeddings
 from mergeit_hf.errors import InputError
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
+from mergeit_hf.progress import transformers_bars_off
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -62,7 +63,8 @@ def load_model(model: str, device: str = "auto") -> SentenceTransformer:
     """Load a sentence-transformers model once per process (never per batch), where the hardware is."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model_path(model), device=resolve_device(device))
+    with transformers_bars_off():  # its "Loading weights" bar would cut into the embedding stage's own
+        return SentenceTransformer(resolve_model_path(model), device=resolve_device(device))
 
 
 def embedding_dimension(model: str) -> int:

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,14 +57,24 @@ def load_static_model(model: str) -> StaticModel:
     path = resolve_model_path(model)
     folder = static_cache_dir() / f"{Path(model).name}-{_source_key(path)}"
     if not (folder / "model.safetensors").is_file():
-        distilled = distill(path)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        distilled.save_pretrained(str(tmp))
-        if folder.exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            tmp.replace(folder)
+        publish_folder(distill(path), folder)
     return StaticModel.from_pretrained(str(folder))
+
+
+def publish_folder(model: StaticModel, folder: Path) -> None:
+    """Save ``model`` as ``folder`` atomically: written to a folder of its own, then renamed. Two processes
+    distilling at once both succeed; the first rename wins and the other's copy is removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tmp.replace(folder)
+    except OSError:
+        if not (folder / "model.safetensors").is_file():
+            raise  # not a lost race: a real failure to write the cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def distill(model_path: str) -> StaticModel:

@@ -18,10 +18,11 @@ from mergeit_hf.embeddings.arrow import column_values
 from mergeit_hf.embeddings.embedder import Embedder, given_embeddings, resolve_device
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
+from mergeit_hf.progress import datasets_bars_off
 from mergeit_hf.stage1.pairs import find_pairs
 from mergeit_hf.stage1.result import Stage1Result
-from mergeit_hf.stage1.selection import is_selected, plan_selection
-from mergeit_hf.stage1.topics import assign_topics, fit_topic_clusters
+from mergeit_hf.stage1.selection import SelectionPlan, is_selected, plan_selection
+from mergeit_hf.stage1.topics import TopicClusters, assign_topics, fit_topic_clusters
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch
@@ -42,29 +43,37 @@ def run_stage1(rows: Dataset, config: MergeItConfig | None = None, **map_kwargs:
         source = f"{config.embedding_model} on {resolve_device(embedder.device)}"
     seconds["embed"] = _lap(started)
     started = time.perf_counter()
-    topics = fit_topic_clusters(rows, config)
-    large = len(rows) > config.minibatch_kmeans_above  # numpy in chunks: no per-row Python at a million rows
-    if large:
-        rows = rows.add_column("cluster_id", assign_topics(rows, topics), feature=Value("int32"))
-    else:
-        rows = rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs)
-    seconds["cluster"] = _lap(started)
-    started = time.perf_counter()
-    plan = plan_selection(rows, config)
-    if large:
-        ranks = np.fromiter(
-            (plan.rank_by_id.get(i, -1) for i in column_values(rows, "id")), dtype=np.int64, count=len(rows)
-        )
-        rows = rows.add_column("selected", ranks >= 0).add_column("selection_rank", ranks)
-        selected = rows.select(np.flatnonzero(ranks >= 0))
-    else:
-        rows = rows.map(plan, batched=True, desc="Marking selection", **map_kwargs)
-        selected = rows.filter(is_selected, batched=True, desc="Keeping selection", **map_kwargs)
+    with datasets_bars_off():  # quick steps: the stage's one bar is the embedding's
+        rows, topics = _topics(rows, config, map_kwargs)
+        seconds["cluster"] = _lap(started)
+        started = time.perf_counter()
+        rows, selected, plan = _selection(rows, config, map_kwargs)
     seconds["select"] = _lap(started)
     started = time.perf_counter()
     pairs = find_pairs(selected, config)
     seconds["pair"] = _lap(started)
     return Stage1Result(rows, selected, pairs, topics, plan, config, seconds, source)
+
+
+def _topics(rows: Dataset, config: MergeItConfig, map_kwargs: dict[str, Any]) -> tuple[Dataset, TopicClusters]:
+    topics = fit_topic_clusters(rows, config)
+    if len(rows) > config.minibatch_kmeans_above:  # numpy in chunks: no per-row Python at a million rows
+        return rows.add_column("cluster_id", assign_topics(rows, topics), feature=Value("int32")), topics
+    return rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs), topics
+
+
+def _selection(
+    rows: Dataset, config: MergeItConfig, map_kwargs: dict[str, Any]
+) -> tuple[Dataset, Dataset, SelectionPlan]:
+    """All rows with ``selected`` and ``selection_rank``, the selected rows, and the plan."""
+    plan = plan_selection(rows, config)
+    if len(rows) > config.minibatch_kmeans_above:
+        ids = column_values(rows, "id")
+        ranks = np.fromiter((plan.rank_by_id.get(i, -1) for i in ids), dtype=np.int64, count=len(rows))
+        rows = rows.add_column("selected", ranks >= 0).add_column("selection_rank", ranks)
+        return rows, rows.select(np.flatnonzero(ranks >= 0)), plan
+    rows = rows.map(plan, batched=True, desc="Marking selection", **map_kwargs)
+    return rows, rows.filter(is_selected, batched=True, desc="Keeping selection", **map_kwargs), plan
 
 
 def _lap(started: float) -> float:

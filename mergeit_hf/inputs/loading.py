@@ -22,6 +22,7 @@ import pyarrow as pa
 from datasets import Dataset, Features, Sequence, Value
 
 from mergeit_hf.errors import InputError
+from mergeit_hf.progress import datasets_bars_off, datasets_errors_expected
 
 InputFormat = Literal["auto", "alpaca", "sharegpt", "seed_tasks"]
 ROW_FIELDS = ("instruction", "input", "output")
@@ -221,22 +222,17 @@ def _starts_with(path: Path, character: str) -> bool:
 def _built(path: Path, builder: str) -> Dataset:
     """The file through datasets' own builder, cached as Arrow beside datasets' other caches."""
     from datasets import load_dataset
-    from datasets.utils import logging as datasets_logging
 
-    shown = datasets_logging.is_progress_bar_enabled()  # the caller's setting, restored after
-    datasets_logging.disable_progress_bar()  # a bar per load would repeat on every rerun of the same file
-    try:
+    with datasets_bars_off():  # a bar per load would repeat on every rerun of the same file
         return load_dataset(builder, data_files=str(path), split="train")
-    finally:
-        if shown:
-            datasets_logging.enable_progress_bar()
 
 
 def _read_json_lines_file(path: Path, report: LoadReport) -> Dataset | list[dict]:
     """JSON lines through datasets' JSON builder; broken lines are left out and counted first (in one
     streamed pass that writes the readable lines to a copy), as is a record that is not an object."""
     try:
-        return _built(path, "json")
+        with datasets_errors_expected():  # the broken lines are counted and reported below, not logged twice
+            return _built(path, "json")
     except Exception:  # a broken line, a record that is not an object, or types Arrow cannot unify
         pass
     with tempfile.TemporaryDirectory(prefix="mergeit-jsonl-") as folder:

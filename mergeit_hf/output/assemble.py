@@ -260,5 +260,8 @@ def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate], pr
             add(row_id, source_index, "not selected", "facility location kept other rows of its topic", None)
         else:
             add(row_id, source_index, *fate[row_id])
-    accounting = Dataset.from_dict(columns, features=ACCOUNTING_FEATURES)
-    return accounting.sort("source_index")
+    # In input order. Sorted here, not with ``Dataset.sort`` (whose pyarrow call warns of a deprecation).
+    order = sorted(range(len(columns["source_index"])), key=columns["source_index"].__getitem__)
+    return Dataset.from_dict(
+        {name: [values[i] for i in order] for name, values in columns.items()}, features=ACCOUNTING_FEATURES
+    )

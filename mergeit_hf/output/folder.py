@@ -14,6 +14,7 @@ from mergeit_hf.errors import InputError
 from mergeit_hf.output import figures, sweep
 from mergeit_hf.output.card import RunRecord, build_card
 from mergeit_hf.output.publish import EXTRAS_FOLDER, write_repo_folder
+from mergeit_hf.progress import datasets_bars_off
 
 #: What ``pairs.parquet`` must hold for the gate to be applied again.
 REQUIRED_COLUMNS = ("merge_status", "quality_a", "quality_b", "attempt_log")
@@ -44,7 +45,8 @@ def run_min_judge(record: RunRecord) -> float | None:
 def run_figures(record: RunRecord, pairs: Dataset) -> dict[str, bytes]:
     if len(pairs) == 0 or "attempt_log" not in pairs.column_names:
         return {}
-    scored = pairs.filter(lambda status: status in sweep.SCORED, input_columns="merge_status")
+    with datasets_bars_off():
+        scored = pairs.filter(lambda status: status in sweep.SCORED, input_columns="merge_status")
     if len(scored) == 0:
         return {}
     alpha, min_retention = float(record.config["alpha"]), float(record.config["min_retention"])

@@ -19,6 +19,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 
 from mergeit_hf.endpoints.http.transport import redact
 from mergeit_hf.errors import MergeItError
+from mergeit_hf.progress import datasets_bars_off
 
 MAX_SHARD_BYTES = 500 * 1024 * 1024
 EXTRAS_FOLDER = "mergeit"
@@ -42,17 +43,18 @@ def write_repo_folder(
         stale.unlink()
     written = []
     n_shards = max(1, math.ceil(dataset.data.nbytes / MAX_SHARD_BYTES))
-    for index in range(n_shards):
-        relative = Path("data") / f"train-{index:05d}-of-{n_shards:05d}.parquet"
-        dataset.shard(n_shards, index, contiguous=True).to_parquet(str(folder / relative))
-        written.append(relative)
+    parquet = {
+        Path("data") / f"train-{i:05d}-of-{n_shards:05d}.parquet": dataset.shard(n_shards, i, contiguous=True)
+        for i in range(n_shards)
+    }
+    parquet |= {Path(EXTRAS_FOLDER) / f"{name}.parquet": extra for name, extra in (extras or {}).items()}
+    (folder / EXTRAS_FOLDER).mkdir(exist_ok=True)
+    with datasets_bars_off():  # a bar per file written would follow the run's own summary
+        for relative, part in parquet.items():
+            part.to_parquet(str(folder / relative))
+            written.append(relative)
     (folder / "README.md").write_text(str(card), encoding="utf-8")
     written.append(Path("README.md"))
-    (folder / EXTRAS_FOLDER).mkdir(exist_ok=True)
-    for name, extra in (extras or {}).items():
-        relative = Path(EXTRAS_FOLDER) / f"{name}.parquet"
-        extra.to_parquet(str(folder / relative))
-        written.append(relative)
     for name, content in sorted((files or {}).items()):
         relative = Path(name)
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)

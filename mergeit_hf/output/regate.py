@@ -14,12 +14,13 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, Features
 
 from mergeit_hf.output.assemble import ACCOUNTING_FEATURES, final_dataset, pair_rows
 from mergeit_hf.output.folder import OutputFolder, write_output
-from mergeit_hf.output.sweep import SCORED, attempt_scores
+from mergeit_hf.output.sweep import SCORED, attempt_scores, require_measured, scored_pairs
 from mergeit_hf.stage2.gate import best_attempt
+from mergeit_hf.stage2.merge.columns import COMPLEXITY_FEATURES, OUTCOME_FEATURES
 from mergeit_hf.stage2.merge.results import OutcomeCounts
 
 
@@ -36,14 +37,15 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float, min_judge: 
         qualities = (row["quality_a"], row["quality_b"], *(row.get("quality_more") or ()))
         index, decision = best_attempt(attempts, qualities, alpha, min_retention, min_judge)
         kept, kept_scores = scored[index], attempts[index]
+        retentions = kept.get("retentions") or []  # empty when the run measured no retention
         row.update(
             merge_status="accepted" if decision.accepted else "rejected",
             merge_reason=decision.reason,
             rejection_cause=decision.cause or "",
             quality_merged=kept["quality_merged"],
-            retention_a=kept["retentions"][0],
-            retention_b=kept["retentions"][1],
-            **({"retention_more": kept["retentions"][2:]} if "retention_more" in row else {}),
+            retention_a=retentions[0] if retentions else None,
+            retention_b=retentions[1] if retentions else None,
+            **({"retention_more": retentions[2:]} if "retention_more" in row else {}),
             **_part_columns(row, kept_scores.parts),
             judge_p_yes=kept_scores.judge,
             merged_instruction=kept["merged"]["instruction"],
@@ -53,7 +55,14 @@ def regate_pairs(pairs: Dataset, alpha: float, min_retention: float, min_judge: 
         )
     for row in rows:
         row.update(alpha=alpha, min_retention=min_retention, min_judge=min_judge)
-    return Dataset.from_list(rows, features=pairs.features)
+    return Dataset.from_list(rows, features=_declared(pairs.features))
+
+
+def _declared(features: Features) -> Features:
+    """The pairs' types with every outcome column as declared: a folder written before the outcome columns
+    had declared types may hold null-typed ones (a run without the judge: ``min_judge``, ``judge_p_yes``)."""
+    declared = {**COMPLEXITY_FEATURES, **OUTCOME_FEATURES}
+    return Features({name: declared.get(name, feature) for name, feature in features.items()})
 
 
 def _part_columns(row: dict, parts: tuple[tuple[float, float], ...]) -> dict:
@@ -79,6 +88,7 @@ def regate_output(
     out: OutputFolder, alpha: float, min_retention: float, min_judge: float | None = None
 ) -> OutputFolder:
     """``regate_folder`` on a folder already read (the CLI reads it once, for its thresholds too)."""
+    require_measured(scored_pairs(out.pairs), min_judge, min_retention_given=False)
     pairs = regate_pairs(out.pairs, alpha, min_retention, min_judge)
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows, fate = pair_rows(pairs, created_at, out.record.version)

@@ -15,6 +15,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from mergeit_hf.errors import ConfigError
 from mergeit_hf.stage2.gate import AttemptScores, best_attempt
 
 DEFAULT_ALPHAS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -82,6 +83,20 @@ def attempt_scores(log: list[dict[str, Any]]) -> tuple[AttemptScores, ...]:
         for a in log
         if a.get("quality_merged") is not None
     )
+
+
+def require_measured(pairs: Sequence[ScoredPair], min_judge: float | None, min_retention_given: bool) -> None:
+    """Refuse, in one line, a threshold on something the run never measured (it would change nothing)."""
+    attempts = [attempt for pair in pairs for attempt in pair.attempts]
+    if min_judge is not None and not any(a.judge is not None for a in attempts):
+        raise ConfigError(
+            "this run has no judge verdicts (it was made without --judge): --min-judge has nothing to re-gate; "
+            "run again with --judge, which re-sends only the judge's requests"
+        )
+    if min_retention_given and attempts and not any(a.retentions for a in attempts):
+        raise ConfigError(
+            "this run measured no retention (compute_retention: false): --min-retention has nothing to re-gate"
+        )
 
 
 def sweep(

@@ -223,8 +223,8 @@ def _run(args: argparse.Namespace) -> int:
         pretty_name=args.pretty_name,
         general_size=args.general_size,
         engine=engine,
+        on_loaded=lambda report: print(report.summary(), flush=True),
     )
-    print(result.report.summary())
     written = pipeline.save(result, args.output)
     if args.push_to_hub:
         commit = pipeline.publish(result, args.push_to_hub, private=args.private)
@@ -276,6 +276,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if not pairs:
         raise MergeItError(f"{args.folder} holds no scored pair (no merge was accepted or rejected): nothing to sweep")
     min_judge = out.min_judge if args.min_judge is None else args.min_judge
+    sweep.require_measured(pairs, args.min_judge, min_retention_given=bool(args.retentions))
     alphas, retentions = args.alphas or sweep.DEFAULT_ALPHAS, args.retentions or sweep.DEFAULT_RETENTIONS
     table = sweep.sweep(pairs, alphas, retentions, out.thresholds, min_judge)
     if min_judge is not None:
@@ -291,6 +292,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _regate(args: argparse.Namespace) -> int:
     from mergeit_hf.output.folder import OutputFolder
     from mergeit_hf.output.regate import regate_output
+    from mergeit_hf.output.sweep import require_measured, scored_pairs
 
     out = OutputFolder.open(args.folder)
     alpha, min_retention = out.thresholds
@@ -298,6 +300,7 @@ def _regate(args: argparse.Namespace) -> int:
     min_retention = min_retention if args.min_retention is None else args.min_retention
     min_judge = out.min_judge if args.min_judge is None else args.min_judge
     MergeItConfig(alpha=alpha, min_retention=min_retention, min_judge=min_judge or 0.5)  # as a run validates
+    require_measured(scored_pairs(out.pairs), args.min_judge, min_retention_given=args.min_retention is not None)
     out = regate_output(out, alpha, min_retention, min_judge)
     counts = out.record.counts
     judged = "" if min_judge is None else f", min_judge={min_judge}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +15,7 @@ from huggingface_hub import DatasetCard
 
 from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.endpoints.probe import model_label
 from mergeit_hf.engines.choice import Engine
 from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.output.assemble import Assembly, assemble
@@ -102,13 +103,17 @@ def run_pipeline(
     pretty_name: str | None = None,
     general_size: int | None = None,
     engine: Engine | None = None,
+    on_loaded: Callable[[LoadReport], None] | None = None,
 ) -> PipelineResult:
     """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model.
-    ``engine`` (default: datasets, on this machine) runs stage 1 and the merges; the rest is the same."""
+    ``engine`` (default: datasets, on this machine) runs stage 1 and the merges; the rest is the same.
+    ``on_loaded`` is called with the load report as soon as the input is read."""
     config = config or MergeItConfig()
     engine = engine or Engine()
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache, show_progress=True)
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
+    if on_loaded is not None:  # the CLI prints what was read before the long stages start
+        on_loaded(report)
     prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
@@ -206,10 +211,15 @@ def _model(merged_pairs: Dataset, column: str) -> str:
 
 
 def _recorded_config(config: MergeItConfig) -> dict[str, Any]:
-    # A URL can name private infrastructure: the card says a scorer endpoint was set, not where.
+    """The config as the card and run.json publish it: a URL can name private infrastructure and a local
+    path the user's folders, so endpoints say only that one was set, and model paths keep their file name."""
     values = config.to_dict()
-    if values.get("scorer_endpoint"):
-        values["scorer_endpoint"] = "URL"
+    for name in ("scorer_endpoint", "judge_endpoint"):
+        if values.get(name):
+            values[name] = "URL"
+    for name in ("local_model", "retention_model", "embedding_model"):
+        if values.get(name):
+            values[name] = model_label(str(values[name]))
     return values
 
 

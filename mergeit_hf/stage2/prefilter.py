@@ -10,8 +10,7 @@ cannot be scored stops the run.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +18,15 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from mergeit_hf.endpoints.sending.sync import run_sync
+from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.errors import EndpointError, QualityScoringError
 from mergeit_hf.inputs.loading import DroppedRow
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.merge.merger import Merger
+from mergeit_hf.stage2.merge.merger import WINDOW_PER_SLOT, Merger
 from mergeit_hf.stage2.scoring.deita import QualityScore
-from mergeit_hf.stage2.scoring.scorer import QualityScorer
 
 PREFILTER_REASON = "prefilter"
+UNSCORED_REASON = "prefilter: not scored"
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PrefilterResult:
     dropped: list[DroppedRow]
     cutoff: float  # the smallest quality × complexity kept
     requests_sent: int
+    n_unscored: int = 0  # rows left out because their score request failed
 
     @property
     def n_dropped(self) -> int:
@@ -45,14 +46,14 @@ class PrefilterResult:
     def summary(self) -> str:
         return (
             f"prefilter: kept {len(self.kept)} rows with quality × complexity >= {self.cutoff:.2f}, "
-            f"left out {self.n_dropped}"
+            f"left out {self.n_dropped}" + (f" ({self.n_unscored} could not be scored)" if self.n_unscored else "")
         )
 
 
 def prefilter_rows(rows: Dataset, merger: Merger, top: int | float) -> PrefilterResult:
     """Score every row's quality and complexity with the stage 2 scorer, then keep the ``top`` by their product."""
-    quality, complexity, sent = score_rows(rows, merger)
-    return prefilter(rows, quality, complexity, top, sent)
+    scores = score_rows(rows, merger)
+    return prefilter(rows, scores.quality, scores.complexity, top, scores.requests_sent, scores.failures)
 
 
 def prefilter_count(top: int | float, n_rows: int) -> int:
@@ -62,63 +63,98 @@ def prefilter_count(top: int | float, n_rows: int) -> int:
 
 
 def prefilter(
-    rows: Dataset, quality: Sequence[float], complexity: Sequence[float], top: int | float, requests_sent: int = 0
+    rows: Dataset,
+    quality: Sequence[float | None],
+    complexity: Sequence[float | None],
+    top: int | float,
+    requests_sent: int = 0,
+    failures: Mapping[int, str] | None = None,
 ) -> PrefilterResult:
-    """Keep the ``top`` rows by quality × complexity (ties: input order); ``requests_sent`` is what scoring cost."""
-    product = np.asarray(quality) * np.asarray(complexity)
-    keep_n = prefilter_count(top, len(rows))
-    order = np.argsort(-product, kind="stable")
+    """Keep the ``top`` rows by quality × complexity (ties: input order); ``requests_sent`` is what scoring cost.
+    ``failures``: rows whose score request failed (position → reason); they cannot be ranked and are left out
+    with that reason, and ``top`` as a fraction counts the rows that could be ranked."""
+    failures = failures or {}
+    ranked = np.asarray([i for i in range(len(rows)) if i not in failures], dtype=np.int64)
+    if len(ranked) == 0:
+        raise EndpointError(f"prefilter: no row could be scored; the first failure: {next(iter(failures.values()))}")
+    product = np.full(len(rows), np.nan)
+    product[ranked] = [quality[i] * complexity[i] for i in ranked]  # type: ignore[operator]
+    keep_n = prefilter_count(top, len(ranked))
+    order = ranked[np.argsort(-product[ranked], kind="stable")]
     kept = np.sort(order[:keep_n])
     cutoff = float(product[order[keep_n - 1]])
     scored = rows.add_column("quality", list(quality)).add_column("complexity", list(complexity))
-    left_out = np.sort(order[keep_n:])
-    dropped = [
-        DroppedRow(
-            int(rows[int(i)]["source_index"]),
+    below = [
+        (
+            int(i),
             PREFILTER_REASON,
             f"quality {quality[i]:.2f} × complexity {complexity[i]:.2f} = {product[i]:.2f} below the cutoff "
-            f"{cutoff:.2f} (the top {keep_n} of {len(rows)} rows were kept)",
-            rows[int(i)]["id"],
+            f"{cutoff:.2f} (the top {keep_n} of {len(ranked)} ranked rows were kept)",
         )
-        for i in left_out
+        for i in order[keep_n:]
     ]
-    return PrefilterResult(scored.select(kept), dropped, cutoff, requests_sent)
+    unscored = [(i, UNSCORED_REASON, f"not ranked: {reason}") for i, reason in failures.items()]
+    dropped = [
+        DroppedRow(int(rows[i]["source_index"]), reason, detail, rows[i]["id"])
+        for i, reason, detail in sorted(below + unscored)
+    ]
+    return PrefilterResult(scored.select(kept), dropped, cutoff, requests_sent, len(failures))
 
 
-def score_rows(rows: Dataset, merger: Merger) -> tuple[list[float], list[float], int]:
+@dataclass(frozen=True)
+class RowScores:
+    """Each row's quality and complexity (None where its request failed, with the reason in ``failures``)."""
+
+    quality: list[float | None]
+    complexity: list[float | None]
+    failures: dict[int, str]  # row position → why it could not be scored
+    requests_sent: int
+
+
+def score_rows(rows: Dataset, merger: Merger) -> RowScores:
     """Every row's quality and complexity, and how many requests were sent (the rest came from the cache)."""
     return run_sync(_score_all(rows, merger))
 
 
-async def _score_all(rows: Dataset, merger: Merger) -> tuple[list[float], list[float], int]:
+async def _score_all(rows: Dataset, merger: Merger) -> RowScores:
     config = merger.config
     complexity_template = PromptTemplate.load(config.complexity_template)
     texts = rows.select_columns(["instruction", "input", "output"]).to_list()
     async with merger.session(merging=False) as session:
-        complexity = session.scorer.with_template(complexity_template)
+        scorers = {"quality": session.scorer, "complexity": session.scorer.with_template(complexity_template)}
         # disable=None: a bar on a terminal, none in logs (52k rows are 104k scores: worth watching).
         progress = tqdm(total=2 * len(texts), desc="Prefilter scores", unit="score", disable=None)
 
-        async def one(scorer: QualityScorer, row: dict[str, str], index: int, name: str) -> float:
-            score = await scorer.score(row)
+        async def one(job: tuple[str, int]) -> QualityScore | EndpointError:
+            name, index = job
+            score = await scorers[name].score(texts[index])
             progress.update(1)
-            return _value(score, index, name)
+            return score
 
-        values = await asyncio.gather(
-            *(one(session.scorer, row, i, "quality") for i, row in enumerate(texts)),
-            *(one(complexity, row, i, "complexity") for i, row in enumerate(texts)),
-        )
+        jobs = [(name, i) for i in range(len(texts)) for name in scorers]
+        # A window of rows in flight (4 per slot), not a task per row for every row at once.
+        window = WINDOW_PER_SLOT * session.scorer.scheduler.concurrency
+        scores = dict(zip(jobs, await map_windowed(one, jobs, window), strict=True))
         progress.close()
-        return list(values[: len(texts)]), list(values[len(texts) :]), session.requests_sent
+        return _row_scores(scores, len(texts), session.requests_sent)
 
 
-def _value(score: QualityScore | EndpointError, index: int, name: str) -> float:
-    # No default score: a row the prefilter cannot rank stops the run, naming the row and the cause.
-    if isinstance(score, EndpointError):
-        raise EndpointError(f"prefilter: scoring the {name} of row {index}: {score}")
-    if score.value is None:
-        raise QualityScoringError(
-            f"prefilter: the {name} score of row {index} has no digit 1-6 among the top logprobs; "
-            "use a Deita scorer (--scorer-endpoint) or raise top_logprobs"
+def _row_scores(scores: dict[tuple[str, int], QualityScore | EndpointError], n_rows: int, sent: int) -> RowScores:
+    values: dict[str, list[float | None]] = {"quality": [None] * n_rows, "complexity": [None] * n_rows}
+    failures: dict[int, str] = {}
+    for (name, index), score in scores.items():
+        if isinstance(score, EndpointError):
+            failures.setdefault(index, f"scoring the {name} failed: {score}")
+        elif score.value is None:  # no digit at all: the scorer is the wrong model, not this row's problem
+            raise QualityScoringError(
+                f"prefilter: the {name} score of row {index} has no digit 1-6 among the top logprobs; "
+                "use a Deita scorer (--scorer-endpoint) or raise top_logprobs"
+            )
+        else:
+            values[name][index] = score.value
+    if len(failures) * 2 > n_rows:
+        raise EndpointError(
+            f"prefilter: {len(failures)} of {n_rows} rows could not be scored; the first: "
+            f"{next(iter(failures.values()))}"
         )
-    return score.value
+    return RowScores(values["quality"], values["complexity"], failures, sent)

@@ -77,6 +77,7 @@ class ScorerCheck:
     per_corruption: tuple[CorruptionAccuracy, ...]
     min_accuracy: float
     unavailable: int = 0  # scores with no digit 1-6 at all (counted as wrong)
+    failed: int = 0  # score requests that failed (a bad answer after retries; counted as wrong)
 
     @property
     def right(self) -> int:
@@ -99,6 +100,8 @@ class ScorerCheck:
         lines += [f"  {c.name:<22} {c.right:>3}/{c.scored:<3} {c.accuracy:.2f}" for c in self.per_corruption]
         if self.unavailable:
             lines.append(f"  {self.unavailable} score(s) had no digit 1-6 among the top logprobs (counted as wrong)")
+        if self.failed:
+            lines.append(f"  {self.failed} score request(s) failed after retries (counted as wrong)")
         if not self.passed:
             lines.append(
                 f"WARNING: accuracy {self.accuracy:.2f} < {self.min_accuracy}: this scorer barely ranks real answers "
@@ -116,6 +119,7 @@ class ScorerCheck:
             "min_accuracy": self.min_accuracy,
             "passed": self.passed,
             "unavailable": self.unavailable,
+            "failed": self.failed,
             "per_corruption": {c.name: {"right": c.right, "scored": c.scored} for c in self.per_corruption},
         }
 
@@ -143,9 +147,9 @@ async def check_scorer(
         if (text := corrupt(rows, index)).strip() and text.strip() != rows[index]["output"].strip()
     ]
     scores = await asyncio.gather(*(scorer.score(row) for row in [*rows, *(v[2] for v in variants)]))
-    for score in scores:
-        if isinstance(score, EndpointError):
-            raise score
+    failed = [score for score in scores if isinstance(score, EndpointError)]
+    if len(failed) * 2 > len(scores):
+        raise failed[0]  # the scorer is not answering: merging could not score either
     originals, corrupted = scores[: len(rows)], scores[len(rows) :]
     tallies = {name: [0, 0] for name in CORRUPTIONS}
     for (name, index, _), score in zip(variants, corrupted, strict=True):
@@ -153,10 +157,12 @@ async def check_scorer(
         tallies[name][0] += _ranked_right(originals[index], score)
     unavailable = sum(not s.available for s in scores if isinstance(s, QualityScore))
     per = tuple(CorruptionAccuracy(name, right, scored) for name, (right, scored) in tallies.items())
-    return ScorerCheck(model_id, len(rows), per, min_accuracy, unavailable)
+    return ScorerCheck(model_id, len(rows), per, min_accuracy, unavailable, len(failed))
 
 
 def _ranked_right(original: Any, corrupted: Any) -> bool:
+    if isinstance(original, EndpointError) or isinstance(corrupted, EndpointError):
+        return False
     if not (original.available and corrupted.available):
         return False
     return original.value > corrupted.value

@@ -4,11 +4,29 @@ the bearer key, a pool as large as the concurrency, transient failures retried (
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import httpx
 
-from mergeit_hf.endpoints.http.transport import failure, is_retryable_status, retrying
+from mergeit_hf.endpoints.http.transport import (
+    failure,
+    is_retryable_status,
+    malformed,
+    read_answer,
+    retrying,
+    server_message,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Posted(Generic[T]):
+    """A server's answer, and what ``read`` made of its JSON when the status was a success."""
+
+    response: httpx.Response
+    value: T | None = None
 
 
 class JsonHttpClient:
@@ -39,12 +57,19 @@ class JsonHttpClient:
         return self._http
 
     async def post(
-        self, path: str, body: dict[str, Any], answered: Callable[[httpx.Response], bool] | None = None
-    ) -> httpx.Response:
+        self,
+        path: str,
+        body: dict[str, Any],
+        answered: Callable[[httpx.Response], bool] | None = None,
+        read: Callable[[Any], T] | None = None,
+    ) -> Posted[T]:
         """The first answer that is not transient; transient ones are retried until ``attempts`` are spent.
 
         answered: says of an answer with a retryable status that the caller reads it instead (llama-cpp-python's
             server refuses a response_format with a 500, which no retry can change).
+        read: turns a successful answer's JSON into the caller's value. A success that is not JSON, is an
+            error object, or lacks what ``read`` needs is malformed: retried like a 5xx, then the request
+            fails saying what came back.
         """
         try:
             async for attempt in retrying(self._attempts):
@@ -52,18 +77,18 @@ class JsonHttpClient:
                     response = await self._client().post(self.url + path, json=body)
                     if is_retryable_status(response.status_code) and not (answered and answered(response)):
                         response.raise_for_status()
-                    return response
+                    value = _read(response, read) if read is not None and response.is_success else None
+                    return Posted(response, value)
         except Exception as exc:
             raise self.error(path, exc) from None
         raise AssertionError("unreachable: the retry loop returns or raises")
 
-    def json(self, path: str, response: httpx.Response) -> Any:
-        """The answer's JSON; any error status raised as the endpoint's error, with what the server said."""
+    def check(self, path: str, response: httpx.Response) -> None:
+        """Any error status raised as the endpoint's error, with what the server said."""
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
             raise self.error(path, exc) from None
-        return response.json()
 
     def error(self, path: str, exc: BaseException) -> Exception:
         return failure(self.url + path, exc, self._key, self._key_variable)
@@ -72,3 +97,13 @@ class JsonHttpClient:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+def _read(response: httpx.Response, read: Callable[[Any], T]) -> T:
+    try:
+        answer = response.json()
+    except ValueError:  # an HTML page from a proxy, JSON cut in half, an empty body
+        raise malformed(response, "a body that is not JSON") from None
+    if isinstance(answer, dict) and "error" in answer and not answer.get("choices"):
+        raise malformed(response, f"an error object ({server_message(response)})")
+    return read_answer(read, answer, "JSON")

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from mergeit_hf.errors import EndpointConfigError, EndpointError
+from mergeit_hf.errors import EndpointConfigError, EndpointError, MalformedAnswerError
 
 #: Statuses below 500 worth another try: timeout, conflict, rate limit, and TGI's 424 (a generation that
 #: failed in a shard, as a 5xx would).
@@ -28,6 +28,8 @@ RETRYABLE_CLIENT_STATUS = frozenset({408, 409, 424, 429})
 CONFIGURATION_STATUS = frozenset({401, 403, 404})
 _MAX_SERVER_WAIT_S = 120.0
 _MESSAGE_CHARS = 300
+_BODY_CHARS = 120  # of a malformed answer, in the reason a request fails with
+T = TypeVar("T")
 
 #: Connection-level failures, by class name, because the client's HTTP stack differs between
 #: huggingface_hub releases (httpx2 in 2.x, httpx in 1.x, aiohttp before) and our own httpx: dropped or
@@ -68,6 +70,36 @@ def server_message(response: Any) -> str:
         found = getattr(response, "text", "") or ""
     text = found if isinstance(found, str) else str(found)
     return " ".join(text.split())[:_MESSAGE_CHARS]
+
+
+def malformed(response: Any, problem: str) -> MalformedAnswerError:
+    """What came back, for the reason a request fails with: status, content type and the body's first
+    characters (the caller redacts the key from the message)."""
+    status = getattr(response, "status_code", "?")
+    headers = getattr(response, "headers", {}) or {}
+    kind = headers.get("content-type", "no content type")
+    body = " ".join((getattr(response, "text", "") or "").split())[:_BODY_CHARS]
+    return MalformedAnswerError(f"answered HTTP {status} ({kind}) with {problem}: {body!r}")
+
+
+def read_answer(read: Callable[[Any], T], answer: Any, what: str) -> T:
+    """``read(answer)``, or the answer named as malformed: a field the dialect promises missing, of the wrong
+    type, or empty; never a ``KeyError`` out of one request into the run."""
+    try:
+        return read(answer)
+    except MalformedAnswerError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        shown = " ".join(str(answer).split())[:_BODY_CHARS]
+        raise MalformedAnswerError(f"answered with {what} that lacks {_missing(exc)}: {shown!r}") from None
+
+
+def _missing(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"the field {exc.args[0]!r}" if exc.args else "a field"
+    if isinstance(exc, IndexError):
+        return "an entry (an empty list)"
+    return f"the expected shape ({type(exc).__name__}: {exc})"
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
@@ -123,6 +155,8 @@ def _duration_seconds(text: str | None) -> float | None:
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, MalformedAnswerError):
+        return True  # gateways and proxies answer so under load: another try usually gets a real answer
     status = http_status(exc)
     if status is not None:
         return is_retryable_status(status)
@@ -163,6 +197,8 @@ def failure(url: str, exc: BaseException, key: str | None, key_variable: str = "
 
     401/403/404 come back as ``EndpointConfigError``, which stops the run (raise it) instead of failing a pair.
     """
+    if isinstance(exc, MalformedAnswerError):
+        return MalformedAnswerError(f"{url} {redact(str(exc), key)} (after retries)")
     status = http_status(exc)
     if status is None:
         detail = redact(str(exc), key)[:_MESSAGE_CHARS] or "no detail"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from mergeit_hf.endpoints.base import ChatReply, usage_of
@@ -62,6 +63,12 @@ class CompletionEndpointBackend:
             if reply is not None and (reply.first_top_logprobs or not params.get("logprobs")):
                 self.route = "/v1/completions"
                 return reply
+            if self.route == "/v1/completions":
+                # Settled by earlier answers: one 404 or one answer without logprobs is this request's problem
+                # (an unavailable score, counted as such), not a reason to send every later score elsewhere.
+                if reply is None:
+                    raise EndpointError(f"{self.url}/v1/completions answered 404 after serving earlier scores")
+                return reply
             if self.route is None:
                 logger.info("%s: /v1/completions gives no logprobs here; scoring through TGI's /generate", self.url)
             self.route = "/generate"
@@ -77,8 +84,7 @@ class CompletionEndpointBackend:
         }
         if params.get("logprobs"):
             body["logprobs"] = params.get("top_logprobs", 1)
-        answer = await self._post("/v1/completions", body)
-        return _reply_from_completion(answer) if answer is not None else None
+        return await self._post("/v1/completions", body, _reply_from_completion)
 
     async def _tgi_generate(self, prompt: str, params: dict[str, Any]) -> ChatReply:
         wanted = params.get("top_logprobs", 1) if params.get("logprobs") else 0
@@ -88,7 +94,7 @@ class CompletionEndpointBackend:
         if top_n:
             parameters["top_n_tokens"] = top_n
         try:
-            answer = await self._post("/generate", {"inputs": prompt, "parameters": parameters})
+            reply = await self._post("/generate", {"inputs": prompt, "parameters": parameters}, _reply_from_generate)
         except _CappedTopN as capped:
             if top_n <= capped.cap:  # refused at or below the cap it names: retrying cannot help
                 raise EndpointError(f"{self.url}/generate refused top_n_tokens={top_n} (cap {capped.cap})") from None
@@ -102,22 +108,25 @@ class CompletionEndpointBackend:
                 )
             self._top_n_cap = min(capped.cap, self._top_n_cap or capped.cap)
             return await self._tgi_generate(prompt, params)
-        if answer is None:
+        if reply is None:
             raise EndpointError(
                 f"the scorer endpoint {self.url} serves neither /v1/completions with logprobs nor TGI's /generate"
             )
-        return _reply_from_generate(answer)
+        return reply
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        """The JSON answer, or None where the server has no such route; transient failures retried as for chat."""
-        response = await self._http.post(path, body)
+    async def _post(self, path: str, body: dict[str, Any], read: Callable[[Any], ChatReply]) -> ChatReply | None:
+        """The answer read, or None where the server has no such route; transient failures (malformed answers
+        too) retried as for chat."""
+        posted = await self._http.post(path, body, read=read)
+        response = posted.response
         if response.status_code in _ABSENT:
             return None
         if response.status_code == 422 and path == "/generate":
             cap = _TOP_N_CAP.search(response.text)
             if cap:
                 raise _CappedTopN(int(cap.group(1)))
-        return self._http.json(path, response)
+        self._http.check(path, response)
+        return posted.value
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, reply_from_chat_completion
-from mergeit_hf.endpoints.http.transport import failure, retrying
+from mergeit_hf.endpoints.http.transport import failure, read_answer, retrying
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
-from mergeit_hf.errors import EndpointError
+from mergeit_hf.errors import EndpointError, MalformedAnswerError
 
 _HTTPX_DEFAULT_CONNECTIONS = 100
 
@@ -89,10 +89,16 @@ class InferenceClientBackend:
         try:
             async for attempt in retrying(self._attempts):
                 with attempt:
-                    output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
+                    try:
+                        output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
+                    except (ValueError, KeyError, TypeError) as exc:  # the client's own reading of the body
+                        raise MalformedAnswerError(
+                            f"answered with a body huggingface_hub cannot read ({type(exc).__name__}: {exc})"
+                        ) from None
+                    reply = read_answer(reply_from_chat_completion, output, "a chat completion")
         except Exception as exc:
             raise failure(self._where, exc, self._key, self._key_variable) from None
-        return reply_from_chat_completion(output)
+        return reply
 
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)

@@ -4,12 +4,14 @@ ships, or any ``local_model`` GGUF."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.http.transport import read_answer
 from mergeit_hf.endpoints.structured_output import JSON_OBJECT_WITH_SCHEMA, in_form
 from mergeit_hf.errors import EndpointError
 
@@ -70,12 +72,26 @@ def resolve_local_model(spec: str | Path | None) -> Path:
         raise EndpointError(f"cannot fetch local_model {filename!r} from the Hub repo {repo_id!r}: {exc}") from None
 
 
+def file_fingerprint(path: Path, edge_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's size, first and last MiB: tells model files apart in milliseconds (a GGUF's header
+    holds its metadata and tensor layout, its tail the last weights), where hashing 1 GB would take seconds."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(edge_bytes))
+        handle.seek(max(0, size - edge_bytes))
+        digest.update(handle.read(edge_bytes))
+    return digest.hexdigest()[:16]
+
+
 class LocalLlamaBackend:
     """llama-cpp-python in this process: the embedded default, one request at a time."""
 
     def __init__(self, model_path: str | Path | None = None, n_ctx: int = 4096) -> None:
         self.path = resolve_local_model(model_path)
-        self.model_id = self.path.name
+        # What requests carry and the request cache keys on: the file's name and a fingerprint of its bytes,
+        # so two different GGUFs that share a name never share answers. The card shows the name only.
+        self.model_id = f"{self.path.name}@{file_fingerprint(self.path)}"
         self.default_concurrency = 1
         self._n_ctx = n_ctx
         self._lock = asyncio.Lock()
@@ -84,7 +100,7 @@ class LocalLlamaBackend:
         return f"LocalLlamaBackend(model={self.model_id!r})"
 
     def describe(self) -> dict[str, str]:
-        return {"kind": "embedded llama.cpp", "model": self.model_id, "structured_output": JSON_OBJECT_WITH_SCHEMA}
+        return {"kind": "embedded llama.cpp", "model": self.path.name, "structured_output": JSON_OBJECT_WITH_SCHEMA}
 
     async def probe(self) -> None:
         await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
@@ -97,8 +113,11 @@ class LocalLlamaBackend:
         params = in_form(params, JSON_OBJECT_WITH_SCHEMA)  # llama.cpp's grammar from the schema
         llama = await asyncio.to_thread(_load_llama, self.path, self._n_ctx)
         async with self._lock:  # a Llama object is not safe for concurrent use
-            output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
-        return reply_from_chat_completion(output)
+            try:
+                output = await asyncio.to_thread(llama.create_chat_completion, messages=messages, **params)
+            except ValueError as exc:  # llama.cpp's refusal, e.g. a prompt longer than the context: not retried
+                raise EndpointError(f"the embedded model {self.model_id} refused the request: {exc}") from None
+        return read_answer(reply_from_chat_completion, output, "a chat completion")
 
     async def aclose(self) -> None:
         return None

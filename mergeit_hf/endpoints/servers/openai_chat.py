@@ -45,13 +45,14 @@ class OpenAIChatBackend:
             form = self._formats.form
             body = {"model": self.model_id, "messages": messages, **in_form(params, form)}
             answered = self._formats.is_refusal if formatted else None
-            response = await self._http.post(CHAT_ROUTE, body, answered)
-            if formatted and self._formats.is_refusal(response) and self._formats.refused(form):
+            posted = await self._http.post(CHAT_ROUTE, body, answered, read=reply_from_chat_completion)
+            if formatted and self._formats.is_refusal(posted.response) and self._formats.refused(form):
                 continue
-            answer = self._http.json(CHAT_ROUTE, response)
+            self._http.check(CHAT_ROUTE, posted.response)
+            assert posted.value is not None  # a success is read, or raised as malformed
             if "response_format" in params:
                 self._formats.succeeded(form)
-            return reply_from_chat_completion(answer)
+            return posted.value
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -3,12 +3,75 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, Features, List, Value
 
 from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.merge.request import merge_params
 from mergeit_hf.stage2.merge.results import MergeOutcome
+
+_TEXT = Value("string")
+_FLOAT = Value("float64")
+_INT = Value("int64")
+#: The type of every outcome column, whatever a batch holds: a batch whose pairs all failed has None scores,
+#: from which ``datasets`` would infer a null column that a later batch's floats cannot be written into.
+OUTCOME_FEATURES = Features(
+    {
+        **{name: _TEXT for name in ("merged_instruction", "merged_input", "merged_output")},
+        **{name: _TEXT for name in ("merge_status", "merge_reason", "rejection_cause")},
+        **{name: _FLOAT for name in ("quality_merged", "quality_a", "quality_b", "retention_a", "retention_b")},
+        **{f"retention_{side}_{part}": _FLOAT for side in "ab" for part in ("question", "answer")},
+        "judge_p_yes": _FLOAT,
+        **{name: List(_FLOAT) for name in ("quality_more", "retention_more")},
+        **{name: List(_FLOAT) for name in ("retention_more_question", "retention_more_answer")},
+        **{name: _INT for name in ("quality_scores_incomplete", "merge_attempts", "prompt_tokens")},
+        **{name: _INT for name in ("completion_tokens", "gate_attempts")},
+        "attempt_log": _TEXT,
+        **{name: _FLOAT for name in ("alpha", "min_retention", "min_judge")},
+        **{name: _TEXT for name in ("merge_model", "quality_model", "merge_template", "merge_template_sha256")},
+        **{name: _TEXT for name in ("quality_template_sha256", "generation_params", "merged_at", "mergeit_version")},
+    }
+)
+COMPLEXITY_FEATURES = Features(
+    {"complexity_merged": _FLOAT, "complexity_a": _FLOAT, "complexity_b": _FLOAT, "complexity_more": List(_FLOAT)}
+)
+
+
+def outcome_features(config: MergeItConfig) -> Features:
+    """The outcome columns' types for a run with ``config`` (complexity columns with ``complexity_scores``)."""
+    return Features({**OUTCOME_FEATURES, **(COMPLEXITY_FEATURES if config.complexity_scores else {})})
+
+
+def outcome_dataset(columns: dict[str, list], config: MergeItConfig) -> Dataset:
+    """The outcome columns as a dataset, typed by ``outcome_features`` (never a null column)."""
+    return Dataset.from_dict(columns, features=outcome_features(config))
+
+
+def typed_for_map(columns: dict[str, list], config: MergeItConfig) -> dict[str, Any]:
+    """A ``map`` batch's outcome columns in forms ``datasets`` types right even when every pair of the batch
+    failed. ``map`` fixes a column's type at its first batch and takes no types from the function, so a
+    column of None only (a number nobody could compute) goes out as float64 NaN and a list column of empty
+    lists as float arrays; columns with a value keep None for what is missing."""
+    features = outcome_features(config)
+    typed: dict[str, Any] = dict(columns)
+    for name, values in columns.items():
+        feature = features[name]
+        if isinstance(feature, Value) and feature.dtype in ("float64", "int64") and all(v is None for v in values):
+            typed[name] = np.full(len(values), np.nan)
+        elif isinstance(feature, List) and not any(values):
+            typed[name] = _float_arrays(values)
+    return typed
+
+
+def _float_arrays(values: list) -> np.ndarray:
+    arrays = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        arrays[i] = np.asarray(value or [], dtype=np.float64)
+    return arrays
 
 
 def outcome_columns(

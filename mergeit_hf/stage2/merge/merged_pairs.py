@@ -6,7 +6,7 @@ from __future__ import annotations
 from datasets import Dataset, concatenate_datasets
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.stage2.merge.columns import outcome_columns
+from mergeit_hf.stage2.merge.columns import outcome_columns, outcome_dataset
 from mergeit_hf.stage2.merge.merger import Merger, stage2_templates
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome
 
@@ -16,20 +16,16 @@ def merged_pairs_dataset(pairs: Dataset, todo: Dataset, batch: MergeBatch, merge
     ``limit`` as skipped: what every engine's stage 2 returns."""
     templates = merger.templates()
     columns = outcome_columns(batch.outcomes, merger.config, templates, batch.merge_model, batch.quality_model)
-    merged = concatenate_datasets([todo, Dataset.from_dict(columns)], axis=1) if limit else _empty_merge(todo, merger)
+    # Typed outcome columns: with no pair merged (limit 0) the columns are empty, never null-typed.
+    merged = concatenate_datasets([todo, outcome_dataset(columns, merger.config)], axis=1)
     if limit < len(pairs):
         merged = with_skipped(merged, pairs.select(range(limit, len(pairs))), merger.config, limit)
     return merged
-
-
-def _empty_merge(pairs: Dataset, merger: Merger) -> Dataset:
-    columns = outcome_columns([], merger.config, merger.templates())
-    return concatenate_datasets([pairs, Dataset.from_dict(columns)], axis=1)
 
 
 def with_skipped(merged: Dataset, rest: Dataset, config: MergeItConfig, limit: int) -> Dataset:
     """Append the pairs past the limit as `skipped`: both originals stay, with the reason."""
     reason = f"not merged: this run was limited to {limit} pairs"
     columns = outcome_columns([MergeOutcome("skipped", reason)] * len(rest), config, stage2_templates(config))
-    skipped = Dataset.from_dict({**rest.to_dict(), **columns})
+    skipped = concatenate_datasets([rest, outcome_dataset(columns, config)], axis=1)
     return concatenate_datasets([merged, skipped.cast(merged.features)])

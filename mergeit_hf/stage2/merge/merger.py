@@ -30,7 +30,7 @@ from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
 from mergeit_hf.errors import TemplateError
 from mergeit_hf.prompts import PromptTemplate
-from mergeit_hf.stage2.merge.columns import outcome_columns
+from mergeit_hf.stage2.merge.columns import outcome_columns, typed_for_map
 from mergeit_hf.stage2.merge.pair import PairRun, merge_one, with_complexity
 from mergeit_hf.stage2.merge.request import merge_sources
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome, MergeStats
@@ -118,7 +118,8 @@ class Merger:
         templates = self.templates()
         merged = run_sync(self.merge_pairs(pairs, templates))
         columns = outcome_columns(merged.outcomes, self.config, templates, merged.merge_model, merged.quality_model)
-        return columns if batched else {name: values[0] for name, values in columns.items()}
+        typed = typed_for_map(columns, self.config)
+        return typed if batched else {name: values[0] for name, values in typed.items()}
 
     def templates(self) -> tuple[PromptTemplate, PromptTemplate]:
         return stage2_templates(self.config)
@@ -200,9 +201,10 @@ class Merger:
             judge = await self._open_judge(scorer, cache, backends) if merging and self.config.judge else None
             yield Session(cache, merges, scorer, judge)
         finally:
-            cache.close()
+            # Backends first: an answer still arriving while they close is stored before the cache shuts.
             for backend in backends:
                 await backend.aclose()
+            cache.close()
 
     async def _open_judge(self, scorer: QualityScorer, cache: RequestCache, backends: list[Any]) -> Judge:
         template = PromptTemplate.load(self.config.judge_template)

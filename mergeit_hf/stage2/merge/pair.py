@@ -17,7 +17,7 @@ from typing import Any
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.batcher import EmbeddingBatcher
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, read_outcome
-from mergeit_hf.errors import EndpointConfigError, EndpointError
+from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
 from mergeit_hf.stage2.merge.answer import MergeParseError, parse_merge_output
@@ -56,6 +56,19 @@ def abandon(task: asyncio.Future) -> None:
 
 
 async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome:
+    """The pair's outcome. A refused key or model, or too many scores without digits, stops the run (every
+    pair would fail alike); anything else that goes wrong fails this pair only, keeping the attempts made."""
+    attempts: list[MergeAttempt] = []
+    try:
+        return await _merge(run, sources, attempts)
+    except (EndpointConfigError, QualityScoringError):
+        raise
+    except Exception as exc:  # a bug or a library's surprise in one pair must not cancel the others
+        reason = f"unexpected error: {type(exc).__name__}: {exc}"
+        return MergeOutcome("failed", reason, gate_attempts=tuple(attempts))
+
+
+async def _merge(run: PairRun, sources: list[dict[str, str]], attempts: list[MergeAttempt]) -> MergeOutcome:
     first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
     try:
         scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
@@ -68,7 +81,6 @@ async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome
             abandon(first_merge)
             return _failed(problem, scores, 0)
     qualities = tuple(score.value for score in scores)
-    attempts: list[MergeAttempt] = []
     decisions: list[GateDecision] = []  # one per scored attempt, each decided once
     incomplete = sum(not s.complete for s in scores)
     requests = 0
@@ -77,7 +89,9 @@ async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome
         attempt, sent, problem, score_m = await _attempt(run, sources, merge, gate_attempt)
         requests += sent
         if problem:
-            return _failed(problem, scores, requests, attempt.merged)
+            # Kept in the log with its reason; earlier scored attempts still stand for the gate (and regate).
+            attempts.append(dataclasses.replace(attempt, error=problem))
+            break
         incomplete += score_m is not None and not score_m.complete
         attempts.append(attempt)
         if attempt.scores:
@@ -88,12 +102,14 @@ async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome
 
 
 async def with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], outcome: MergeOutcome) -> MergeOutcome:
+    """Deita's complexity of the sources and the merge, for information: a complexity that cannot be scored
+    leaves the columns empty and says so in the reason; the gate's decision stands."""
     assert outcome.merged is not None
     scores = await asyncio.gather(*(scorer.score(row) for row in [*sources, outcome.merged]))
     for label, score in zip([*SIDES[: len(sources)], "merged"], scores, strict=True):
-        if isinstance(score, EndpointError) or not score.available:
-            problem = _score_problem(label, score).replace("scoring", "scoring the complexity of", 1)
-            return dataclasses.replace(outcome, status="failed", reason=problem, rejection_cause=None)
+        problem = _score_problem(label, score, "complexity")
+        if problem:
+            return dataclasses.replace(outcome, reason=f"{outcome.reason}; complexity not recorded: {problem}")
     values = tuple(score.value for score in scores)
     return dataclasses.replace(outcome, source_complexities=values[:-1], complexity_merged=values[-1])
 
@@ -154,8 +170,9 @@ def _outcome(
     scored = [attempt for attempt in attempts if attempt.scores is not None]
     if not scored:
         errors = "; ".join(attempt.error for attempt in attempts)
+        merged = next((a.merged for a in reversed(attempts) if a.merged is not None), None)
         return MergeOutcome(
-            "failed", errors, source_qualities=qualities, attempts=requests, gate_attempts=tuple(attempts)
+            "failed", errors, merged, source_qualities=qualities, attempts=requests, gate_attempts=tuple(attempts)
         )
     index, decision = choose([a.scores for a in scored], decisions)
     kept = scored[index]
@@ -177,11 +194,12 @@ def _outcome(
     )
 
 
-def _score_problem(label: str, score: QualityScore | EndpointError | None) -> str:
+def _score_problem(label: str, score: QualityScore | EndpointError | None, kind: str = "quality") -> str:
+    what = f"the {kind} of {label}" if kind != "quality" else label
     if isinstance(score, EndpointError):
-        return f"endpoint error: scoring {label}: {score}"
+        return f"endpoint error: scoring {what}: {score}"
     if score is not None and not score.available:
-        return f"quality score unavailable: no digit 1-6 among the top logprobs for {label}"
+        return f"{kind} score unavailable: no digit 1-6 among the top logprobs for {label}"
     return ""
 
 
@@ -193,9 +211,9 @@ def _judge_problem(verdict: JudgeVerdict | EndpointError | None) -> str:
     return ""
 
 
-def _failed(reason: str, scores: Sequence[Any], attempts: int, merged: dict | None = None) -> MergeOutcome:
+def _failed(reason: str, scores: Sequence[Any], attempts: int) -> MergeOutcome:
     qualities = tuple(s.value if isinstance(s, QualityScore) else None for s in scores)
-    return MergeOutcome("failed", reason, merged, None, qualities, attempts=attempts)
+    return MergeOutcome("failed", reason, None, None, qualities, attempts=attempts)
 
 
 async def _request_merge(

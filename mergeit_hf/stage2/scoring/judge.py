@@ -71,4 +71,6 @@ class Judge:
             raise
         except EndpointError as exc:
             return exc
+        except Exception as exc:  # anything else fails this verdict only, named, never the run
+            return EndpointError(f"unexpected error while judging: {type(exc).__name__}: {exc}")
         return read_verdict(reply.first_top_logprobs)

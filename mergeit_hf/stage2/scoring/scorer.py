@@ -75,6 +75,8 @@ class QualityScorer:
             raise  # a refused key or model stops the run; it is not one row's problem
         except EndpointError as exc:
             return exc
+        except Exception as exc:  # anything else fails this score only, named, never the run
+            return EndpointError(f"unexpected error while scoring: {type(exc).__name__}: {exc}")
         score = expected_score(reply.first_top_logprobs)
         self._count(score)
         return score

@@ -1,0 +1,41 @@
+"""Many requests' worth of work, a window of it in flight at once.
+
+Starting a coroutine per row for a million rows at once holds a million tasks (and their prompts) in memory
+while the scheduler lets a few dozen through. Here at most ``window`` run; each one that ends lets the next
+start, so the server's slots stay busy without the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+
+
+async def map_windowed(work: Callable[[Item], Awaitable[T]], items: Iterable[Item], window: int) -> list[T]:
+    """``[await work(item) for item in items]`` with up to ``window`` running at once; results in input order.
+    An exception stops feeding, cancels what still runs and is raised."""
+    results: dict[int, T] = {}
+    running: dict[asyncio.Future, int] = {}
+    try:
+        for index, item in enumerate(items):
+            while len(running) >= window:
+                await _settle(running, results)
+            running[asyncio.ensure_future(work(item))] = index
+        while running:
+            await _settle(running, results)
+    except BaseException:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
+    return [results[i] for i in range(len(results))]
+
+
+async def _settle(running: dict[asyncio.Future, int], results: dict[int, T]) -> None:
+    done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        results[running.pop(task)] = task.result()
