@@ -105,7 +105,9 @@ def test_an_endpoint_that_keeps_failing_fails_pairs_with_a_reason(pairs, fault_p
 
 def test_concurrency_and_model_id_come_from_info(fault_proxy):
     fault_proxy.info = {"model_id": "hkust-nlp/deita-quality-scorer", "max_concurrent_requests": 3}
-    backend = mergeit_hf.stage2.merge.merger.run_sync(open_chat_backend(Merger(endpoint=fault_proxy.url).endpoint_settings()))
+    backend = mergeit_hf.stage2.merge.merger.run_sync(
+        open_chat_backend(Merger(endpoint=fault_proxy.url).endpoint_settings())
+    )
     assert (backend.model_id, backend.default_concurrency) == ("hkust-nlp/deita-quality-scorer", 3)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mergeit_hf.errors import MalformedAnswerError
+
 #: Requests in flight when a server does not say how many it takes.
 DEFAULT_CONCURRENCY = 8
 
@@ -49,6 +51,10 @@ def usage_of(answer: Any) -> tuple[int, int] | None:
 def reply_from_chat_completion(answer: Mapping[str, Any]) -> ChatReply:
     """A chat completion in OpenAI's schema: a server's JSON, llama.cpp's dict, or huggingface_hub's output
     (its types are dicts too), with the first position's top logprobs (else the chosen token) and usage."""
+    if not answer.get("choices") and answer.get("error"):  # an error object with a success status
+        error = answer["error"]
+        said = error.get("message") if isinstance(error, Mapping) else error
+        raise MalformedAnswerError(f"answered with an error object ({said})")
     choice = answer["choices"][0]
     content = (choice.get("message") or {}).get("content") or ""
     entries = (choice.get("logprobs") or {}).get("content") or []

@@ -58,9 +58,15 @@ class ScriptedServer(LoopbackServer):
     serves_info: bool = True  # TGI's /info; servers of other kinds have none
     # judge prompt → P(yes), or a first-token distribution of its own; None: judge prompts are refused
     judge: Callable[[str], float | dict[str, float]] | None = None
+    # Every Nth chat request is answered HTTP 200 with something that is not a chat completion, the kinds
+    # of MALFORMED in turn (0: never); ``malformed_sent`` counts them by kind.
+    malformed_every: int = 0
+    malformed_kinds: tuple[str, ...] = ()  # () : every kind of MALFORMED
+    malformed_sent: Counter = field(default_factory=Counter)
     first_arrival: float | None = None  # perf_counter of the first request since the last reset
     last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
+    _arrivals: int = 0
 
     def routes(self, app: web.Application) -> None:
         # Requests beyond the slots wait for one, as TGI queues what exceeds max_concurrent_requests.
@@ -95,6 +101,12 @@ class ScriptedServer(LoopbackServer):
             async with self._slots:
                 started = time.perf_counter()
                 await asyncio.sleep(self.latency_s)
+                self._arrivals += 1
+                if self.malformed_every and self._arrivals % self.malformed_every == 0:
+                    kinds = self.malformed_kinds or MALFORMED
+                    kind = kinds[(self._arrivals // self.malformed_every) % len(kinds)]
+                    self.malformed_sent[kind] += 1
+                    return malformed_answer(kind)
                 response = await self._answer(request)
                 self.last_answer = time.perf_counter()
                 self.slot_seconds += self.last_answer - started
@@ -129,6 +141,21 @@ class ScriptedServer(LoopbackServer):
             return web.json_response(_score_reply(distribution, body.get("top_logprobs") or 1))
         self.requests["merge"] += 1
         return web.json_response(_reply(json.dumps(self.merge(prompt, body)), None))
+
+
+#: What gateways and proxies answer under load with status 200 instead of a chat completion.
+MALFORMED = ("html page", "empty choices", "error object", "json cut in half")
+
+
+def malformed_answer(kind: str) -> web.Response:
+    if kind == "html page":
+        return web.Response(text="<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html")
+    if kind == "empty choices":
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+    if kind == "error object":
+        return web.json_response({"error": {"message": "upstream overloaded", "type": "server_error"}})
+    whole = json.dumps(_reply('{"instruction": "a", "input": "", "output": "b"}', None))
+    return web.Response(text=whole[: len(whole) // 2], content_type="application/json")
 
 
 def _score_reply(distribution: dict[str, float], top_n: int) -> dict:

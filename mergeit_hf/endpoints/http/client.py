@@ -106,4 +106,4 @@ def _read(response: httpx.Response, read: Callable[[Any], T]) -> T:
         raise malformed(response, "a body that is not JSON") from None
     if isinstance(answer, dict) and "error" in answer and not answer.get("choices"):
         raise malformed(response, f"an error object ({server_message(response)})")
-    return read_answer(read, answer, "JSON")
+    return read_answer(read, answer, "JSON", response)

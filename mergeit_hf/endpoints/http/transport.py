@@ -82,16 +82,20 @@ def malformed(response: Any, problem: str) -> MalformedAnswerError:
     return MalformedAnswerError(f"answered HTTP {status} ({kind}) with {problem}: {body!r}")
 
 
-def read_answer(read: Callable[[Any], T], answer: Any, what: str) -> T:
+def read_answer(read: Callable[[Any], T], answer: Any, what: str, response: Any = None) -> T:
     """``read(answer)``, or the answer named as malformed: a field the dialect promises missing, of the wrong
-    type, or empty; never a ``KeyError`` out of one request into the run."""
+    type, or empty; never a ``KeyError`` out of one request into the run. With the HTTP ``response``, the
+    reason gives its status and content type too."""
     try:
         return read(answer)
     except MalformedAnswerError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        problem = f"{what} that lacks {_missing(exc)}"
+        if response is not None:
+            raise malformed(response, problem) from None
         shown = " ".join(str(answer).split())[:_BODY_CHARS]
-        raise MalformedAnswerError(f"answered with {what} that lacks {_missing(exc)}: {shown!r}") from None
+        raise MalformedAnswerError(f"answered with {problem}: {shown!r}") from None
 
 
 def _missing(exc: BaseException) -> str:

@@ -92,9 +92,7 @@ class InferenceClientBackend:
                     try:
                         output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
                     except (ValueError, KeyError, TypeError) as exc:  # the client's own reading of the body
-                        raise MalformedAnswerError(
-                            f"answered with a body huggingface_hub cannot read ({type(exc).__name__}: {exc})"
-                        ) from None
+                        raise _unreadable(exc) from None
                     reply = read_answer(reply_from_chat_completion, output, "a chat completion")
         except Exception as exc:
             raise failure(self._where, exc, self._key, self._key_variable) from None
@@ -111,3 +109,12 @@ def provider_backend(provider: str, model: str | None, key: str | None, **option
     if not model:
         raise EndpointError(f"--provider {provider} needs the Hub model to run: --model org/name")
     return InferenceClientBackend(model, key, provider=provider, **options)
+
+
+def _unreadable(exc: Exception) -> MalformedAnswerError:
+    """huggingface_hub read the body and gave up: say what the body began with, where its error keeps it."""
+    body = getattr(exc, "doc", None)  # json.JSONDecodeError keeps the text it could not read
+    if isinstance(body, str):
+        shown = " ".join(body.split())[:120]
+        return MalformedAnswerError(f"answered with a body that is not JSON: {shown!r}")
+    return MalformedAnswerError(f"answered with a body huggingface_hub cannot read ({type(exc).__name__}: {exc})")
