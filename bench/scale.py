@@ -42,7 +42,11 @@ def build(n_rows: int) -> Path:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(TOPICS, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    schema = ROW_FEATURES.arrow_schema.append(pa.field("embedding", pa.list_(pa.float32())))
+    # Alpaca-shaped rows (no conversation columns: stage 1 reads their defaults), with their embeddings.
+    fields = [
+        ROW_FEATURES.arrow_schema.field(name) for name in ("id", "instruction", "input", "output", "source_index")
+    ]
+    schema = pa.schema(fields).append(pa.field("embedding", pa.list_(pa.float32())))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for start in range(0, n_rows, CHUNK):
             n = min(CHUNK, n_rows - start)

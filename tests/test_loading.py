@@ -154,7 +154,7 @@ def _with_vectors(records: list[dict]) -> list[dict]:
 
 def test_parquet_is_read_through_arrow_and_its_embeddings_stay_aligned(tmp_path):
     """A parquet file becomes a memory-mapped Arrow dataset; the embeddings of kept rows join them in Arrow."""
-    from mergeit_hf.inputs.loading import _read_file
+    from mergeit_hf.inputs.files import _read_file
 
     records = _with_vectors(json.loads(shared("gpteacher_toolformer.json").read_text())[:60])
     records[7]["instruction"] = ""  # dropped: the embeddings after it must still match their rows

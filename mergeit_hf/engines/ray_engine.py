@@ -36,7 +36,14 @@ from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
 from mergeit_hf.endpoints.connect import open_chat_backend
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
-from mergeit_hf.stage1.pairs import PAIR_FEATURES, SOURCE_COLUMNS, PairMatch, match_cluster, pair_columns
+from mergeit_hf.stage1.pairs import (
+    PAIR_FEATURES,
+    PairMatch,
+    match_cluster,
+    pair_columns,
+    pairing_keys,
+    source_values,
+)
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
 from mergeit_hf.stage1.topics import TopicClusters, fit_rows, fit_topics
@@ -46,6 +53,7 @@ from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats
 
 logger = logging.getLogger(__name__)
 POSITION = "_position"  # a row's place in the input: every result is put back in this order
+PAIR_GROUP = "_pair_group"  # the topic and system prompt a row pairs inside (``stage1.pairs.pairing_keys``)
 EMBED_BATCH_ROWS = 1024
 
 
@@ -118,7 +126,9 @@ def _pair_in_topic(group: dict[str, np.ndarray], tau: float, max_group_size: int
     for i, (local, _) in enumerate(matches):
         members[i, : len(local)] = positions[list(local)]
     cluster = int(group["cluster_id"][0]) if len(order) else -1
+    key = int(group[PAIR_GROUP][0]) if len(order) else -1
     return {
+        PAIR_GROUP: np.full(len(matches), key, dtype=np.int64),
         "cluster_id": np.full(len(matches), cluster, dtype=np.int64),
         "match_index": np.arange(len(matches), dtype=np.int64),
         "similarity": np.asarray([score for _, score in matches], dtype=np.float64),
@@ -163,8 +173,12 @@ def run_stage1_ray(rows: Dataset, config: MergeItConfig | None = None, embed_act
     seconds["select"] = _lap(started)
 
     started = time.perf_counter()
-    chosen = data.map_batches(_Selected(ranks >= 0), batch_format="numpy")
-    found = chosen.groupby("cluster_id", num_partitions=partitions).map_groups(
+    # Pairs form inside a topic and a system prompt; multi-turn conversations pair with nothing (key -1).
+    keys = pairing_keys(clusters, _conversation_column(rows, "system"), _conversation_column(rows, "multi_turn"))
+    chosen = _with_column(
+        data.map_batches(_Selected((ranks >= 0) & (keys >= 0)), batch_format="numpy"), PAIR_GROUP, keys
+    )
+    found = chosen.groupby(PAIR_GROUP, num_partitions=partitions).map_groups(
         _pair_in_topic, fn_kwargs={"tau": config.tau, "max_group_size": config.max_group_size}, batch_format="numpy"
     )
     matches = _pair_matches(found)
@@ -245,15 +259,24 @@ def _with_column(data: Any, name: str, values: np.ndarray) -> Any:
 
 
 def _pair_matches(found: Any) -> list[tuple[int, int, tuple[int, ...], float]]:
-    """(cluster, match index, member positions, similarity), in the datasets engine's order."""
+    """(pairing group, match index, member positions, similarity), in the datasets engine's order."""
     matches = []
     for batch in found.iter_batches(batch_format="numpy", batch_size=None):
         members = np.stack([batch[name] for name in sorted(batch) if name.startswith("member_")], axis=1)
-        for cluster, index, group, score in zip(
-            batch["cluster_id"], batch["match_index"], members, batch["similarity"], strict=True
+        for key, index, group, score in zip(
+            batch[PAIR_GROUP], batch["match_index"], members, batch["similarity"], strict=True
         ):
-            matches.append((int(cluster), int(index), tuple(int(m) for m in group if m >= 0), float(score)))
+            matches.append((int(key), int(index), tuple(int(m) for m in group if m >= 0), float(score)))
     return sorted(matches)
+
+
+def _conversation_column(rows: Dataset, name: str) -> Any:
+    """A conversation column of the rows (defaults for rows built without one), as the datasets engine reads it."""
+    if name in rows.column_names:
+        values = column_values(rows, name)
+    else:
+        values = [False if name == "multi_turn" else ""] * len(rows)
+    return np.asarray(values, dtype=bool) if name == "multi_turn" else values
 
 
 def _with_stage1_columns(rows: Dataset, clusters: np.ndarray, ranks: np.ndarray, embedded: Any) -> Dataset:
@@ -280,8 +303,7 @@ def _pairs(selected: Dataset, matches: list[tuple[int, int, tuple[int, ...], flo
     found = [
         PairMatch(tuple(int(i) for i in np.searchsorted(positions, members)), score) for _, _, members, score in matches
     ]
-    source = {name: column_values(selected, name) for name in SOURCE_COLUMNS}
-    return Dataset.from_dict(pair_columns(found, source), features=PAIR_FEATURES)
+    return Dataset.from_dict(pair_columns(found, source_values(selected)), features=PAIR_FEATURES)
 
 
 def _lap(started: float) -> float:

@@ -3,6 +3,10 @@
 Final rows: accepted merges, both originals of each rejected or failed pair, and the selected rows
 that found no pair (as the authors' scripts keep them). ``accounting`` says for each input row whether
 it was dropped at validation, not selected, merged into row X, or kept as is.
+
+``messages`` is what an SFT trainer reads: a conversation leaves with the turns it came with (roles
+normalised, contents as they were), a merge as [system?, user, assistant] under its sources' system prompt,
+an Alpaca row as one user / assistant exchange.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from datetime import datetime, timezone
 from datasets import Dataset, Features, Sequence, Value
 
 from mergeit_hf.inputs.loading import DroppedRow, LoadReport
-from mergeit_hf.stage1.pairs import group_sources
+from mergeit_hf.stage1.pairs import group_conversations, group_sources
 
 PROVENANCE_FEATURES = Features(
     {
@@ -23,6 +27,7 @@ PROVENANCE_FEATURES = Features(
         "instruction": Value("string"),
         "input": Value("string"),
         "output": Value("string"),
+        "system": Value("string"),
         "messages": [{"role": Value("string"), "content": Value("string")}],
         "origin": Value("string"),
         "source_ids": Sequence(Value("string")),
@@ -75,6 +80,7 @@ FATES = (
     "kept: merge failed",
     "kept: merge skipped",
     "kept: unpaired",
+    "kept: multi-turn (not merged)",
 )
 _MERGE_COLUMNS = (
     "merge_model",
@@ -111,6 +117,8 @@ _PAIR_DECISION_COLUMNS = (
 
 
 UNPAIRED_DETAIL = "no partner with similarity >= tau in its cluster"
+MULTI_TURN_FATE = "kept: multi-turn (not merged)"
+MULTI_TURN_DETAIL = "a conversation of several user turns is kept whole: it is never cut into turns or merged"
 Fate = tuple[str, str, str | None]  # (fate, detail, output row id)
 
 
@@ -152,25 +160,35 @@ def assemble(
     """
     created_at = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows, fate = pair_rows(merged_pairs, created_at, version)
-    for row in selected.select_columns(["id", "instruction", "input", "output", "cluster_id"]):
+    columns = ["id", "instruction", "input", "output", "cluster_id"]
+    conversational = [name for name in ("system", "messages", "multi_turn") if name in selected.column_names]
+    for row in selected.select_columns(columns + conversational):
         if row["id"] not in fate:
             rows.append(_original_row(row, created_at, version))
-            fate[row["id"]] = ("kept: unpaired", UNPAIRED_DETAIL, row["id"])
+            multi = row.get("multi_turn")
+            fate[row["id"]] = (
+                (MULTI_TURN_FATE, MULTI_TURN_DETAIL, row["id"])
+                if multi
+                else ("kept: unpaired", UNPAIRED_DETAIL, row["id"])
+            )
     return Assembly(final_dataset(rows), _accounting(all_rows, report, fate, prefiltered or []))
 
 
 def final_dataset(rows: list[dict]) -> Dataset:
     rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
     for row in rows:
-        row["messages"] = to_messages(row["instruction"], row["input"], row["output"])
+        row["system"] = row.get("system") or ""
+        if not row.get("messages"):  # a merge, or an Alpaca row: one exchange
+            row["messages"] = to_messages(row["instruction"], row["input"], row["output"], row["system"])
     return Dataset.from_list(rows, features=PROVENANCE_FEATURES)
 
 
-def to_messages(instruction: str, input: str | None, output: str) -> list[dict[str, str]]:
-    """The row as one user / assistant exchange (TRL's conversational format): the input, when there is
-    one, follows the instruction after a blank line, as in Alpaca's prompt."""
+def to_messages(instruction: str, input: str | None, output: str, system: str = "") -> list[dict[str, str]]:
+    """The row as one user / assistant exchange (TRL's conversational format), after its system prompt if it
+    has one: the input, when there is one, follows the instruction after a blank line, as in Alpaca's prompt."""
     user = f"{instruction}\n\n{input}" if input else instruction
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[list[dict], dict[str, Fate]]:
@@ -179,6 +197,8 @@ def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[lis
     fate: dict[str, Fate] = {}
     for pair in merged_pairs:
         sources = group_sources(pair)
+        for source, turns in zip(sources, group_conversations(pair), strict=True):
+            source.update(messages=turns, system=pair.get("system") or "")
         if pair["merge_status"] == "accepted":
             rows.append(_merged_row(pair, [source["id"] for source in sources]))
             for source in sources:
@@ -201,6 +221,7 @@ def _merged_row(pair: dict, source_ids: list[str]) -> dict:
         instruction=pair["merged_instruction"],
         input=pair["merged_input"],
         output=pair["merged_output"],
+        system=pair.get("system") or "",
         origin="merged",
         source_ids=source_ids,
         cluster_id=pair["cluster_id"],
@@ -232,6 +253,8 @@ def _original_row(source: dict, created_at: str, version: str) -> dict:
         instruction=source["instruction"],
         input=source["input"],
         output=source["output"],
+        system=source.get("system") or "",
+        messages=source.get("messages") or None,
         origin="original",
         source_ids=[source["id"]],
         cluster_id=source["cluster_id"],

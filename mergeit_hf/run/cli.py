@@ -8,13 +8,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import ENGINES, Engine
 from mergeit_hf.errors import ConfigError, MergeItError
+from mergeit_hf.inputs.loading import InputFormat
 
 EXIT_ERROR = 2
-INPUT_FORMATS = ["auto", "alpaca", "sharegpt", "seed_tasks"]
+INPUT_FORMATS = list(get_args(InputFormat))  # auto, alpaca, messages, sharegpt, seed_tasks
 SCORER_HELP = (
     "quality scorer of its own (e.g. the Deita scorer behind vLLM/TGI), sent Deita's prompt as a raw completion "
     "(else MERGEIT_SCORER_ENDPOINT, else the merge model scores)"

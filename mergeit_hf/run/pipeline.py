@@ -226,16 +226,20 @@ def _recorded_config(config: MergeItConfig) -> dict[str, Any]:
 def _counts(
     report: LoadReport, stage1: Stage1Result, outcomes: OutcomeCounts, assembly: Assembly, prefiltered: int
 ) -> dict[str, int]:
+    conversations = stage1.conversation_counts()
+    kept_whole = conversations.pop("multi-turn kept (not merged)", 0)
     return {
         "input records": report.records_read,
         "input rows": report.rows_extracted,
         "valid rows": report.rows_valid,
+        **conversations,
         **({"left out by the prefilter": prefiltered} if prefiltered else {}),
         "selected": stage1.n_selected,
         "pairs": stage1.n_pairs,
         "paired rows": stage1.n_paired_rows,
         **outcomes.lines(),
         "unpaired selected rows": stage1.n_unpaired_selected,
+        **({"multi-turn kept (not merged)": kept_whole} if kept_whole else {}),
         "final rows": len(assembly.final),
     }
 

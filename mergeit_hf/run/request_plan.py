@@ -57,7 +57,7 @@ def plan_requests(
     sample = groups.select(range(0, len(groups), step))
     for group in sample:
         sources = merge_sources(group)
-        messages = merge_messages(merge_template, sources)
+        messages = merge_messages(merge_template, sources, group.get("system") or "")
         merge_tokens += count(messages[0]["content"])
         score_tokens += sum(count(score_prompt(quality_template, source)) for source in sources)
         if not example:

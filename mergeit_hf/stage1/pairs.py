@@ -7,8 +7,12 @@ linkage: no member is merged with a row unlike it), up to k rows. At k = 2 this 
 
 The result is a pairs ``Dataset`` (one row per group) that stage 2 maps over. The first two members are
 the ``a_*`` and ``b_*`` columns whatever k is; members 3..k are ``more_sources``, a list of
-{id, instruction, input, output} (empty for pairs), so pairs read as before and the Hub viewer shows a
-group as one row. ``similarity`` is the smallest pairwise similarity inside the group.
+{id, instruction, input, output, messages} (empty for pairs), so pairs read as before and the Hub viewer
+shows a group as one row. ``similarity`` is the smallest pairwise similarity inside the group.
+
+Conversations: rows pair only with rows of the same system prompt (or both none), which the group keeps in
+``system``; a multi-turn conversation pairs with nothing (it is selected or not, whole). Each member keeps
+its turns (``messages``) so a group that is not merged gives back its originals as they came.
 """
 
 from __future__ import annotations
@@ -20,20 +24,25 @@ from datasets import Dataset, Features, Value
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, take_embeddings
+from mergeit_hf.inputs.loading import MESSAGES_FEATURE
 
-_SIDE_FIELDS = ("id", "instruction", "input", "output")
+_TEXT_FIELDS = ("id", "instruction", "input", "output")
+_SIDE_FIELDS = (*_TEXT_FIELDS, "messages")
 _CANDIDATE_BLOCK = 8192
-SOURCE_STRUCT = {name: Value("string") for name in _SIDE_FIELDS}
+SOURCE_STRUCT = {**{name: Value("string") for name in _TEXT_FIELDS}, "messages": MESSAGES_FEATURE}
 PAIR_FEATURES = Features(
     {
         "pair_id": Value("string"),
         "cluster_id": Value("int32"),
         "similarity": Value("float32"),
-        **{f"{side}_{name}": Value("string") for side in ("a", "b") for name in _SIDE_FIELDS},
+        "system": Value("string"),  # the system prompt every member shares ("" if none)
+        **{f"{side}_{name}": SOURCE_STRUCT[name] for side in ("a", "b") for name in _SIDE_FIELDS},
         "group_size": Value("int32"),
         "more_sources": [SOURCE_STRUCT],
     }
 )
+#: What a row without it (an Alpaca row, a dataset built by hand) holds in the conversation columns.
+_CONVERSATION_DEFAULTS = {"system": "", "messages": [], "multi_turn": False}
 
 
 @dataclass(frozen=True)
@@ -96,19 +105,52 @@ def _grow(members: list[int], similarity: np.ndarray, used: np.ndarray, tau: flo
 
 
 def find_pair_matches(dataset: Dataset, tau: float, max_group_size: int = 2) -> list[PairMatch]:
-    """All groups of ``dataset`` (positions), cluster by cluster."""
+    """All groups of ``dataset`` (positions), topic by topic and system prompt by system prompt."""
     for column in ("id", "cluster_id", "embedding"):
         if column not in dataset.column_names:
             raise KeyError(f"pairing needs the {column!r} column; the dataset has {dataset.column_names}")
     if len(dataset) == 0:
         return []
-    clusters = np.asarray(column_values(dataset, "cluster_id"))
+    keys = pairing_keys(
+        np.asarray(column_values(dataset, "cluster_id")),
+        _column(dataset, "system"),
+        np.asarray(_column(dataset, "multi_turn"), dtype=bool),
+    )
     matches = []
-    for cluster in np.unique(clusters):  # one cluster's embeddings in memory at a time
-        rows = np.flatnonzero(clusters == cluster)
+    for rows in _groups(keys):  # one group's embeddings in memory at a time
         for members, score in match_cluster(take_embeddings(dataset, rows), tau, max_group_size):
             matches.append(PairMatch(tuple(int(rows[m]) for m in members), score))
     return matches
+
+
+def _groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Positions of each key's rows (ascending), keys in ascending order, -1 left out; one sort for all
+    (a scan per key would cost rows × groups with many system prompts)."""
+    if len(keys) == 0:
+        return []
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = [*starts[1:], len(keys)]
+    return [
+        order[start:end] for start, end in zip(starts, ends, strict=True) if ordered[start] >= 0 and end - start > 1
+    ]
+
+
+def pairing_keys(clusters: np.ndarray, systems: list[str], multi_turn: np.ndarray) -> np.ndarray:
+    """The group each row may pair inside: its topic and its system prompt, numbered topic by topic (so
+    rows without system prompts pair exactly as topics alone would); -1 for a multi-turn conversation."""
+    names = {name: number for number, name in enumerate(sorted(set(systems)))}
+    system_numbers = np.fromiter((names[s] for s in systems), dtype=np.int64, count=len(systems))
+    keys = clusters.astype(np.int64) * max(1, len(names)) + system_numbers
+    keys[multi_turn] = -1
+    return keys
+
+
+def _column(dataset: Dataset, name: str) -> list:
+    if name in dataset.column_names:
+        return column_values(dataset, name)
+    return [_CONVERSATION_DEFAULTS[name]] * len(dataset)
 
 
 def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float | None = None) -> Dataset:
@@ -116,12 +158,19 @@ def find_pairs(dataset: Dataset, config: MergeItConfig | None = None, tau: float
     config = config or MergeItConfig()
     tau = config.tau if tau is None else tau
     matches = find_pair_matches(dataset, tau, config.max_group_size)
-    source = {name: column_values(dataset, name) for name in SOURCE_COLUMNS}
-    return Dataset.from_dict(pair_columns(matches, source), features=PAIR_FEATURES)
+    return Dataset.from_dict(pair_columns(matches, source_values(dataset)), features=PAIR_FEATURES)
+
+
+def source_values(dataset: Dataset) -> dict[str, list]:
+    """The ``SOURCE_COLUMNS`` of every row, as ``pair_columns`` reads them (defaults where a column is absent)."""
+    return {
+        name: _column(dataset, name) if name in _CONVERSATION_DEFAULTS else column_values(dataset, name)
+        for name in SOURCE_COLUMNS
+    }
 
 
 #: What a pairs row copies of each member (``pair_columns``' ``source``).
-SOURCE_COLUMNS = (*_SIDE_FIELDS, "cluster_id")
+SOURCE_COLUMNS = (*_SIDE_FIELDS, "cluster_id", "system")
 
 
 def pair_columns(matches: list[PairMatch], source: dict[str, list]) -> dict[str, list]:
@@ -132,6 +181,7 @@ def pair_columns(matches: list[PairMatch], source: dict[str, list]) -> dict[str,
         columns["pair_id"].append("+".join(source["id"][m] for m in match.members))
         columns["cluster_id"].append(source["cluster_id"][match.a])
         columns["similarity"].append(match.similarity)
+        columns["system"].append(source["system"][match.a])
         for side, position in (("a", match.a), ("b", match.b)):
             for name in _SIDE_FIELDS:
                 columns[f"{side}_{name}"].append(source[name][position])
@@ -142,9 +192,15 @@ def pair_columns(matches: list[PairMatch], source: dict[str, list]) -> dict[str,
 
 def group_sources(group: dict) -> list[dict[str, str]]:
     """Every member of one pairs row, in order: a, b, then ``more_sources`` (id, instruction, input, output)."""
-    pair = [{name: group[f"{side}_{name}"] or "" for name in _SIDE_FIELDS} for side in ("a", "b")]
-    more = [{name: source.get(name) or "" for name in _SIDE_FIELDS} for source in group.get("more_sources") or []]
+    pair = [{name: group[f"{side}_{name}"] or "" for name in _TEXT_FIELDS} for side in ("a", "b")]
+    more = [{name: source.get(name) or "" for name in _TEXT_FIELDS} for source in group.get("more_sources") or []]
     return pair + more
+
+
+def group_conversations(group: dict) -> list[list[dict[str, str]]]:
+    """Each member's turns as they came, in group order ([] for a member that was an Alpaca row)."""
+    sides = [group.get(f"{side}_messages") or [] for side in ("a", "b")]
+    return sides + [source.get("messages") or [] for source in group.get("more_sources") or []]
 
 
 def pairs_against_tau(dataset: Dataset, taus: list[float], max_group_size: int = 2) -> list[tuple[float, int, int]]:

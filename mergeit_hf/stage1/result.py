@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
+from mergeit_hf.embeddings.arrow import column_values
 from mergeit_hf.stage1.selection import SelectionPlan
 from mergeit_hf.stage1.topics import TopicClusters
 
@@ -43,6 +44,17 @@ class Stage1Result:
     @property
     def n_unpaired_selected(self) -> int:
         return self.n_selected - self.n_paired_rows
+
+    def conversation_counts(self) -> dict[str, int]:
+        """The card's lines for conversations (none for Alpaca rows): rows under a system prompt, multi-turn
+        conversations among the valid rows, and those selected (kept whole, never merged)."""
+        counts = {}
+        if "system" in self.rows.column_names:
+            counts["rows with a system prompt"] = sum(bool(s) for s in column_values(self.rows, "system"))
+        if "multi_turn" in self.rows.column_names:
+            counts["multi-turn conversations"] = sum(column_values(self.rows, "multi_turn"))
+            counts["multi-turn kept (not merged)"] = sum(column_values(self.selected, "multi_turn"))
+        return {name: int(count) for name, count in counts.items() if count}
 
     @property
     def _unit(self) -> str:

@@ -20,7 +20,7 @@ import pandas as pd
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
-from mergeit_hf.engines.datasets_engine import with_skipped
+from mergeit_hf.stage2.merge.merged_pairs import with_skipped
 from mergeit_hf.output.regate import regate_pairs
 from mergeit_hf.resources import resource_dir
 from mergeit_hf.run.pipeline import finish_run, save

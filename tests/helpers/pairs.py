@@ -30,7 +30,10 @@ def pairs_dataset(*groups: tuple[dict, ...]) -> Dataset:
             for name in FIELDS:
                 columns[f"{side}_{name}"].append(row[name])
         columns["group_size"].append(len(group))
-        columns["more_sources"].append([{name: row[name] for name in FIELDS} for row in group[2:]])
+        columns["more_sources"].append([{**{name: row[name] for name in FIELDS}, "messages": []} for row in group[2:]])
+        columns["system"].append("")
+        for side in ("a", "b"):
+            columns[f"{side}_messages"].append([])
     return Dataset.from_dict(columns, features=PAIR_FEATURES)
 
 
@@ -61,13 +64,17 @@ def restating_scripts(rows: list[dict]):
     return merge, score
 
 
-def cli_run(folder: Path, rows: list[dict], endpoint: str, config_yaml: str, output: str = "out") -> Path:
-    """`mergeit run` on ``rows`` (written as JSON) with the config given, against ``endpoint``; the output
-    folder, after asserting the run exited 0. The request cache sits in ``folder``, so reruns are free."""
+def cli_run(
+    folder: Path, rows: list[dict], endpoint: str, config_yaml: str, output: str = "out", input_path: Path | None = None
+) -> Path:
+    """`mergeit run` on ``rows`` (written as JSON; or on ``input_path``) with the config given, against
+    ``endpoint``; the output folder, after asserting the run exited 0. The request cache sits in ``folder``,
+    so reruns are free."""
     from mergeit_hf.run.cli import main
 
-    data, config = folder / "rows.json", folder / "config.yaml"
-    data.write_text(json.dumps(rows))
+    data, config = input_path or folder / "rows.json", folder / "config.yaml"
+    if input_path is None:
+        data.write_text(json.dumps(rows))
     config.write_text(config_yaml)
     args = ["run", str(data), "--output", str(folder / output), "--endpoint", endpoint, "--config", str(config)]
     assert main([*args, "--cache-dir", str(folder / "cache")]) == 0

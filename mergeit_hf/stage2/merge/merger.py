@@ -283,7 +283,7 @@ async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) ->
     usage = TokenUsage()
     current_usage.set(usage)  # this pair's task (and the requests it starts) count into ``usage``
     sources = merge_sources(pair)
-    outcome = await merge_one(run, sources)
+    outcome = await merge_one(run, sources, pair.get("system") or "")
     if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
         outcome = await with_complexity(run.complexity, sources, outcome)
     if usage.replies:

@@ -55,12 +55,12 @@ def abandon(task: asyncio.Future) -> None:
     task.add_done_callback(read_outcome)
 
 
-async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome:
+async def merge_one(run: PairRun, sources: list[dict[str, str]], system: str = "") -> MergeOutcome:
     """The pair's outcome. A refused key or model, or too many scores without digits, stops the run (every
     pair would fail alike); anything else that goes wrong fails this pair only, keeping the attempts made."""
     attempts: list[MergeAttempt] = []
     try:
-        return await _merge(run, sources, attempts)
+        return await _merge(run, sources, attempts, system)
     except (EndpointConfigError, QualityScoringError):
         raise
     except Exception as exc:  # a bug or a library's surprise in one pair must not cancel the others
@@ -68,8 +68,10 @@ async def merge_one(run: PairRun, sources: list[dict[str, str]]) -> MergeOutcome
         return MergeOutcome("failed", reason, gate_attempts=tuple(attempts))
 
 
-async def _merge(run: PairRun, sources: list[dict[str, str]], attempts: list[MergeAttempt]) -> MergeOutcome:
-    first_merge = asyncio.ensure_future(_request_merge(run, sources, 0))
+async def _merge(
+    run: PairRun, sources: list[dict[str, str]], attempts: list[MergeAttempt], system: str
+) -> MergeOutcome:
+    first_merge = asyncio.ensure_future(_request_merge(run, sources, 0, system))
     try:
         scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
     except BaseException:
@@ -85,7 +87,7 @@ async def _merge(run: PairRun, sources: list[dict[str, str]], attempts: list[Mer
     incomplete = sum(not s.complete for s in scores)
     requests = 0
     for gate_attempt in range(run.config.gate_retries + 1):
-        merge = first_merge if gate_attempt == 0 else _request_merge(run, sources, gate_attempt)
+        merge = first_merge if gate_attempt == 0 else _request_merge(run, sources, gate_attempt, system)
         attempt, sent, problem, score_m = await _attempt(run, sources, merge, gate_attempt)
         requests += sent
         if problem:
@@ -217,9 +219,9 @@ def _failed(reason: str, scores: Sequence[Any], attempts: int) -> MergeOutcome:
 
 
 async def _request_merge(
-    run: PairRun, sources: list[dict[str, str]], gate_attempt: int
+    run: PairRun, sources: list[dict[str, str]], gate_attempt: int, system: str = ""
 ) -> tuple[dict[str, str], int, str]:
-    messages = merge_messages(run.merge_template, sources)
+    messages = merge_messages(run.merge_template, sources, system)
     problems = []
     for parse_attempt in range(run.config.parse_retries + 1):
         params = merge_params(run.config, parse_attempt, gate_attempt)

@@ -36,7 +36,9 @@ def merge_sources(pair: dict[str, Any]) -> list[dict[str, str]]:
     return [{name: source[name] for name in MERGE_FIELDS} for source in group_sources(pair)]
 
 
-def merge_messages(template: PromptTemplate, sources: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The chat messages of a merge request."""
+def merge_messages(template: PromptTemplate, sources: list[dict[str, str]], system: str = "") -> list[dict[str, str]]:
+    """The chat messages of a merge request. ``system``: the system prompt every source was answered under
+    (the prompt shows it; the merged example keeps it), "" for none."""
     # a and b stay for templates written for pairs; ``sources`` holds every member of a group.
-    return [{"role": "user", "content": template.render(sources=sources, a=sources[0], b=sources[1])}]
+    content = template.render(sources=sources, a=sources[0], b=sources[1], system=system)
+    return [{"role": "user", "content": content}]
