@@ -133,10 +133,10 @@ def test_embeddings_of_the_wrong_shape_are_named(rows_with_embeddings, tmp_path)
         load_rows(tmp_path / "ragged.json")
 
 
-def test_the_default_config_keeps_a_128_slot_server_busy(tmp_path):
-    """Issue 16: retention on (the default config), the CLI's stage 2 keeps a 128-slot server answering in
-    0.5 s at least 0.8 busy on this machine's 2 cores (MiniLM retention managed 0.23; bench/retention.py).
-    A timing on a shared machine: the better of two runs counts, as a benchmark takes its best."""
+def test_the_default_config_fills_a_128_slot_server(tmp_path):
+    """Issue 16, made timing-free (issue 23): retention on (the default config), the CLI's stage 2 holds all
+    128 slots of a server in another process and sends exactly a merge and three scores per pair. How busy it
+    keeps the server is a timing, measured by bench/capacity.py beside a bare loop, not asserted here."""
     import httpx
 
     from tests.helpers.slot_process import slot_server_process
@@ -145,15 +145,10 @@ def test_the_default_config_keeps_a_128_slot_server_busy(tmp_path):
     pairs = pairs_dataset(*zip(rows[::2], rows[1::2], strict=True))
     config = MergeItConfig(scorer_check_rows=0)
     assert config.compute_retention and config.retention_model is None  # the default: parts on static vectors
-    shares = []
-    for attempt in range(2):
-        with slot_server_process(128, 0.5) as url:
-            merger = Merger(endpoint=url, config=config, cache_dir=str(tmp_path / str(attempt)))
-            merged, batch = merge_stage(pairs, merger)
-            stats = httpx.get(f"{url}/stats", timeout=10).json()
-        assert all(r is not None for r in merged["retention_a_answer"])  # retention was measured, part by part
-        assert stats["requests"] == batch.stats.requests_sent == 4 * len(pairs)
-        shares.append(stats["requests"] * 0.5 / 128 / stats["busy_span_s"])
-        if shares[-1] >= 0.8:
-            break
-    assert max(shares) >= 0.8, f"the server was busy {shares} of the time"
+    with slot_server_process(128, 0.5) as url:
+        merger = Merger(endpoint=url, config=config, cache_dir=str(tmp_path))
+        merged, batch = merge_stage(pairs, merger)
+        stats = httpx.get(f"{url}/stats", timeout=10).json()
+    assert all(r is not None for r in merged["retention_a_answer"])  # retention was measured, part by part
+    assert stats["requests"] == batch.stats.requests_sent == 4 * len(pairs) == merger.ledger.total
+    assert stats["max_held"] == 128  # the 128 slots /info announced: all used, never more

@@ -81,9 +81,19 @@ class TokenUsage:
             self.replies += 1
 
 
+class AttemptObserver(Protocol):
+    """Told of every HTTP attempt a backend makes (``sending.limit.EndpointLoad`` is one): what the adaptive
+    limit reads, and what the run's counts of requests, retries and throttles come from."""
+
+    def attempt(self, first: bool) -> None: ...
+
+    def answered(self, status: int | None, latency_s: float, headers: Mapping[str, str] | None = None) -> None: ...
+
+
 class ChatBackend(Protocol):
     model_id: str  # the name every request carries (and the request cache keys on)
-    default_concurrency: int
+    default_concurrency: int  # announced by the server (``concurrency_announced``), else where the limit starts
+    concurrency_announced: bool
 
     def describe(self) -> dict[str, str]: ...  # kind, model as a card may show it, structured output
 
@@ -97,6 +107,7 @@ class CompletionBackend(Protocol):
 
     model_id: str
     default_concurrency: int
+    concurrency_announced: bool
 
     def describe(self) -> dict[str, str]: ...
 

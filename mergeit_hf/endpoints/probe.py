@@ -1,8 +1,15 @@
 """What a server says of itself before the first request: its kind (dialect), the model every request must
-name, and how many requests it takes at once. A wrong key or an ambiguous model stops the run here."""
+name, and how many requests it takes at once. A wrong key or an ambiguous model stops the run here.
+
+Sizes servers announce: TGI's ``/info`` (``max_concurrent_requests``: it refuses more), SGLang's
+``/get_server_info`` (``max_running_requests``), llama.cpp's ``/props`` (``total_slots``); vLLM's
+``/metrics`` gives a hint only (``kv_cache_max_concurrency``: how many full-length sequences fit its cache;
+it runs more of shorter ones), a starting point the adaptive limit moves from. Nothing announced: the limit
+starts at 8 and finds the server's capacity (``sending.limit``)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Literal
@@ -17,6 +24,7 @@ from mergeit_hf.errors import EndpointConfigError, EndpointError
 #: ``/v1/models`` and ``/v1/chat/completions`` (vLLM, SGLang, llama.cpp's servers, OpenAI-compatible APIs).
 Dialect = Literal["tgi", "openai"]
 _PROBE_CONNECT_TIMEOUT_S = 10.0
+_KV_CONCURRENCY = re.compile(r'kv_cache_max_concurrency="([0-9.]+)"')
 
 
 @dataclass(frozen=True)
@@ -24,9 +32,10 @@ class ServerInfo:
     """The model every request names (never a placeholder), the server's concurrency and its dialect."""
 
     model: str
-    concurrency: int
+    concurrency: int  # what the server announced, else where the adaptive limit starts
     dialect: Dialect
     listed: tuple[str, ...] = ()  # the models ``/v1/models`` listed
+    announced: bool = False  # the server said its size: the limit is fixed there
 
 
 def model_label(name: str) -> str:
@@ -61,11 +70,35 @@ async def probe_server(
         if info.status_code == 200 and "model_id" in _json(info):
             body = _json(info)
             concurrency = int(body.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
-            return ServerInfo(model or str(body["model_id"]), concurrency, "tgi")
+            announced = bool(body.get("max_concurrent_requests"))
+            return ServerInfo(model or str(body["model_id"]), concurrency, "tgi", announced=announced)
         models = await _probe_get(http, f"{url}/v1/models", role, key)
         _check_key(models, url, key, key_variable)
         listed = _listed(models) if models.status_code == 200 else ()
-        return ServerInfo(_choose_model(url, role, model, listed), DEFAULT_CONCURRENCY, "openai", listed)
+        chosen = _choose_model(url, role, model, listed)
+        size, announced = await _announced_size(http, url)
+        return ServerInfo(chosen, size, "openai", listed, announced)
+
+
+async def _announced_size(http: httpx.AsyncClient, url: str) -> tuple[int, bool]:
+    """(concurrency, announced) from what an OpenAI-compatible server says of itself, if anything."""
+    for route, field in (("/get_server_info", "max_running_requests"), ("/props", "total_slots")):
+        said = _json(await _quiet_get(http, url + route)).get(field)
+        if isinstance(said, int) and said > 0:
+            return said, True
+    metrics = await _quiet_get(http, url + "/metrics")
+    hint = _KV_CONCURRENCY.search(metrics.text) if metrics.status_code == 200 else None
+    if hint:
+        return max(DEFAULT_CONCURRENCY, int(float(hint.group(1)))), False
+    return DEFAULT_CONCURRENCY, False
+
+
+async def _quiet_get(http: httpx.AsyncClient, address: str) -> httpx.Response:
+    """A GET whose absence is an answer (most servers have none of these routes)."""
+    try:
+        return await http.get(address)
+    except httpx.HTTPError:
+        return httpx.Response(599)
 
 
 def _choose_model(url: str, role: str, model: str | None, listed: tuple[str, ...]) -> str:

@@ -34,6 +34,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, matrix
 from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
 from mergeit_hf.endpoints.connect import open_chat_backend
+from mergeit_hf.endpoints.sending.limit import RequestLedger
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
 from mergeit_hf.stage1.pairs import (
@@ -319,8 +320,10 @@ class _MergeActor:
     def __init__(self, merger: Merger) -> None:
         self.merger = merger
 
-    def merge(self, pairs: list[dict[str, Any]]) -> MergeBatch:
-        return run_sync(self.merger.merge_pairs(iter(pairs), window="auto", total=len(pairs)))
+    def merge(self, pairs: list[dict[str, Any]]) -> tuple[MergeBatch, RequestLedger]:
+        """The outcomes, and what this actor sent (the driver adds it to the run's count)."""
+        batch = run_sync(self.merger.merge_pairs(iter(pairs), window="auto", total=len(pairs)))
+        return batch, self.merger.ledger
 
 
 def merge_stage_ray(
@@ -344,25 +347,28 @@ def merge_stage_ray(
     rows = todo.to_list()
     size = math.ceil(len(rows) / actors) if rows else 0
     shards = [rows[i * size : (i + 1) * size] for i in range(actors)] if rows else []
-    batches = ray.get([worker.merge.remote(shard) for worker, shard in zip(workers, shards, strict=False) if shard])
+    answers = ray.get([worker.merge.remote(shard) for worker, shard in zip(workers, shards, strict=False) if shard])
     for worker in workers:
         ray.kill(worker)
-    batch = _combined(batches, merger)
+    for _, ledger in answers:
+        merger.ledger.merge(ledger)
+    batch = _combined([batch for batch, _ in answers], merger)
     return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
 
 
 def _concurrency_share(merger: Merger, actors: int, embedded: bool) -> int | None:
-    """Each actor's part of the endpoint's concurrency (``concurrency``, else what the server announces)."""
+    """Each actor's part of the endpoint's concurrency (``concurrency``, else what the server announces);
+    None where neither says: each actor's limit then adapts to what the server gives it."""
     if embedded:
         return None
     total = merger.config.concurrency or run_sync(_announced_concurrency(merger))
-    return max(1, total // actors)
+    return max(1, total // actors) if total else None
 
 
-async def _announced_concurrency(merger: Merger) -> int:
+async def _announced_concurrency(merger: Merger) -> int | None:
     backend = await open_chat_backend(merger.endpoint_settings(), merger.config.local_model)
     try:
-        return backend.default_concurrency
+        return backend.default_concurrency if backend.concurrency_announced else None
     finally:
         await backend.aclose()
 

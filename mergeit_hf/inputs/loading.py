@@ -63,7 +63,7 @@ def load_rows(
     report; a missing column, a non-string value or an unreadable file raises ``InputError``.
     """
     records, columns, report = read_source(source, split)
-    fmt = _detect_format(columns, input_format, column_map)
+    fmt = _detect_format(columns, input_format, column_map, _first(records))
     report.input_format = fmt
     if fmt == "alpaca":
         mapping = _resolve_column_map(columns, column_map, report.source)
@@ -136,16 +136,29 @@ def _join_arrow_embeddings(records: Dataset, rows: Dataset, indices: np.ndarray,
 # -- shapes -------------------------------------------------------------------------------------------
 
 
-def _detect_format(columns: list[str], requested: InputFormat, column_map: Mapping[str, str] | None) -> str:
+def _detect_format(
+    columns: list[str], requested: InputFormat, column_map: Mapping[str, str] | None, first: Mapping[str, Any]
+) -> str:
     if requested != "auto":
         return requested
-    if (column_map or {}).get("messages") or "messages" in columns:
+    if (column_map or {}).get("messages"):
+        return "messages"
+    # Rows this loader made hold an empty ``messages`` beside their instruction: those are Alpaca rows.
+    if "messages" in columns and not ("instruction" in columns and first.get("messages") == []):
         return "messages"
     if "conversations" in columns:
         return "sharegpt"
     if "instances" in columns:
         return "seed_tasks"
     return "alpaca"
+
+
+def _first(records: Iterable[dict]) -> Mapping[str, Any]:
+    if isinstance(records, Dataset):
+        return records[0] if len(records) else {}
+    if isinstance(records, list):
+        return records[0] if records and isinstance(records[0], dict) else {}
+    return {}
 
 
 def _resolve_column_map(columns: list[str], column_map: Mapping[str, str] | None, source: str) -> dict:

@@ -77,6 +77,7 @@ class RunRecord:
     endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # kind, model, structured output
     tokens: dict[str, int] = field(default_factory=dict)  # prompt / completion tokens over the pairs
     engine: str = "datasets"  # what ran the stages: "datasets" (one machine) or "ray: <cluster>"
+    requests: dict[str, Any] = field(default_factory=dict)  # sent (by role), retried, throttled: the servers' count
 
     @property
     def acceptance_rate(self) -> float:
@@ -126,6 +127,7 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         quality_model=record.quality_model,
         endpoints=record.endpoints,
         tokens=record.tokens,
+        requests=record.requests,
         embedding_source=record.embedding_source,
         scorer_endpoint_set=bool(record.config.get("scorer_endpoint")),
         created_at=record.created_at,

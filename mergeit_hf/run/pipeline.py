@@ -16,7 +16,9 @@ from huggingface_hub import DatasetCard
 from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.probe import model_label
+from mergeit_hf.endpoints.sending.limit import RequestLedger
 from mergeit_hf.engines.choice import Engine
+from mergeit_hf.errors import QualityScoringError
 from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.output.assemble import Assembly, assemble
 from mergeit_hf.output.card import RunRecord
@@ -65,6 +67,12 @@ class PipelineResult:
             verdict = "ok" if check["passed"] else f"BELOW {check['min_accuracy']}: the gate is noise"
             lines.append(f"{'scorer accuracy':<{width}}  {check['accuracy']:>8.2f}  (n={check['rows']}, {verdict})")
         lines.append(f"{'LLM requests sent':<{width}}  {self.requests_sent:>8}")
+        if record.requests:
+            requests = record.requests
+            by_role = ", ".join(f"{role} {n}" for role, n in requests["by_role"].items())
+            lines.append(
+                f"{'':<{width}}  ({by_role}; {requests['retried']} retried, {requests['throttled']} throttled)"
+            )
         tokens = record.tokens
         if tokens:
             lines.append(
@@ -114,6 +122,9 @@ def run_pipeline(
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
     if on_loaded is not None:  # the CLI prints what was read before the long stages start
         on_loaded(report)
+    # Every endpoint (merge, scorer, judge) probed before the long stages: a refused key, an unknown model or
+    # a server that is not there stops the run in seconds, not after hours of embedding.
+    merger.check_endpoints()
     prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
@@ -125,7 +136,8 @@ def run_pipeline(
         report,
         stage1,
         merged_pairs,
-        batch.stats.requests_sent + (prefiltered.requests_sent if prefiltered else 0),
+        merger.ledger.total,
+        ledger=merger.ledger,
         prefiltered=prefiltered,
         scorer_check=check,
         endpoints=batch.endpoints,
@@ -143,6 +155,12 @@ def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerC
     if merger.config.scorer_check_rows == 0 or stage1.n_pairs == 0 or len(rows) < 2:
         return None
     check = run_scorer_check(rows, merger)
+    if check.no_digits:  # nothing to gate on: every merge would fail, so stop before sending any
+        raise QualityScoringError(
+            f"the scorer check's {check.unavailable} scores had no digit 1-6 among the top "
+            f"{merger.config.top_logprobs} logprobs: this model does not answer Deita's prompt with a score. "
+            "Use a Deita scorer (--scorer-endpoint) or a >= 1.5B instruct model, or raise top_logprobs."
+        )
     if not check.passed:
         logger.warning(check.report().splitlines()[-2])
     return check
@@ -155,6 +173,7 @@ def finish_run(
     merged_pairs: Dataset,
     requests_sent: int,
     *,
+    ledger: RequestLedger | None = None,
     prefiltered: PrefilterResult | None = None,
     scorer_check: ScorerCheck | None = None,
     endpoints: dict[str, dict[str, str]] | None = None,
@@ -193,6 +212,7 @@ def finish_run(
         scorer_check=scorer_check.to_dict() if scorer_check else None,
         endpoints=endpoints or {},
         tokens=token_totals(merged_pairs),
+        requests=ledger.to_dict() if ledger else {},
         endpoint_hint="URL" if endpoint_given else None,
         license=license,
         pretty_name=pretty_name,

@@ -10,6 +10,7 @@ cannot be scored stops the run.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,7 +122,8 @@ async def _score_all(rows: Dataset, merger: Merger) -> RowScores:
     complexity_template = PromptTemplate.load(config.complexity_template)
     texts = rows.select_columns(["instruction", "input", "output"]).to_list()
     async with merger.session(merging=False) as session:
-        scorers = {"quality": session.scorer, "complexity": session.scorer.with_template(complexity_template)}
+        quality = dataclasses.replace(session.scorer, role="prefilter")
+        scorers = {"quality": quality, "complexity": quality.with_template(complexity_template, "prefilter")}
         # disable=None: a bar on a terminal, none in logs (52k rows are 104k scores: worth watching).
         progress = tqdm(total=2 * len(texts), desc="Prefilter scores", unit="score", disable=None)
 
@@ -133,8 +135,10 @@ async def _score_all(rows: Dataset, merger: Merger) -> RowScores:
 
         jobs = [(name, i) for i in range(len(texts)) for name in scorers]
         # A window of rows in flight (4 per slot), not a task per row for every row at once.
-        window = WINDOW_PER_SLOT * session.scorer.scheduler.concurrency
-        scores = dict(zip(jobs, await map_windowed(one, jobs, window), strict=True))
+        scheduler = session.scorer.scheduler
+        scores = dict(
+            zip(jobs, await map_windowed(one, jobs, lambda: WINDOW_PER_SLOT * scheduler.concurrency), strict=True)
+        )
         progress.close()
         return _row_scores(scores, len(texts), session.requests_sent)
 

@@ -78,6 +78,12 @@ class ScorerCheck:
     min_accuracy: float
     unavailable: int = 0  # scores with no digit 1-6 at all (counted as wrong)
     failed: int = 0  # score requests that failed (a bad answer after retries; counted as wrong)
+    total_scores: int = 0  # score requests made (originals and variants)
+
+    @property
+    def no_digits(self) -> bool:
+        """Not one score had a digit: the model is not scoring at all (not merely badly)."""
+        return self.unavailable > 0 and self.unavailable + self.failed >= self.total_scores
 
     @property
     def right(self) -> int:
@@ -139,7 +145,7 @@ async def check_scorer(
     # The check measures the scorer, missing digits included (counted as wrong): it never stops on them,
     # and its scores stay out of the run's missing-digit accounting. The requests are the same either way.
     lenient = dataclasses.replace(scorer.config, max_missing_score_fraction=1.0)
-    scorer = dataclasses.replace(scorer, config=lenient, counts=ScoreCounts())
+    scorer = dataclasses.replace(scorer, config=lenient, counts=ScoreCounts(), role="scorer check")
     variants = [
         (name, index, {**rows[index], "output": text})
         for name, corrupt in CORRUPTIONS.items()
@@ -157,7 +163,7 @@ async def check_scorer(
         tallies[name][0] += _ranked_right(originals[index], score)
     unavailable = sum(not s.available for s in scores if isinstance(s, QualityScore))
     per = tuple(CorruptionAccuracy(name, right, scored) for name, (right, scored) in tallies.items())
-    return ScorerCheck(model_id, len(rows), per, min_accuracy, unavailable, len(failed))
+    return ScorerCheck(model_id, len(rows), per, min_accuracy, unavailable, len(failed), len(scores))
 
 
 def _ranked_right(original: Any, corrupted: Any) -> bool:

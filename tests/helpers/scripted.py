@@ -63,10 +63,17 @@ class ScriptedServer(LoopbackServer):
     malformed_every: int = 0
     malformed_kinds: tuple[str, ...] = ()  # () : every kind of MALFORMED
     malformed_sent: Counter = field(default_factory=Counter)
+    # An OpenAI-shaped rate limit: at most this many requests admitted per second (a window that slides),
+    # 429 with x-ratelimit-* headers beyond it (0: none); ``refused`` counts them.
+    rate_per_s: int = 0
+    refused: int = 0
+    # vLLM's --max-logprobs: a request asking for more top logprobs answers 400 (0: no cap)
+    max_logprobs: int = 0
     first_arrival: float | None = None  # perf_counter of the first request since the last reset
     last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
     _arrivals: int = 0
+    _admitted: list[float] = field(default_factory=list)  # when each request of the last second was admitted
 
     def routes(self, app: web.Application) -> None:
         # Requests beyond the slots wait for one, as TGI queues what exceeds max_concurrent_requests.
@@ -80,12 +87,14 @@ class ScriptedServer(LoopbackServer):
         """What the server saw, for a client in another process (bench/merge.py); ?reset=1 starts over."""
         stats = {"requests": sum(self.requests.values()), "max_held": max(self.held, default=0)}
         stats["slot_seconds"] = self.slot_seconds
+        stats["refused"] = self.refused  # 429s of the rate limit
         # From the first request to the last answer: the time the client kept the server working for.
         stats["busy_span_s"] = (self.last_answer or 0.0) - (self.first_arrival or 0.0)
         if request.query.get("reset"):
             self.requests.clear()
             self.held.clear()
             self.slot_seconds = 0.0
+            self.refused = 0
             self.first_arrival = self.last_answer = None
         return web.json_response(stats)
 
@@ -95,6 +104,10 @@ class ScriptedServer(LoopbackServer):
     async def _chat(self, request: web.Request) -> web.Response:
         if self.first_arrival is None:
             self.first_arrival = time.perf_counter()
+        if self.rate_per_s:
+            refusal = self._rate_limited()
+            if refusal is not None:
+                return refusal
         self._holding += 1
         self.held.append(self._holding)
         try:
@@ -108,14 +121,34 @@ class ScriptedServer(LoopbackServer):
                     self.malformed_sent[kind] += 1
                     return malformed_answer(kind)
                 response = await self._answer(request)
+                if self.rate_per_s:  # as OpenAI's: every answer says what is left of the window
+                    left = max(0, self.rate_per_s - len(self._admitted))
+                    response.headers["x-ratelimit-remaining-requests"] = str(left)
                 self.last_answer = time.perf_counter()
                 self.slot_seconds += self.last_answer - started
                 return response
         finally:
             self._holding -= 1
 
+    def _rate_limited(self) -> web.Response | None:
+        now = time.perf_counter()
+        self._admitted = [at for at in self._admitted if now - at < 1.0]
+        headers = {"x-ratelimit-limit-requests": str(self.rate_per_s)}
+        if len(self._admitted) >= self.rate_per_s:
+            self.refused += 1
+            reset_ms = max(1, int((1.0 - (now - self._admitted[0])) * 1000))
+            headers |= {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{reset_ms}ms"}
+            error = {"error": {"message": "Rate limit reached for requests", "type": "requests"}}
+            return web.json_response(error, status=429, headers=headers)
+        self._admitted.append(now)
+        return None
+
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.max_logprobs and (body.get("top_logprobs") or 0) > self.max_logprobs:
+            self.requests["refused logprobs"] += 1
+            message = f"Requested sample logprobs of {body['top_logprobs']}, which is greater than max allowed: "
+            return web.json_response({"object": "error", "message": message + str(self.max_logprobs)}, status=400)
         prompt = body["messages"][-1]["content"]
         self.prompts.append(prompt)
         query = _DEITA_COMPLEXITY.search(prompt)

@@ -5,7 +5,9 @@ server like TGI (``max_concurrent_requests`` slots, requests beyond them queued)
 takes no CPU time from the client under test, as a real server would not. Merges restate every source;
 scores put 0.9 on "4"; the judge says yes at 0.9. ``/stats`` reports requests, the most held at once and
 the busy span (first request to last answer).
-Run: python -m tests.helpers.slot_process SLOTS LATENCY_S (prints the URL, serves until killed)
+Run: python -m tests.helpers.slot_process SLOTS LATENCY_S [--no-info] [--rate N] (prints the URL, serves until
+killed). --no-info: a vLLM-shaped server that announces nothing (no /info; the model is "scripted/slots");
+--rate N: an OpenAI-shaped API admitting N requests a second, 429 with x-ratelimit-* headers beyond.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def score(instruction: str, output: str) -> dict[str, float]:
 
 
 @contextmanager
-def slot_server_process(slots: int, latency_s: float) -> Iterator[str]:
+def slot_server_process(slots: int, latency_s: float, *options: str) -> Iterator[str]:
     """The server in a child process; yields its URL and kills it after."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.slot_process", str(slots), str(latency_s)],
+        [sys.executable, "-m", "tests.helpers.slot_process", str(slots), str(latency_s), *options],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -56,8 +58,16 @@ def slot_server_process(slots: int, latency_s: float) -> Iterator[str]:
 
 if __name__ == "__main__":
     n_slots, latency = int(sys.argv[1]), float(sys.argv[2])
+    rate = int(sys.argv[sys.argv.index("--rate") + 1]) if "--rate" in sys.argv else 0
     scripted = ScriptedServer(
-        merge, score, model_id="scripted/slots", slots=n_slots, latency_s=latency, judge=lambda prompt: 0.9
+        merge,
+        score,
+        model_id="scripted/slots",
+        slots=n_slots,
+        latency_s=latency,
+        judge=lambda prompt: 0.9,
+        serves_info="--no-info" not in sys.argv,
+        rate_per_s=rate,
     ).start()
     print(scripted.url, flush=True)
     threading.Event().wait()

@@ -3,12 +3,14 @@ the bearer key, a pool as large as the concurrency, transient failures retried (
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import httpx
 
+from mergeit_hf.endpoints.base import AttemptObserver
 from mergeit_hf.endpoints.http.transport import (
     failure,
     is_retryable_status,
@@ -41,9 +43,14 @@ class JsonHttpClient:
         self._attempts = attempts
         self._limits: httpx.Limits | None = None  # None: httpx's default pool, until ``size_pool`` sizes it
         self._http: httpx.AsyncClient | None = None  # opened by the first request, inside the running loop
+        self.load: AttemptObserver | None = None  # told of every attempt (``observe``), when the session sets one
 
     def __repr__(self) -> str:
         return f"JsonHttpClient(url={self.url!r})"
+
+    def observe(self, load: AttemptObserver) -> None:
+        """Report every attempt's status, latency and rate-limit headers to ``load`` (the endpoint's limit)."""
+        self.load = load
 
     async def size_pool(self, connections: int) -> None:
         """A connection pool as large as the concurrency (httpx's default of 100 would cap it)."""
@@ -74,7 +81,7 @@ class JsonHttpClient:
         try:
             async for attempt in retrying(self._attempts):
                 with attempt:
-                    response = await self._client().post(self.url + path, json=body)
+                    response = await self._timed_post(path, body, attempt.retry_state.attempt_number == 1)
                     if is_retryable_status(response.status_code) and not (answered and answered(response)):
                         response.raise_for_status()
                     value = _read(response, read) if read is not None and response.is_success else None
@@ -82,6 +89,19 @@ class JsonHttpClient:
         except Exception as exc:
             raise self.error(path, exc) from None
         raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def _timed_post(self, path: str, body: dict[str, Any], first: bool) -> httpx.Response:
+        if self.load is None:
+            return await self._client().post(self.url + path, json=body)
+        self.load.attempt(first)
+        started = time.perf_counter()
+        try:
+            response = await self._client().post(self.url + path, json=body)
+        except httpx.TransportError:
+            self.load.answered(None, time.perf_counter() - started)
+            raise
+        self.load.answered(response.status_code, time.perf_counter() - started, response.headers)
+        return response
 
     def check(self, path: str, response: httpx.Response) -> None:
         """Any error status raised as the endpoint's error, with what the server said."""

@@ -210,8 +210,35 @@ def failure(url: str, exc: BaseException, key: str | None, key_variable: str = "
     said = redact(server_message(exc.response), key)  # type: ignore[attr-defined]
     if status in CONFIGURATION_STATUS:
         return configuration_error(url, status, said, key_variable)
+    setting = refused_setting(said) if status in (400, 422) else None
+    if setting:  # every request carries it: stop at the first refusal instead of failing every pair in flight
+        return EndpointConfigError(f"{url} answered HTTP {status}: {said}; {setting}")
     when = "after retries" if is_retryable_status(status) else "(not retried: the same request would fail again)"
     return EndpointError(f"{url} answered HTTP {status} {when}: {said or 'no message'}")
+
+
+#: A 400 about one request (its prompt too long for the context): not a setting every request shares.
+_ONE_REQUEST = re.compile(r"context length|maximum context|too long|input tokens|prompt is too", re.IGNORECASE)
+_UNKNOWN_PARAMETER = re.compile(
+    r"unrecognized request argument|unknown (?:parameter|field|argument)|extra (?:inputs|fields) are not permitted|"
+    r"unexpected keyword",
+    re.IGNORECASE,
+)
+
+
+def refused_setting(said: str) -> str | None:
+    """The setting to change when a server refuses something every request carries (vLLM's cap on logprobs,
+    a parameter it does not know); None when the refusal is about one request."""
+    if not said or _ONE_REQUEST.search(said):
+        return None
+    if "logprob" in said.lower():
+        return (
+            "every score asks for top_logprobs: lower top_logprobs in the config to what the server allows "
+            "(vLLM: or start it with a higher --max-logprobs)"
+        )
+    if _UNKNOWN_PARAMETER.search(said):
+        return "the server does not take a parameter every request carries: see its message, and the config"
+    return None
 
 
 def configuration_error(url: str, status: int, said: str, key_variable: str) -> EndpointConfigError:

@@ -1,8 +1,9 @@
 """Sending LLM requests: a concurrency bound, the on-disk request cache, and identical requests sent once.
 
-Every stage 2 request (merges, quality scores, the scorer check) goes through one ``RequestScheduler``:
-an answer comes from the cache, from an identical request already in flight, or from the backend under
-the semaphore; each answer is cached the moment it arrives, so a killed run re-sends nothing.
+Every stage 2 request (merges, quality scores, the judge, the scorer check) goes through a
+``RequestScheduler``: an answer comes from the cache, from an identical request already in flight, or from
+the backend within the endpoint's limit (``sending.limit``: one per endpoint, shared by every scheduler
+and role that sends to it); each answer is cached the moment it arrives, so a killed run re-sends nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
+from mergeit_hf.endpoints.sending.limit import EndpointLoad, request_role
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, payload_hash
 from mergeit_hf.prompts import PromptTemplate
 
@@ -28,26 +30,29 @@ current_usage: ContextVar[TokenUsage | None] = ContextVar("current_usage", defau
 
 @dataclass
 class RequestScheduler:
-    """One backend, one cache, one bound on requests in flight, shared by everything sent to that backend."""
+    """One backend, one cache, and the endpoint's limit on requests in flight (shared with every other
+    scheduler of the same endpoint)."""
 
     backend: ChatBackend | CompletionBackend
     cache: RequestCache
-    concurrency: int
+    load: EndpointLoad
     requests_sent: int = 0
     #: Answers after which no request was waiting for the freed slot: the server then idles until the next
     #: one is ready. A stream keeps this near ``concurrency`` (the final drain); batches add it per batch.
     idle_releases: int = 0
     _waiting: int = field(default=0, init=False)
-    _semaphore: asyncio.Semaphore = field(init=False)
     _in_flight: dict[str, asyncio.Future] = field(default_factory=dict, init=False)
 
-    def __post_init__(self) -> None:
-        self._semaphore = asyncio.Semaphore(self.concurrency)
+    @property
+    def concurrency(self) -> int:
+        """The endpoint's limit now (it moves when the server did not announce its size)."""
+        return self.load.current
 
     async def complete(
-        self, template: PromptTemplate, request: Request, params: dict[str, Any]
+        self, template: PromptTemplate, request: Request, params: dict[str, Any], role: str = "request"
     ) -> tuple[ChatReply, str]:
-        """The reply and when it arrived (UTC, ISO seconds)."""
+        """The reply and when it arrived (UTC, ISO seconds). ``role`` (merge, score, judge, ...) is what the
+        request is counted as, and whose latencies it is compared with."""
         payload = {
             "model": self.backend.model_id,
             "template_sha256": template.sha256,
@@ -60,7 +65,7 @@ class RequestScheduler:
             reply, completed_at = ChatReply.from_dict(cached), cached["completed_at"]
         else:
             if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
-                sending = asyncio.ensure_future(self._send(key, payload, request, params))
+                sending = asyncio.ensure_future(self._send(key, payload, request, params, role))
                 # Its waiters may all be gone (a pair stopped early): the error is then read here, not left
                 # for asyncio to print as "Task exception was never retrieved".
                 sending.add_done_callback(read_outcome)
@@ -72,11 +77,12 @@ class RequestScheduler:
         return reply, completed_at
 
     async def _send(
-        self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any]
+        self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any], role: str
     ) -> tuple[ChatReply, str]:
+        request_role.set(role)  # this task's own context: the transport counts and times it as ``role``
         self._waiting += 1
         try:
-            async with self._semaphore:
+            async with self.load.slot():
                 self._waiting -= 1
                 try:
                     if isinstance(request, list):

@@ -15,14 +15,18 @@ T = TypeVar("T")
 Item = TypeVar("Item")
 
 
-async def map_windowed(work: Callable[[Item], Awaitable[T]], items: Iterable[Item], window: int) -> list[T]:
-    """``[await work(item) for item in items]`` with up to ``window`` running at once; results in input order.
-    An exception stops feeding, cancels what still runs and is raised."""
+async def map_windowed(
+    work: Callable[[Item], Awaitable[T]], items: Iterable[Item], window: int | Callable[[], int]
+) -> list[T]:
+    """``[await work(item) for item in items]`` with up to ``window`` running at once (a number, or read
+    again before each start: it follows an endpoint's limit as that moves); results in input order. An
+    exception stops feeding, cancels what still runs and is raised."""
+    size = window if callable(window) else lambda: window
     results: dict[int, T] = {}
     running: dict[asyncio.Future, int] = {}
     try:
         for index, item in enumerate(items):
-            while len(running) >= window:
+            while len(running) >= size():
                 await _settle(running, results)
             running[asyncio.ensure_future(work(item))] = index
         while running:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from mergeit_hf.endpoints.base import ChatReply, usage_of
+from mergeit_hf.endpoints.base import AttemptObserver, ChatReply, usage_of
 from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.errors import EndpointError
@@ -43,6 +43,7 @@ class CompletionEndpointBackend:
         self.url = url
         self.model_id = server.model
         self.default_concurrency = server.concurrency
+        self.concurrency_announced = server.announced
         self._http = http
         self.route: Route | None = None  # decided by the first answer
         self._top_n_cap: int | None = None
@@ -52,6 +53,9 @@ class CompletionEndpointBackend:
 
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "route": self.route or "not decided"}
+
+    def observe(self, load: AttemptObserver) -> None:
+        self._http.observe(load)
 
     async def size_pool(self, connections: int) -> None:
         await self._http.size_pool(connections)

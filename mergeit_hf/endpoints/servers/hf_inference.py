@@ -5,10 +5,11 @@ token. Transient failures are retried as for every endpoint (``transport``)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, ChatReply, reply_from_chat_completion
-from mergeit_hf.endpoints.http.transport import failure, read_answer, retrying
+from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, AttemptObserver, ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.http.transport import failure, http_status, read_answer, retrying
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.errors import EndpointError, MalformedAnswerError
 
@@ -26,6 +27,7 @@ class InferenceClientBackend:
         url: str | None = None,
         provider: str | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        announced: bool = False,
         timeout_s: float = 120.0,
         attempts: int = 6,
         key_variable: str = "MERGEIT_API_KEY",
@@ -49,10 +51,12 @@ class InferenceClientBackend:
             self._client = AsyncInferenceClient(provider=provider, api_key=key, timeout=timeout_s)  # type: ignore[arg-type]
         self.model_id = model
         self.default_concurrency = concurrency
+        self.concurrency_announced = announced
+        self._load: AttemptObserver | None = None
 
     @classmethod
     def for_tgi(cls, url: str, server: ServerInfo, key: str | None, **options: Any) -> InferenceClientBackend:
-        return cls(server.model, key, url=url, concurrency=server.concurrency, **options)
+        return cls(server.model, key, url=url, concurrency=server.concurrency, announced=server.announced, **options)
 
     def __repr__(self) -> str:  # never show the key
         return f"InferenceClientBackend(where={self._where!r}, model={self.model_id!r})"
@@ -64,6 +68,9 @@ class InferenceClientBackend:
     def describe(self) -> dict[str, str]:
         structured = "tgi grammar (json_object + value)" if self.url else "json_schema"
         return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": structured}
+
+    def observe(self, load: AttemptObserver) -> None:
+        self._load = load
 
     async def size_pool(self, connections: int) -> None:
         """Let ``connections`` requests be in flight at once.
@@ -89,14 +96,30 @@ class InferenceClientBackend:
         try:
             async for attempt in retrying(self._attempts):
                 with attempt:
-                    try:
-                        output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
-                    except (ValueError, KeyError, TypeError) as exc:  # the client's own reading of the body
-                        raise _unreadable(exc) from None
+                    output = await self._attempt(messages, params, attempt.retry_state.attempt_number == 1)
                     reply = read_answer(reply_from_chat_completion, output, "a chat completion")
         except Exception as exc:
             raise failure(self._where, exc, self._key, self._key_variable) from None
         return reply
+
+    async def _attempt(self, messages: list[dict[str, str]], params: dict[str, Any], first: bool) -> Any:
+        """One call, reported to the endpoint's limit: its status (from the error, when it failed) and time."""
+        if self._load is not None:
+            self._load.attempt(first)
+        started = time.perf_counter()
+        status_now: int | None = 200
+        try:
+            return await self._client.chat_completion(messages=messages, model=self.model_id, **params)
+        except Exception as exc:
+            status_now = http_status(exc)  # None: no answer (a timeout, a dropped connection)
+            # The client's own reading of a success body (its HTTP errors are ValueErrors too: they have a status)
+            if status_now is None and isinstance(exc, ValueError | KeyError | TypeError):
+                status_now = 200
+                raise _unreadable(exc) from None
+            raise
+        finally:
+            if self._load is not None:
+                self._load.answered(status_now, time.perf_counter() - started)
 
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)

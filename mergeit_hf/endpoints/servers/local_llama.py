@@ -92,7 +92,8 @@ class LocalLlamaBackend:
         # What requests carry and the request cache keys on: the file's name and a fingerprint of its bytes,
         # so two different GGUFs that share a name never share answers. The card shows the name only.
         self.model_id = f"{self.path.name}@{file_fingerprint(self.path)}"
-        self.default_concurrency = 1
+        self.default_concurrency = 1  # one Llama object, one request at a time
+        self.concurrency_announced = True
         self._n_ctx = n_ctx
         self._lock = asyncio.Lock()
 

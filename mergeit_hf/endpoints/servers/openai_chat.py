@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.base import AttemptObserver, ChatReply, reply_from_chat_completion
 from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.endpoints.structured_output import FormatLadder, in_form
@@ -27,6 +27,7 @@ class OpenAIChatBackend:
         self.url = url
         self.model_id = server.model
         self.default_concurrency = server.concurrency
+        self.concurrency_announced = server.announced
         self._http = http
         self._formats = FormatLadder(url)
 
@@ -35,6 +36,9 @@ class OpenAIChatBackend:
 
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": self._formats.form}
+
+    def observe(self, load: AttemptObserver) -> None:
+        self._http.observe(load)
 
     async def size_pool(self, connections: int) -> None:
         await self._http.size_pool(connections)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Iterable, Sized
+from collections.abc import AsyncIterator, Callable, Iterable, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
 from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
+from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad, RequestLedger
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, current_usage
 from mergeit_hf.endpoints.sending.sync import run_sync
@@ -88,6 +89,8 @@ class Merger:
     cache_dir: str | None = None
     use_cache: bool = True
     show_progress: bool = False
+    #: What this merger's sessions sent (by role, retried, throttled); not part of what ``map`` fingerprints.
+    ledger: RequestLedger = field(default_factory=RequestLedger, compare=False, repr=False)
 
     @property
     def resolved_endpoint(self) -> str | None:
@@ -105,9 +108,11 @@ class Merger:
         # Endpoints and model taken from the environment are part of what datasets fingerprints, so changing
         # MERGEIT_ENDPOINT, MERGEIT_SCORER_ENDPOINT or MERGEIT_MODEL never reuses another server's map results.
         resolved = (self.resolved_endpoint, self.resolved_scorer_endpoint, self.resolved_model)
-        return {**self.__dict__, "_resolved": resolved}
+        state = {name: value for name, value in self.__dict__.items() if name != "ledger"}
+        return {**state, "_resolved": resolved}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "ledger", RequestLedger())  # a copy (a map worker) counts its own
         for name, value in state.items():
             if name != "_resolved":
                 object.__setattr__(self, name, value)
@@ -120,6 +125,16 @@ class Merger:
         columns = outcome_columns(merged.outcomes, self.config, templates, merged.merge_model, merged.quality_model)
         typed = typed_for_map(columns, self.config)
         return typed if batched else {name: values[0] for name, values in typed.items()}
+
+    def check_endpoints(self) -> None:
+        """Open every endpoint a run will use (merge, scorer, judge), probing each, and close them again: an
+        unreachable server, a refused key or an unknown or ambiguous model stops here, naming the fix."""
+
+        async def opened() -> None:
+            async with self.session():
+                pass
+
+        run_sync(opened())
 
     def templates(self) -> tuple[PromptTemplate, PromptTemplate]:
         return stage2_templates(self.config)
@@ -160,13 +175,27 @@ class Merger:
 
     @staticmethod
     async def open_scheduler(
-        backend: ChatBackend | CompletionEndpointBackend, cache: RequestCache, concurrency: int
+        backend: ChatBackend | CompletionEndpointBackend,
+        cache: RequestCache,
+        loads: dict[str, EndpointLoad],
+        concurrency: int | None = None,
     ) -> RequestScheduler:
-        """Bind an opened backend to the cache, with a connection pool as large as its concurrency."""
+        """Bind an opened backend to the cache and to its endpoint's limit (one per endpoint: a scorer on the
+        merge endpoint's URL shares it). ``concurrency`` fixes the limit; else the server's announced size
+        fixes it, or the limit adapts from where the probe left it."""
+        key = getattr(backend, "url", None) or f"{backend.describe()['kind']}:{backend.model_id}"
+        if key not in loads:
+            fixed = bool(concurrency) or backend.concurrency_announced
+            start = concurrency or backend.default_concurrency
+            loads[key] = EndpointLoad(backend.describe()["kind"], limit=start, fixed=fixed)
+        load = loads[key]
+        observe = getattr(backend, "observe", None)
+        if observe is not None:
+            observe(load)
         size_pool = getattr(backend, "size_pool", None)
         if size_pool is not None:
-            await size_pool(concurrency)
-        return RequestScheduler(backend, cache, concurrency)
+            await size_pool(load.current if load.fixed else MAX_LIMIT)
+        return RequestScheduler(backend, cache, load)
 
     @asynccontextmanager
     async def session(
@@ -182,37 +211,42 @@ class Merger:
         cache = self.open_cache()
         scorer_settings = self.scorer_settings()
         backends: list[Any] = []
+        loads: dict[str, EndpointLoad] = {}
         try:
             merges = None
             if merging or not scorer_settings:
                 backends.append(await open_chat_backend(self.endpoint_settings(), self.config.local_model))
-                # config.concurrency bounds the merge endpoint; else the server's own (``/info``) or 8.
-                concurrency = self.config.concurrency or backends[-1].default_concurrency
-                merges = await self.open_scheduler(backends[-1], cache, concurrency)
+                # config.concurrency fixes the merge endpoint's limit; else the server's announced size, or
+                # the adaptive limit.
+                merges = await self.open_scheduler(backends[-1], cache, loads, self.config.concurrency)
             scoring = merges
             if scorer_settings:
                 backends.append(await open_completion_backend(scorer_settings))
-                scoring = await self.open_scheduler(backends[-1], cache, backends[-1].default_concurrency)
+                scoring = await self.open_scheduler(backends[-1], cache, loads)
             assert scoring is not None
             template = quality_template or self.templates()[1]
             scorer = QualityScorer(
                 scoring, template, self.config, counts or ScoreCounts(), raw=scorer_settings is not None
             )
-            judge = await self._open_judge(scorer, cache, backends) if merging and self.config.judge else None
-            yield Session(cache, merges, scorer, judge)
+            judge = await self._open_judge(scorer, cache, backends, loads) if merging and self.config.judge else None
+            yield Session(cache, merges, scorer, judge, loads)
         finally:
             # Backends first: an answer still arriving while they close is stored before the cache shuts.
             for backend in backends:
                 await backend.aclose()
             cache.close()
+            for load in loads.values():
+                self.ledger.add(load)
 
-    async def _open_judge(self, scorer: QualityScorer, cache: RequestCache, backends: list[Any]) -> Judge:
+    async def _open_judge(
+        self, scorer: QualityScorer, cache: RequestCache, backends: list[Any], loads: dict[str, EndpointLoad]
+    ) -> Judge:
         template = PromptTemplate.load(self.config.judge_template)
         settings = self.judge_settings()
         if settings is None:  # the scorer's model judges, by the scorer's route
             return Judge(scorer.scheduler, template, self.config, raw=scorer.raw)
         backends.append(await open_chat_backend(settings, None))
-        scheduler = await self.open_scheduler(backends[-1], cache, backends[-1].default_concurrency)
+        scheduler = await self.open_scheduler(backends[-1], cache, loads)
         return Judge(scheduler, template, self.config)
 
     async def merge_pairs(
@@ -225,8 +259,9 @@ class Merger:
         """Merge, score and gate every pair concurrently; outcomes in input order.
 
         window: pairs in flight at once, taken from ``pairs`` as earlier ones finish, so a long stream keeps
-            the server's slots busy without a gap between batches; "auto" is 4 × the endpoint's concurrency
-            (a pair's requests are partly sequential); None starts every pair at once (a ``map`` batch).
+            the server's slots busy without a gap between batches; "auto" is 4 × the endpoint's limit, read
+            again as the limit moves (a pair's requests are partly sequential); None starts every pair at
+            once (a ``map`` batch).
         """
         merge_template, quality_template = templates or self.templates()
         counts = ScoreCounts()
@@ -242,18 +277,18 @@ class Merger:
                 complexity_scorer(session),
                 session.judge,
             )
-            if window == "auto":
-                window = WINDOW_PER_SLOT * session.merges.concurrency
+            merges = session.merges
+            size = (lambda: WINDOW_PER_SLOT * merges.concurrency) if window == "auto" else window
             total = total if total is not None else (len(pairs) if isinstance(pairs, Sized) else None)
             progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
-            outcomes = await _merge_in_order(run, pairs, window, progress)
+            outcomes = await _merge_in_order(run, pairs, size, progress)
             progress.close()
             stats = MergeStats(session.requests_sent, session.merges.idle_releases)
             return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
 
 
 async def _merge_in_order(
-    run: PairRun, pairs: Iterable[dict[str, Any]], window: int | None, progress: Any
+    run: PairRun, pairs: Iterable[dict[str, Any]], window: int | Callable[[], int] | None, progress: Any
 ) -> list[MergeOutcome]:
     started: list[asyncio.Future] = []
     try:
@@ -262,7 +297,7 @@ async def _merge_in_order(
         else:
             pending: set[asyncio.Future] = set()
             for pair in pairs:
-                if len(pending) >= window:
+                if len(pending) >= (window() if callable(window) else window):
                     done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         task.result()  # a run-stopping error stops feeding at once
@@ -288,6 +323,7 @@ async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) ->
         outcome = await with_complexity(run.complexity, sources, outcome)
     if usage.replies:
         outcome = dataclasses.replace(outcome, tokens=(usage.prompt, usage.completion))
+    progress.set_postfix_str(f"limit {run.merges.concurrency}", refresh=False)  # the endpoint's limit now
     progress.update(1)
     return outcome
 

@@ -225,7 +225,7 @@ async def _request_merge(
     problems = []
     for parse_attempt in range(run.config.parse_retries + 1):
         params = merge_params(run.config, parse_attempt, gate_attempt)
-        reply, completed_at = await run.merges.complete(run.merge_template, messages, params)
+        reply, completed_at = await run.merges.complete(run.merge_template, messages, params, "merge")
         try:
             return parse_merge_output(reply), parse_attempt + 1, completed_at
         except MergeParseError as exc:

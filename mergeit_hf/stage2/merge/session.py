@@ -3,12 +3,13 @@ the judge; and the retention model and complexity scorer a run builds from it.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.batcher import EmbeddingBatcher
 from mergeit_hf.embeddings.embedder import Embedder
 from mergeit_hf.embeddings.static import StaticEmbedder
+from mergeit_hf.endpoints.sending.limit import EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler
 from mergeit_hf.prompts import PromptTemplate
@@ -25,6 +26,7 @@ class Session:
     merges: RequestScheduler | None  # None in a scoring-only session
     scorer: QualityScorer
     judge: Judge | None = None  # with ``judge``
+    loads: dict[str, EndpointLoad] = field(default_factory=dict)  # each endpoint's limit and counts
 
     @property
     def merge_model(self) -> str:
@@ -36,12 +38,13 @@ class Session:
         return self.scorer.scheduler.backend.describe()["model"]
 
     def endpoints(self) -> dict[str, dict[str, str]]:
-        """What each endpoint is and how it was spoken to (kind, model, structured output or route)."""
-        described = {"merge": self.merges.backend.describe()} if self.merges else {}
+        """What each endpoint is and how it was spoken to (kind, model, structured output or route), its
+        limit and what it was sent."""
+        described = {"merge": _described(self.merges)} if self.merges else {}
         if self.scorer.raw:
-            described["scorer"] = self.scorer.scheduler.backend.describe()
+            described["scorer"] = _described(self.scorer.scheduler)
         if self.judge is not None:
-            described["judge"] = self.judge.describe()
+            described["judge"] = {**self.judge.describe(), **self.judge.scheduler.load.describe()}
         return described
 
     @property
@@ -49,6 +52,10 @@ class Session:
         judging = self.judge.scheduler if self.judge else None
         schedulers = {id(s): s for s in (self.merges, self.scorer.scheduler, judging) if s is not None}
         return sum(s.requests_sent for s in schedulers.values())
+
+
+def _described(scheduler: RequestScheduler) -> dict[str, str]:
+    return {**scheduler.backend.describe(), **scheduler.load.describe()}
 
 
 def retention_embeddings(config: MergeItConfig) -> EmbeddingBatcher | None:

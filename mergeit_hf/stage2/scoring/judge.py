@@ -66,7 +66,7 @@ class Judge:
         content = self.template.render(sources=list(sources), merged=merged)
         request = content if self.raw else [{"role": "user", "content": content}]
         try:  # one token at temperature 1, as a quality score: the model's own probabilities
-            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config))
+            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config), "judge")
         except EndpointConfigError:
             raise
         except EndpointError as exc:

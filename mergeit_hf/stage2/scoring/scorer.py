@@ -60,17 +60,18 @@ class QualityScorer:
     config: MergeItConfig
     counts: ScoreCounts
     raw: bool = False
+    role: str = "score"  # what its requests count as: score, complexity, prefilter, scorer check
 
-    def with_template(self, template: PromptTemplate) -> QualityScorer:
+    def with_template(self, template: PromptTemplate, role: str = "complexity") -> QualityScorer:
         """The same scheduler and route with another Deita prompt (complexity), counted apart."""
-        return dataclasses.replace(self, template=template, counts=ScoreCounts())
+        return dataclasses.replace(self, template=template, counts=ScoreCounts(), role=role)
 
     async def score(self, row: dict[str, str]) -> QualityScore | EndpointError:
         """The score, or the endpoint's error (the caller fails that pair with it, never a default score)."""
         content = score_prompt(self.template, row)
         request = content if self.raw else [{"role": "user", "content": content}]
         try:
-            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config))
+            reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config), self.role)
         except EndpointConfigError:
             raise  # a refused key or model stops the run; it is not one row's problem
         except EndpointError as exc:

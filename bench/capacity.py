@@ -1,0 +1,124 @@
+"""Every server kept busy without being told its size: ``mergeit run`` at the default config (stage 1
+included, as a user runs it) on 2,500 real Toolformer rows, against scripted servers each in a process of
+its own, side by side with a fixed ``concurrency: 8`` (the old default) and a fixed ``concurrency: 128``.
+
+Servers: TGI-shaped (128 slots, /info announces them), vLLM-shaped (128 slots, announces nothing), an
+OpenAI-shaped API admitting 50 requests a second (429 with x-ratelimit-* headers beyond), and a one-slot
+server (as llama-cpp-python's). Answers take 0.5 s (the API's 1 s). Utilisation is the share of the ideal:
+for a slot server, slot-seconds used over slots × busy span; for the API, requests a second over its 50.
+Each run starts from an empty request cache; stage 1's embeddings come from datasets' cache after the first.
+Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] > capacity.out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from _common import shared_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = {
+    "TGI-shaped, 128 slots, /info": (128, 0.5, ()),
+    "vLLM-shaped, 128 slots, no /info": (128, 0.5, ("--no-info",)),
+    "OpenAI-shaped API, 50 requests/s": (4096, 1.0, ("--no-info", "--rate", "50")),
+    "one slot": (1, 0.5, ("--no-info",)),
+}
+SETTINGS = {"default (adaptive)": None, "concurrency: 8": 8, "concurrency: 128": 128}
+
+
+def start(slots: int, latency: float, options: tuple[str, ...]) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.slot_process", str(slots), str(latency), *options],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert server.stdout is not None
+    return server, server.stdout.readline().strip()
+
+
+def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Path) -> dict:
+    config = folder / "config.yaml"
+    config.write_text(
+        ("model: scripted/slots\n" if no_info else "") + (f"concurrency: {concurrency}\n" if concurrency else "")
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mergeit_hf",
+        "run",
+        str(data),
+        "--output",
+        str(folder / "out"),
+        "--endpoint",
+        url,
+        "--cache-dir",
+        str(folder / "cache"),
+        "--config",
+        str(config),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1]}
+    pairs = json.loads((folder / "out" / "mergeit" / "run.json").read_text())
+    return {"seconds": seconds, "record": pairs}
+
+
+def measure(name: str, slots: int, latency: float, options: tuple[str, ...], data: Path) -> list[str]:
+    rows = []
+    for setting, concurrency in SETTINGS.items():
+        server, url = start(slots, latency, options)
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                found = run(data, url, concurrency, "--no-info" in options, Path(folder))
+                stats = httpx.get(f"{url}/stats", timeout=30).json()
+        finally:
+            server.kill()
+            server.wait()
+        if "error" in found:
+            rows.append(f"| {name} | {setting} | error: {found['error']} | | | | |")
+            continue
+        counts, record = found["record"]["counts"], found["record"]
+        span = stats["busy_span_s"] or 1e-9
+        if "--rate" in options:
+            share = stats["requests"] / span / 50
+        else:
+            share = stats["slot_seconds"] / (min(slots, 128) if slots > 1 else 1) / span
+        sent = stats["requests"] + stats["refused"]
+        limit = record["endpoints"].get("merge", {}).get("concurrency", "?")
+        rows.append(
+            f"| {name} | {setting} | {share:.2f} | {stats['refused'] / sent if sent else 0:.1%} | "
+            f"{counts.get('merges failed', 0)} of {counts.get('pairs', 0)} | {limit} | {found['seconds']:.0f} |"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2500)
+    args = parser.parse_args()
+    rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "toolformer.json"
+        data.write_text(json.dumps(rows))
+        print(
+            f"# `mergeit run` on {len(rows)} Toolformer rows, default config; scripted servers in their own processes\n"
+        )
+        print("| server | setting | utilisation (share of ideal) | answered 429 | pairs failed | limit | seconds |")
+        print("|---|---|---|---|---|---|---|")
+        for name, (slots, latency, options) in SERVERS.items():
+            for line in measure(name, slots, latency, options, data):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

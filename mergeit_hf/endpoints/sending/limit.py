@@ -1,0 +1,209 @@
+"""How many requests one endpoint gets at once, found while sending when the server does not say.
+
+One ``EndpointLoad`` per endpoint per session, shared by every role that sends to it (merges, scores, the
+judge, the scorer check, complexity, the prefilter), so an endpoint serving all of them gets one limit,
+not one per role.
+
+A fixed limit (``concurrency`` in the config, or a size the server announces: TGI's
+``max_concurrent_requests``, SGLang's ``max_running_requests``, llama.cpp's ``total_slots``) is kept as
+it is. Otherwise the limit starts modest and moves the way TCP's congestion control and Netflix's
+``concurrency-limits`` (Gradient2) find a server's capacity:
+
+- each answer's latency is compared with the fastest seen for its role (a merge and a score differ a
+  hundredfold): while answers come back about as fast as that (gradient ≥ 0.9) and the limit is in use,
+  it doubles every round (slow start) until the first sign of load, then grows by a tenth a round;
+- when latency rises (queueing: gradient < 0.75) it shrinks in proportion;
+- a 429 or 503, a timeout, or a server that says it has no requests left in its rate window
+  (``x-ratelimit-remaining-requests: 0``) cuts it by a quarter, at most once a round, and growth past that
+  level is additive only.
+
+A round is as many answers as the limit: the server has had time to show the effect of the last change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+#: Where an unannounced endpoint starts: modest for a one-slot server, doubled quickly for a large one.
+START_LIMIT = 8
+#: Never more in flight than this at one endpoint, whatever the latency says.
+MAX_LIMIT = 1024
+_GROW = 0.9  # gradient at or above which the server keeps up
+_SHRINK = 0.75  # gradient below which requests queue
+_CUT = 0.75  # the limit after a throttle, as a share of what it was
+_SMOOTHING = 0.2  # weight of a new answer in the smoothed gradient
+
+#: The role of the request being sent (set by the scheduler), for latency baselines and counts by role.
+request_role: ContextVar[str] = ContextVar("request_role", default="request")
+
+
+@dataclass
+class EndpointLoad:
+    """The limit on requests in flight to one endpoint, and what was sent to it, by role."""
+
+    name: str  # how the card names the endpoint (its kind and model; never the URL)
+    limit: float = START_LIMIT
+    fixed: bool = False
+    in_flight: int = 0
+    peak_limit: float = 0.0  # the highest limit reached
+    sent: Counter = field(default_factory=Counter)  # attempts that reached the server, by role
+    retried: Counter = field(default_factory=Counter)  # attempts after a request's first, by role
+    throttled: int = 0  # answers 429 or 503 (the server said: too many)
+    timeouts: int = 0
+    _fastest: dict[str, float] = field(default_factory=dict)  # role → fastest latency seen
+    _gradient: float = 1.0
+    _slow_start: bool = True
+    _answers_this_round: int = 0
+    _cut_at: float | None = None  # the limit at the last throttle: growth past it is additive
+    _cut_this_round: bool = False
+    _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
+    _waiters: deque[asyncio.Future] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.peak_limit = self.limit
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the limit's places for the block (a request and its retries)."""
+        while self.in_flight >= self.current:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        self.in_flight += 1
+        self._busy_at_peak |= self.in_flight >= self.current
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        free = self.current - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    # -- what the transport reports of each attempt ---------------------------------------------------------
+
+    def attempt(self, first: bool) -> None:
+        role = request_role.get()
+        self.sent[role] += 1
+        if not first:
+            self.retried[role] += 1
+
+    def answered(self, status: int | None, latency_s: float, headers: Mapping[str, str] | None = None) -> None:
+        """One attempt's outcome: its HTTP status (None: no answer, a timeout or dropped connection)."""
+        if status in (429, 503):
+            self.throttled += 1
+            self._throttle()
+        elif status is None:
+            self.timeouts += 1
+            self._throttle()
+        elif 200 <= status < 300:
+            if headers is not None and headers.get("x-ratelimit-remaining-requests") == "0":
+                self._throttle()  # the rate window is spent: the next request would be refused
+            self._observe(request_role.get(), latency_s)
+
+    def _observe(self, role: str, latency_s: float) -> None:
+        fastest = self._fastest.get(role)
+        if fastest is None or latency_s < fastest:
+            self._fastest[role] = fastest = max(latency_s, 1e-4)
+        gradient = min(1.0, fastest / max(latency_s, 1e-4))
+        self._gradient = (1 - _SMOOTHING) * self._gradient + _SMOOTHING * gradient
+        self._answers_this_round += 1
+        if self._answers_this_round >= self.current:
+            self._end_round()
+
+    def _end_round(self) -> None:
+        if not self.fixed:
+            if self._gradient < _SHRINK:
+                self._slow_start = False
+                self.limit = max(1.0, self.limit * max(0.5, self._gradient / _GROW))
+            elif self._gradient >= _GROW and self._busy_at_peak:
+                self.limit = min(MAX_LIMIT, self._grown())
+            self.peak_limit = max(self.peak_limit, self.limit)
+            self._wake()
+        self._answers_this_round = 0
+        self._cut_this_round = False
+        self._busy_at_peak = self.in_flight >= self.current
+
+    def _grown(self) -> float:
+        if self._cut_at is not None and self.limit >= self._cut_at:
+            return self.limit + 1  # where the server said no before: carefully
+        grown = self.limit * 2 if self._slow_start else self.limit + max(1.0, self.limit * 0.1)
+        return min(grown, self._cut_at) if self._cut_at is not None else grown
+
+    def _throttle(self) -> None:
+        if self.fixed or self._cut_this_round:
+            return  # one cut per round: a burst of refusals is one signal
+        self._slow_start = False
+        self._cut_at = self.limit
+        self.limit = max(1.0, self.limit * _CUT)
+        self._answers_this_round = 0
+        self._cut_this_round = True
+
+    # -- the record -----------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, str]:
+        """For the card and run.json: how the limit was set and what it reached, and what was sent."""
+        how = "fixed" if self.fixed else "adaptive"
+        by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
+        return {
+            "concurrency": f"{how}, {int(self.peak_limit)} at most",
+            "requests": f"{sum(self.sent.values())} ({by_role})" if by_role else "0",
+            "retried": str(sum(self.retried.values())),
+            "throttled (429/503)": str(self.throttled),
+        }
+
+
+@dataclass
+class RequestLedger:
+    """What a run sent, over all its sessions and endpoints: attempts by role, retries, throttled answers.
+    The server's own log counts the same attempts."""
+
+    sent: Counter = field(default_factory=Counter)
+    retried: int = 0
+    throttled: int = 0
+
+    def add(self, load: EndpointLoad) -> None:
+        self.sent.update(load.sent)
+        self.retried += sum(load.retried.values())
+        self.throttled += load.throttled
+
+    def merge(self, other: RequestLedger) -> None:
+        """Add what another process (a Ray actor) sent."""
+        self.sent.update(other.sent)
+        self.retried += other.retried
+        self.throttled += other.throttled
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sent": self.total,
+            "by_role": dict(sorted(self.sent.items())),
+            "retried": self.retried,
+            "throttled": self.throttled,
+        }
+
+    def summary(self) -> str:
+        by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
+        return f"{self.total} ({by_role}); {self.retried} retried, {self.throttled} throttled (429/503)"
