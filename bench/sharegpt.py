@@ -60,9 +60,8 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| records read (the complete prefix) | {found['records']:,} |")
     print(f"| conversations kept as rows | {found['rows']:,} |")
-    print(
-        f"| multi-turn (kept whole, never merged) | {found['multi_turn']:,} ({found['multi_turn'] / found['rows']:.0%}) |"
-    )
+    share = found["multi_turn"] / found["rows"]
+    print(f"| multi-turn (kept whole, never merged) | {found['multi_turn']:,} ({share:.0%}) |")
     print(f"| with a system prompt | {found['with_system']:,} |")
     print(f"| median turns per conversation | {found['median_turns']} |")
     for reason, count in found["drops"].items():
