@@ -82,7 +82,7 @@ def run_stage1_measured(path: str) -> None:
 def objective_table(path: Path, n_rows: int = 50_000, topics: int = 12) -> None:
     rows = Dataset.from_file(str(path)).select(range(n_rows))
     stage1_rows = rows.add_column(
-        "cluster_id", assign_topics(rows, m.fit_topic_clusters(rows, m.MergeItConfig(n_clusters=topics)))
+        "cluster_id", assign_topics(rows, m.fit_topics(rows, m.MergeItConfig(n_clusters=topics)))
     )
     vectors = np.asarray(stage1_rows.with_format("numpy")["embedding"], dtype=np.float32)
     clusters = np.asarray(stage1_rows["cluster_id"])

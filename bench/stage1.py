@@ -19,7 +19,7 @@ import mergeit_hf as m
 from mergeit_hf.embeddings.embedder import Embedder, join_text, load_model
 from mergeit_hf.stage1.pairs import find_pair_matches, match_cluster
 from mergeit_hf.stage1.selection import is_selected, plan_selection
-from mergeit_hf.stage1.topics import fit_topic_clusters
+from mergeit_hf.stage1.topics import fit_topics
 
 
 def timed(label: str, n_rows: int, work):
@@ -86,7 +86,7 @@ def main() -> None:
     embedder = Embedder(config.embedding_model, config.text_columns, config.embedding_batch_size)
     load_model(embedder.model, embedder.device).encode(["warm up"])
     embedded, _ = timed("embed", n, lambda: rows.map(embedder, batched=True, batch_size=1024))
-    topics, _ = timed("cluster (k-means)", n, lambda: fit_topic_clusters(embedded, config))
+    topics, _ = timed("cluster (k-means)", n, lambda: fit_topics(embedded, config))
     clustered = embedded.map(topics, batched=True)
     plan, _ = timed("select (facility loc.)", n, lambda: plan_selection(clustered, config))
     marked = clustered.map(plan, batched=True).filter(is_selected, batched=True)

@@ -11,6 +11,7 @@ import sys
 from _common import shared_file
 
 import mergeit_hf as m
+from mergeit_hf.stage1.pairs import pairs_against_tau
 
 TAUS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 FILES = ["alpaca_seed_tasks.jsonl", "gpteacher_roleplay.json", "gpteacher_toolformer.json"]
@@ -25,7 +26,7 @@ def main() -> None:
         rows, _ = m.load_rows(shared_file(name))
         result = m.run_stage1(rows, config)
         print(f"{name}: {result.n_rows} rows, {result.n_selected} selected", file=sys.stderr)
-        columns.append((result.n_selected, m.pairs_against_tau(result.selected, TAUS)))
+        columns.append((result.n_selected, pairs_against_tau(result.selected, TAUS)))
     print(header)
     print("|---" * (len(FILES) + 1) + "|")
     for index, tau in enumerate(TAUS):

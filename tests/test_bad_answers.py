@@ -28,7 +28,7 @@ from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.errors import ConfigError, EndpointError
 from mergeit_hf.inputs.loading import load_rows
 from mergeit_hf.output.folder import OutputFolder
-from mergeit_hf.run import pipeline
+from mergeit_hf.run import finish, pipeline
 from mergeit_hf.run.cli import main
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.prefilter import UNSCORED_REASON, prefilter
@@ -353,7 +353,7 @@ def test_the_published_config_names_no_url_and_no_local_path():
         local_model="/home/alice/models/qwen.gguf",
         retention_model="/home/alice/minilm",
     )
-    recorded = pipeline._recorded_config(config)
+    recorded = finish._recorded_config(config)
     assert recorded["judge_endpoint"] == recorded["scorer_endpoint"] == "URL"
     assert recorded["local_model"] == "qwen.gguf" and recorded["retention_model"] == "minilm"
     assert "alice" not in json.dumps(recorded) and "10.1.2.3" not in json.dumps(recorded)

@@ -22,7 +22,7 @@ from mergeit_hf.stage1.selection import (
     facility_location_value,
     plan_selection,
 )
-from mergeit_hf.stage1.topics import fit_topic_clusters
+from mergeit_hf.stage1.topics import fit_topics
 
 
 def test_embedding_is_normalised_float32(roleplay_stage1):
@@ -136,15 +136,15 @@ def test_fixed_seed_gives_identical_output(roleplay_rows, roleplay_stage1, small
 
 def test_streamed_minibatch_kmeans_above_threshold(roleplay_stage1):
     config = MergeItConfig(n_clusters=12, minibatch_kmeans_above=100, seed=3)
-    first = fit_topic_clusters(roleplay_stage1.rows, config)
-    second = fit_topic_clusters(roleplay_stage1.rows, config)
+    first = fit_topics(roleplay_stage1.rows, config)
+    second = fit_topics(roleplay_stage1.rows, config)
     assert first.method == "minibatch_kmeans" and first.n_clusters == 12
     assert np.array_equal(first.centroids, second.centroids)
 
 
 def test_never_more_clusters_than_rows(roleplay_stage1):
     few = roleplay_stage1.rows.select(range(9))
-    assert fit_topic_clusters(few, MergeItConfig()).n_clusters == 9
+    assert fit_topics(few, MergeItConfig()).n_clusters == 9
 
 
 def test_functions_hash_identically_across_processes(roleplay_stage1):
@@ -186,7 +186,7 @@ def test_unbatched_map_and_missing_columns():
 
 def test_pca_before_kmeans_keeps_the_asked_share_of_variance(roleplay_stage1, small_config):
     rows = roleplay_stage1.rows
-    topics = fit_topic_clusters(rows, dataclasses.replace(small_config, pca_variance=0.95))
+    topics = fit_topics(rows, dataclasses.replace(small_config, pca_variance=0.95))
     vectors = np.asarray(rows["embedding"], dtype=np.float32)
     projected = topics.project(vectors)
     dims = topics.pca_components.shape[1]

@@ -99,6 +99,11 @@ class Embedder:
     batch_size: int = 64
     device: str = "auto"  # CUDA, else MPS, else CPU (``resolve_device``)
 
+    @classmethod
+    def from_config(cls, config: MergeItConfig, device: str = "auto") -> Embedder:
+        """The embedder ``config`` asks for (its model, text columns and batch size)."""
+        return cls(config.embedding_model, tuple(config.text_columns), config.embedding_batch_size, device)
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         missing = [column for column in self.text_columns if column not in batch]
         if missing:
@@ -129,7 +134,8 @@ def _single_thread_if_forked() -> None:
     _torch_pid = os.getpid()
 
 
-#: ``ds.map(mergeit_hf.embed_batch, batched=True)`` with the paper's model.
+#: ``ds.map(mergeit_hf.embed_batch, batched=True)``: the default config's embedder (all-MiniLM-L6-v2 on
+#: instruction + input). With a config of your own: ``ds.map(Embedder.from_config(config), batched=True)``.
 embed_batch = Embedder()
 
 

@@ -22,7 +22,7 @@ from mergeit_hf.progress import datasets_bars_off
 from mergeit_hf.stage1.pairs import find_pairs
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, is_selected, plan_selection
-from mergeit_hf.stage1.topics import TopicClusters, assign_topics, fit_topic_clusters
+from mergeit_hf.stage1.topics import TopicClusters, assign_topics, fit_topics
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch
@@ -56,7 +56,7 @@ def run_stage1(rows: Dataset, config: MergeItConfig | None = None, **map_kwargs:
 
 
 def _topics(rows: Dataset, config: MergeItConfig, map_kwargs: dict[str, Any]) -> tuple[Dataset, TopicClusters]:
-    topics = fit_topic_clusters(rows, config)
+    topics = fit_topics(rows, config)
     if len(rows) > config.minibatch_kmeans_above:  # numpy in chunks: no per-row Python at a million rows
         return rows.add_column("cluster_id", assign_topics(rows, topics), feature=Value("int32")), topics
     return rows.map(topics, batched=True, desc="Assigning topics", **map_kwargs), topics

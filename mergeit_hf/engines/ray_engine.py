@@ -47,7 +47,7 @@ from mergeit_hf.stage1.pairs import (
 )
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
-from mergeit_hf.stage1.topics import TopicClusters, fit_rows, fit_topics
+from mergeit_hf.stage1.topics import TopicClusters, fit_rows, fit_from_sample
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats
@@ -236,7 +236,7 @@ def _fit_topics(data: Any, n_rows: int, config: MergeItConfig) -> TopicClusters:
         vectors.append(matrix(batch[EMBEDDING_COLUMN]))
     order = np.argsort(np.concatenate(positions))
     gathered_positions, gathered = np.concatenate(positions)[order], np.concatenate(vectors)[order]
-    return fit_topics(lambda at: gathered[np.searchsorted(gathered_positions, at)], n_rows, config)
+    return fit_from_sample(lambda at: gathered[np.searchsorted(gathered_positions, at)], n_rows, config)
 
 
 def _collect(data: Any, n_rows: int, column: str) -> np.ndarray:

@@ -19,8 +19,8 @@ class Stage1Result:
     rows: Dataset  # id, instruction, input, output, source_index, embedding, cluster_id, selected, rank
     selected: Dataset
     pairs: Dataset
-    topics: TopicClusters
-    plan: SelectionPlan
+    topics: TopicClusters | None  # None: stage 1 ran in a script, step by step (``finish``)
+    plan: SelectionPlan | None
     config: MergeItConfig
     seconds: dict[str, float] = field(default_factory=dict)
     embedding_source: str = ""  # what made the embeddings: the model and device, or the input's column
@@ -62,7 +62,8 @@ class Stage1Result:
 
     def summary(self) -> str:
         return (
-            f"{self.n_rows} rows → {self.topics.n_clusters} topics ({self.topics.method}) → "
+            f"{self.n_rows} rows → {self.topics.n_clusters if self.topics else '?'} topics "
+            f"({self.topics.method if self.topics else 'given'}) → "
             f"{self.n_selected} selected → {self.n_pairs} {self._unit} at τ={self.config.tau} "
             f"({self.n_paired_rows} rows paired, {self.n_unpaired_selected} selected rows unpaired)"
         )

@@ -51,7 +51,7 @@ class TopicClusters:
         return {"cluster_id": self.assign(vectors)}
 
 
-def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) -> TopicClusters:
+def fit_topics(dataset: Dataset, config: MergeItConfig | None = None) -> TopicClusters:
     """Fit k-means on the ``embedding`` column; deterministic for ``config.seed``.
 
     Up to ``config.minibatch_kmeans_above`` rows: full k-means. Above it: mini-batch k-means on a random
@@ -60,7 +60,7 @@ def fit_topic_clusters(dataset: Dataset, config: MergeItConfig | None = None) ->
     config = config or MergeItConfig()
     if "embedding" not in dataset.column_names:
         raise KeyError("clustering needs the 'embedding' column; run ds.map(mergeit_hf.embed_batch) first")
-    return fit_topics(lambda rows: take_embeddings(dataset, rows), len(dataset), config)
+    return fit_from_sample(lambda rows: take_embeddings(dataset, rows), len(dataset), config)
 
 
 def fit_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
@@ -71,7 +71,7 @@ def fit_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(config.seed).permutation(n_rows)[:KMEANS_SAMPLE_ROWS])
 
 
-def fit_topics(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig) -> TopicClusters:
+def fit_from_sample(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig) -> TopicClusters:
     """The topic fit over ``n_rows`` rows whose embeddings ``embeddings_at(positions)`` returns (positions
     from ``fit_rows``): the same centroids whichever engine holds the rows."""
     if n_rows == 0:
@@ -119,7 +119,7 @@ def _fitted(centroids: np.ndarray, method: str, pca: Projection | None) -> Topic
     return TopicClusters(centroids.astype(np.float32), f"pca {components.shape[1]}d + {method}", mean, components)
 
 
-def add_clusters(dataset: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Dataset:
+def add_topics(dataset: Dataset, config: MergeItConfig | None = None, **map_kwargs: Any) -> Dataset:
     """Fit topics and add the ``cluster_id`` column in one call."""
-    topics = fit_topic_clusters(dataset, config)
+    topics = fit_topics(dataset, config)
     return dataset.map(topics, batched=True, desc="Assigning topics", **map_kwargs)

@@ -60,6 +60,7 @@ class ScriptedServer(LoopbackServer):
     judge: Callable[[str], float | dict[str, float]] | None = None
     # Every Nth chat request is answered HTTP 200 with something that is not a chat completion, the kinds
     # of MALFORMED in turn (0: never); ``malformed_sent`` counts them by kind.
+    info_requests: int = 0  # probes: GET /info
     malformed_every: int = 0
     malformed_kinds: tuple[str, ...] = ()  # () : every kind of MALFORMED
     malformed_sent: Counter = field(default_factory=Counter)
@@ -99,6 +100,7 @@ class ScriptedServer(LoopbackServer):
         return web.json_response(stats)
 
     async def _info(self, request: web.Request) -> web.Response:
+        self.info_requests += 1  # a client's probe
         return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.slots})
 
     async def _chat(self, request: web.Request) -> web.Response:

@@ -33,6 +33,7 @@ from mergeit_hf.errors import TemplateError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.merge.columns import outcome_columns, typed_for_map
 from mergeit_hf.stage2.merge.pair import PairRun, merge_one, with_complexity
+from mergeit_hf.stage2.merge.process_session import ProcessSession
 from mergeit_hf.stage2.merge.request import merge_sources
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome, MergeStats
 from mergeit_hf.stage2.merge.session import Session, complexity_scorer, retention_embeddings
@@ -118,10 +119,23 @@ class Merger:
                 object.__setattr__(self, name, value)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A ``map`` batch (or row) merged through this process's open session (``process_session``)."""
+        pairs, batched, templates = self._batch(batch)
+        merged = ProcessSession.of(self).run(lambda session: self.merge_with(session, pairs, templates))
+        return self._columns(merged, batched, templates)
+
+    async def amerge(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``__call__`` as a coroutine: ``pairs.map(merger.amerge)`` (unbatched) lets ``datasets`` run up to
+        1000 rows at once, where a plain unbatched ``map`` of a function merges one pair after another."""
+        pairs, batched, templates = self._batch(batch)
+        merged = await ProcessSession.of(self).arun(lambda session: self.merge_with(session, pairs, templates))
+        return self._columns(merged, batched, templates)
+
+    def _batch(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], bool, tuple[PromptTemplate, PromptTemplate]]:
         batched = isinstance(batch["pair_id"], list)
-        pairs = _rows_of(batch) if batched else [batch]
-        templates = self.templates()
-        merged = run_sync(self.merge_pairs(pairs, templates))
+        return (_rows_of(batch) if batched else [batch]), batched, self.templates()
+
+    def _columns(self, merged: MergeBatch, batched: bool, templates: tuple[PromptTemplate, PromptTemplate]) -> dict:
         columns = outcome_columns(merged.outcomes, self.config, templates, merged.merge_model, merged.quality_model)
         typed = typed_for_map(columns, self.config)
         return typed if batched else {name: values[0] for name, values in typed.items()}
@@ -264,27 +278,37 @@ class Merger:
             once (a ``map`` batch).
         """
         merge_template, quality_template = templates or self.templates()
-        counts = ScoreCounts()
-        async with self.session(quality_template, counts) as session:
-            config = self.config
-            assert session.merges is not None
-            run = PairRun(
-                session.merges,
-                session.scorer,
-                merge_template,
-                retention_embeddings(config),
-                config,
-                complexity_scorer(session),
-                session.judge,
-            )
-            merges = session.merges
-            size = (lambda: WINDOW_PER_SLOT * merges.concurrency) if window == "auto" else window
-            total = total if total is not None else (len(pairs) if isinstance(pairs, Sized) else None)
-            progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
-            outcomes = await _merge_in_order(run, pairs, size, progress)
-            progress.close()
-            stats = MergeStats(session.requests_sent, session.merges.idle_releases)
-            return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
+        async with self.session(quality_template, ScoreCounts()) as session:
+            return await self.merge_with(session, pairs, (merge_template, quality_template), window, total)
+
+    async def merge_with(
+        self,
+        session: Session,
+        pairs: Iterable[dict[str, Any]],
+        templates: tuple[PromptTemplate, PromptTemplate],
+        window: int | Literal["auto"] | None = None,
+        total: int | None = None,
+    ) -> MergeBatch:
+        """``merge_pairs`` in a session already open (one kept across ``map`` batches)."""
+        config = self.config
+        assert session.merges is not None
+        run = PairRun(
+            session.merges,
+            session.scorer,
+            templates[0],
+            retention_embeddings(config),
+            config,
+            complexity_scorer(session),
+            session.judge,
+        )
+        merges = session.merges
+        size = (lambda: WINDOW_PER_SLOT * merges.concurrency) if window == "auto" else window
+        total = total if total is not None else (len(pairs) if isinstance(pairs, Sized) else None)
+        progress = tqdm(total=total, desc="Merging pairs", unit="pair", disable=not self.show_progress)
+        outcomes = await _merge_in_order(run, pairs, size, progress)
+        progress.close()
+        stats = MergeStats(session.requests_sent, session.merges.idle_releases)
+        return MergeBatch(list(outcomes), stats, session.merge_model, session.quality_model, session.endpoints())
 
 
 async def _merge_in_order(
@@ -333,5 +357,8 @@ def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
 
-#: ``pairs.map(mergeit_hf.merge_batch, batched=True)``: ``MERGEIT_ENDPOINT`` or the embedded model.
+#: ``pairs.map(mergeit_hf.merge_batch, batched=True)``: the default config (the paper's α, the shipped
+#: templates, retention on), against ``MERGEIT_ENDPOINT`` (``MERGEIT_MODEL``, ``MERGEIT_SCORER_ENDPOINT`` and
+#: the key variables read at call time), else the embedded model. With a config of your own:
+#: ``pairs.map(Merger(config=config), batched=True)``.
 merge_batch = Merger()
