@@ -47,7 +47,7 @@ from mergeit_hf.stage1.pairs import (
 )
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
-from mergeit_hf.stage1.topics import TopicClusters, fit_rows, fit_from_sample
+from mergeit_hf.stage1.topics import TopicClusters, fit_from_sample, fit_rows
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats

@@ -71,7 +71,9 @@ def fit_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(config.seed).permutation(n_rows)[:KMEANS_SAMPLE_ROWS])
 
 
-def fit_from_sample(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig) -> TopicClusters:
+def fit_from_sample(
+    embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig
+) -> TopicClusters:
     """The topic fit over ``n_rows`` rows whose embeddings ``embeddings_at(positions)`` returns (positions
     from ``fit_rows``): the same centroids whichever engine holds the rows."""
     if n_rows == 0:

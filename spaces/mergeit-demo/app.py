@@ -20,10 +20,10 @@ import pandas as pd
 from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
-from mergeit_hf.stage2.merge.merged_pairs import with_skipped
 from mergeit_hf.output.regate import regate_pairs
 from mergeit_hf.resources import resource_dir
 from mergeit_hf.run.pipeline import finish_run, save
+from mergeit_hf.stage2.merge.merged_pairs import with_skipped
 from mergeit_hf.stage2.merge.merger import Merger
 
 MAX_ROWS = int(os.environ.get("MERGEIT_SPACE_MAX_ROWS", "2000"))
