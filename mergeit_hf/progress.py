@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -14,13 +15,8 @@ def datasets_bars_off() -> Iterator[None]:
     whatever the caller had set is back after it."""
     from datasets.utils import logging as datasets_logging
 
-    shown = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()
-    try:
+    with _bars_off(datasets_logging):
         yield
-    finally:
-        if shown:
-            datasets_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -31,13 +27,20 @@ def transformers_bars_off() -> Iterator[None]:
     except ImportError:  # no transformers: nothing prints
         yield
         return
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
+    with _bars_off(transformers_logging):
+        yield
+
+
+@contextmanager
+def _bars_off(library_logging: Any) -> Iterator[None]:
+    """A library's bars off (its ``logging`` module's own switches), the caller's setting restored."""
+    shown = library_logging.is_progress_bar_enabled()
+    library_logging.disable_progress_bar()
     try:
         yield
     finally:
         if shown:
-            transformers_logging.enable_progress_bar()
+            library_logging.enable_progress_bar()
 
 
 @contextmanager

@@ -100,7 +100,9 @@ def test_json_lines_with_a_broken_line_reports_it(tmp_path):
     assert "line 5" in report.unreadable_detail
 
 
-def test_sharegpt_turns_become_rows(tmp_path):
+def test_a_sharegpt_conversation_is_one_row_kept_whole(tmp_path):
+    """Issue 22: a conversation is one row (its later turns are not rows of their own); a conversation with
+    no answer, or none at all, is dropped with its reason."""
     records = json.loads(shared("gpteacher_roleplay.json").read_text())[:6]
     conversations = [
         {
@@ -119,10 +121,15 @@ def test_sharegpt_turns_become_rows(tmp_path):
     path.write_text(json.dumps(conversations))
     rows, report = load_rows(path)
     assert report.input_format == "sharegpt"
-    assert rows["id"] == ["c0#0", "c0#2"]
-    assert rows["output"][1] == records[1]["output"].strip()
-    assert report.drop_counts == {"conversation without a human turn": 1, "no assistant reply": 1}
-    assert report.rows_extracted == 4
+    assert rows["id"] == ["c0"] and rows["multi_turn"] == [True]
+    assert [turn["role"] for turn in rows["messages"][0]] == ["user", "assistant", "user", "assistant"]
+    assert rows["messages"][0][3]["content"] == records[1]["output"]
+    assert rows["output"][0] == records[0]["output"].strip()
+    assert report.drop_counts == {
+        "bad conversation: does not end with an assistant turn": 1,
+        "bad conversation: not a list of turns": 1,
+    }
+    assert report.rows_extracted == 3
 
 
 def test_parquet_input(tmp_path):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from tests.helpers.servers import free_port
+from tests.helpers.servers import free_port, wait_for_http
 
 SPACE = Path(__file__).resolve().parent.parent / "spaces" / "mergeit-demo"
 CHROMIUM = "/usr/bin/chromium"
@@ -34,14 +32,7 @@ def space_url(tmp_path_factory):
         [sys.executable, str(SPACE / "app.py")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
+    wait_for_http(url, process, log, 120)
     yield url
     process.terminate()
     process.wait(timeout=20)

@@ -27,9 +27,9 @@ PROVENANCE_FEATURES = Features(
         "instruction": Value("string"),
         "input": Value("string"),
         "output": Value("string"),
-        "system": Value("string"),
         "messages": [{"role": Value("string"), "content": Value("string")}],
         "origin": Value("string"),
+        "system": Value("string"),  # the system prompt of a conversation (also messages[0]); "" for none
         "source_ids": Sequence(Value("string")),
         "cluster_id": Value("int32"),
         "pair_id": Value("string"),

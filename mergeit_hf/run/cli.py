@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retentions", type=_floats, help="comma-separated min_retention values")
     sweep.add_argument("--min-judge", type=float, help="the judge's P(yes) held at this (default: the run's)")
 
+    space = commands.add_parser(
+        "publish-space", help="publish the demo Space with a wheel of this package its requirements name"
+    )
+    space.add_argument("repo_id", help="OWNER/NAME of the Gradio Space")
+    space.add_argument("--space-dir", type=Path, default=Path("spaces/mergeit-demo"), help="the Space's folder")
+    space.add_argument("--project", type=Path, default=Path("."), help="the checkout to build the wheel from")
+    space.add_argument("--private", action="store_true")
     regate = commands.add_parser("regate", help="rewrite data, accounting and card for new thresholds, no requests")
     regate.add_argument("folder", type=Path, help="the --output folder of `mergeit run`")
     _add_gate_options(regate)
@@ -129,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             render_card_again(args.folder)
             print(f"wrote {args.folder / 'README.md'}")
             return 0
-        commands = {"run": _run, "check-scorer": _check_scorer, "sweep": _sweep, "regate": _regate}
+        commands = {
+            "run": _run,
+            "check-scorer": _check_scorer,
+            "sweep": _sweep,
+            "regate": _regate,
+            "publish-space": _publish_space,
+        }
         return commands[args.command](args)
     except (MergeItError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -316,6 +329,16 @@ def _regate(args: argparse.Namespace) -> int:
         f"{counts['merges accepted']} accepted, {counts['merges rejected']} rejected, "
         f"{counts['final rows']} final rows; no LLM request sent"
     )
+    return 0
+
+
+def _publish_space(args: argparse.Namespace) -> int:
+    from mergeit_hf.output.space import publish_space
+
+    if not (args.space_dir / "app.py").is_file():
+        raise MergeItError(f"{args.space_dir} holds no app.py: pass the Space's folder with --space-dir")
+    commit = publish_space(args.repo_id, args.space_dir, args.project, private=args.private)
+    print(f"published the Space {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return 0
 
 

@@ -84,13 +84,14 @@ def prefilter(
     order = ranked[np.argsort(-product[ranked], kind="stable")]
     kept = np.sort(order[:keep_n])
     cutoff = float(product[order[keep_n - 1]])
-    scored = rows.add_column("quality", list(quality)).add_column("complexity", list(complexity))
+    scored = " that could be scored" if failures else ""
+    with_scores = rows.add_column("quality", list(quality)).add_column("complexity", list(complexity))
     below = [
         (
             int(i),
             PREFILTER_REASON,
             f"quality {quality[i]:.2f} × complexity {complexity[i]:.2f} = {product[i]:.2f} below the cutoff "
-            f"{cutoff:.2f} (the top {keep_n} of {len(ranked)} ranked rows were kept)",
+            f"{cutoff:.2f} (the top {keep_n} of {len(ranked)} rows{scored} were kept)",
         )
         for i in order[keep_n:]
     ]
@@ -99,7 +100,7 @@ def prefilter(
         DroppedRow(int(rows[i]["source_index"]), reason, detail, rows[i]["id"])
         for i, reason, detail in sorted(below + unscored)
     ]
-    return PrefilterResult(scored.select(kept), dropped, cutoff, requests_sent, len(failures))
+    return PrefilterResult(with_scores.select(kept), dropped, cutoff, requests_sent, len(failures))
 
 
 @dataclass(frozen=True)

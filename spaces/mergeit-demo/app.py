@@ -17,13 +17,12 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pandas as pd
-from datasets import Dataset
 
 from mergeit_hf import MergeItConfig, MergeItError, load_rows, run_stage1
 from mergeit_hf.output.regate import regate_pairs
 from mergeit_hf.resources import resource_dir
 from mergeit_hf.run.pipeline import finish_run, save
-from mergeit_hf.stage2.merge.merged_pairs import with_skipped
+from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset, with_skipped
 from mergeit_hf.stage2.merge.merger import Merger
 
 MAX_ROWS = int(os.environ.get("MERGEIT_SPACE_MAX_ROWS", "2000"))
@@ -146,12 +145,13 @@ def merge_pairs(n_pairs: float, alpha: float, min_retention: float, judge: bool,
         state["stage1"].config, max_new_tokens=256, alpha=alpha, min_retention=min_retention, judge=judge
     )
     merger = Merger(config=config)
-    rows = []
+    outcomes = []
     for index in progress.tqdm(range(len(pairs)), desc="Merging pairs"):
-        rows.append(pairs.select([index]).map(merger, batched=True)[0])
+        outcomes.append(merger.merge([pairs[index]]))  # one session for all of them, kept open
+    batch = dataclasses.replace(outcomes[0], outcomes=[o for b in outcomes for o in b.outcomes])
     state["stage1"] = dataclasses.replace(state["stage1"], config=config)
-    state["merged"] = Dataset.from_list(rows)
-    return _merges_table(rows), state
+    state["merged"] = merged_pairs_dataset(pairs, pairs, batch, merger, len(pairs))
+    return _merges_table(state["merged"].to_list()), state
 
 
 @shown_in_page

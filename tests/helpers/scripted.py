@@ -89,6 +89,7 @@ class ScriptedServer(LoopbackServer):
         stats = {"requests": sum(self.requests.values()), "max_held": max(self.held, default=0)}
         stats["slot_seconds"] = self.slot_seconds
         stats["refused"] = self.refused  # 429s of the rate limit
+        stats["probes"] = self.info_requests
         # From the first request to the last answer: the time the client kept the server working for.
         stats["busy_span_s"] = (self.last_answer or 0.0) - (self.first_arrival or 0.0)
         if request.query.get("reset"):
@@ -96,6 +97,7 @@ class ScriptedServer(LoopbackServer):
             self.held.clear()
             self.slot_seconds = 0.0
             self.refused = 0
+            self.info_requests = 0
             self.first_arrival = self.last_answer = None
         return web.json_response(stats)
 

@@ -18,6 +18,22 @@ from aiohttp import ClientSession, ClientTimeout, web
 from mergeit_hf.endpoints.servers.local_llama import local_model_path
 
 
+def wait_for_http(url: str, process, log, seconds: float = 120.0) -> None:
+    """Until ``url`` answers 200; fails with the log's tail if ``process`` exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,9 +23,10 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from mergeit_hf.endpoints.base import AttemptObserver, ChatReply, usage_of
+from mergeit_hf.endpoints.base import ChatReply, usage_of
 from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
+from mergeit_hf.endpoints.servers.served import ServedBackend
 from mergeit_hf.errors import EndpointError
 
 Route = Literal["/v1/completions", "/generate"]
@@ -34,17 +35,13 @@ _TOP_N_CAP = re.compile(r"top_n_tokens.*?<=\s*(\d+)", re.IGNORECASE | re.DOTALL)
 logger = logging.getLogger(__name__)
 
 
-class CompletionEndpointBackend:
+class CompletionEndpointBackend(ServedBackend):
     """A scorer server at ``url``, probed (``server``) before the first request."""
 
     kind = "raw-completions"
 
     def __init__(self, url: str, server: ServerInfo, http: JsonHttpClient) -> None:
-        self.url = url
-        self.model_id = server.model
-        self.default_concurrency = server.concurrency
-        self.concurrency_announced = server.announced
-        self._http = http
+        super().__init__(url, server, http)
         self.route: Route | None = None  # decided by the first answer
         self._top_n_cap: int | None = None
 
@@ -53,12 +50,6 @@ class CompletionEndpointBackend:
 
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "route": self.route or "not decided"}
-
-    def observe(self, load: AttemptObserver) -> None:
-        self._http.observe(load)
-
-    async def size_pool(self, connections: int) -> None:
-        await self._http.size_pool(connections)
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> ChatReply:
         """The first generated token's top alternatives after ``prompt``, sent byte for byte."""
@@ -131,9 +122,6 @@ class CompletionEndpointBackend:
                 raise _CappedTopN(int(cap.group(1)))
         self._http.check(path, response)
         return posted.value
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
 
 class _CappedTopN(Exception):

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergeit_hf.endpoints.base import AttemptObserver, ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.base import ChatReply, reply_from_chat_completion
 from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
+from mergeit_hf.endpoints.servers.served import ServedBackend
 from mergeit_hf.endpoints.structured_output import FormatLadder, in_form
 
 CHAT_ROUTE = "/v1/chat/completions"
 
 
-class OpenAIChatBackend:
+class OpenAIChatBackend(ServedBackend):
     """One OpenAI-compatible server, probed (``server``) before the first request."""
 
     kind = "openai-compatible"
 
     def __init__(self, url: str, server: ServerInfo, http: JsonHttpClient) -> None:
-        self.url = url
-        self.model_id = server.model
-        self.default_concurrency = server.concurrency
-        self.concurrency_announced = server.announced
-        self._http = http
+        super().__init__(url, server, http)
         self._formats = FormatLadder(url)
 
     def __repr__(self) -> str:  # never show the key
@@ -36,12 +33,6 @@ class OpenAIChatBackend:
 
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": self._formats.form}
-
-    def observe(self, load: AttemptObserver) -> None:
-        self._http.observe(load)
-
-    async def size_pool(self, connections: int) -> None:
-        await self._http.size_pool(connections)
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
         formatted = "response_format" in params
@@ -57,6 +48,3 @@ class OpenAIChatBackend:
             if "response_format" in params:
                 self._formats.succeeded(form)
             return posted.value
-
-    async def aclose(self) -> None:
-        await self._http.aclose()

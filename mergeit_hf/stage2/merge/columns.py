@@ -59,12 +59,22 @@ def typed_for_map(columns: dict[str, list], config: MergeItConfig) -> dict[str, 
     features = outcome_features(config)
     typed: dict[str, Any] = dict(columns)
     for name, values in columns.items():
+        if not _can_hold_a_value(name, config):
+            continue  # None in every batch of this run (no judge asked, no retention measured): null throughout
         feature = features[name]
         if isinstance(feature, Value) and feature.dtype in ("float64", "int64") and all(v is None for v in values):
             typed[name] = np.full(len(values), np.nan)
         elif isinstance(feature, List) and not any(values):
             typed[name] = _float_arrays(values)
     return typed
+
+
+def _can_hold_a_value(name: str, config: MergeItConfig) -> bool:
+    if name in ("judge_p_yes", "min_judge"):
+        return config.judge
+    if name.startswith("retention_"):
+        return config.compute_retention
+    return True
 
 
 def _float_arrays(values: list) -> np.ndarray:

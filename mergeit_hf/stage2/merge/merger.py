@@ -124,6 +124,11 @@ class Merger:
         merged = ProcessSession.of(self).run(lambda session: self.merge_with(session, pairs, templates))
         return self._columns(merged, batched, templates)
 
+    def merge(self, pairs: Iterable[dict[str, Any]]) -> MergeBatch:
+        """Pairs rows (dicts) merged through this process's open session: the outcomes, in order."""
+        templates = self.templates()
+        return ProcessSession.of(self).run(lambda session: self.merge_with(session, list(pairs), templates))
+
     async def amerge(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``__call__`` as a coroutine: ``pairs.map(merger.amerge)`` (unbatched) lets ``datasets`` run up to
         1000 rows at once, where a plain unbatched ``map`` of a function merges one pair after another."""
