@@ -159,6 +159,11 @@ def test_map_batches_whose_first_pairs_all_fail_keep_their_types(rows, pairs, tm
     assert merged["merge_status"] == ["failed"] * 3 + ["accepted"] * 6
     assert merged.features["quality_merged"].dtype == "float64"
     assert merged["quality_merged"][3] is not None and merged["retention_more"][3] == []
+    # what finish() makes of it: a missing number is None, whichever batch it came from
+    from mergeit_hf.run.finish import missing_as_none
+
+    cleaned = missing_as_none(merged)
+    assert cleaned["quality_merged"][:3] == [None] * 3 and cleaned["quality_merged"][3] is not None
 
 
 def test_an_informational_complexity_that_fails_keeps_the_accepted_merge(rows, pairs, tmp_path):

@@ -52,11 +52,17 @@ def _as_sharegpt(conversation: dict) -> dict:
 @pytest.fixture(scope="module", params=["messages", "sharegpt"])
 def conversation_run(request, conversations, source_rows, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"conversations-{request.param}")
-    records = conversations if request.param == "messages" else [_as_sharegpt(c) for c in conversations]
+    # messages as JSON lines, ShareGPT as a JSON array: the shapes each is found in; no --format flag
+    if request.param == "messages":
+        data = folder / "conversations.jsonl"
+        data.write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
+    else:
+        data = folder / "sharegpt.json"
+        data.write_text(json.dumps([_as_sharegpt(c) for c in conversations]))
     merge, score = restating_scripts(source_rows)
     server = ScriptedServer(merge, score).start()
     try:
-        out = cli_run(folder, records, server.url, CONFIG)
+        out = cli_run(folder, [], server.url, CONFIG, input_path=data)
     finally:
         server.stop()
     yield request.param, out, server, folder

@@ -90,9 +90,24 @@ def read_conversation(value: Any, shape: Shape) -> Conversation:
     if not isinstance(value, list) or not value:
         kind = "an empty list" if isinstance(value, list) else f"a {type(value).__name__}"
         raise BadConversation("not a list of turns", f"{shape.name} holds {kind}, not a list of turns")
-    turns = tuple(_turn(turn, number, shape) for number, turn in enumerate(value))
+    turns = tuple(
+        _turn(turn, number, shape)
+        for number, turn in enumerate(value)
+        if not _empty_system(turn, shape)  # ShareGPT exports often carry one: it is no system prompt
+    )
+    if not turns:
+        raise BadConversation("not a list of turns", f"{shape.name} holds only an empty system prompt")
     _check_order(turns)
     return Conversation(turns)
+
+
+def _empty_system(turn: Any, shape: Shape) -> bool:
+    return (
+        isinstance(turn, Mapping)
+        and str(turn.get(shape.role_key, "")).lower() == "system"
+        and isinstance(turn.get(shape.content_key), str)
+        and not turn[shape.content_key].strip()
+    )
 
 
 def _turn(turn: Any, number: int, shape: Shape) -> dict[str, str]:

@@ -216,8 +216,17 @@ def _conversation_rows(
         report.rows_extracted += 1
         report.dropped.append(DroppedRow(index, reason, detail, row_id))
 
+    shape = _CONVERSATION_SHAPES[fmt]
+    if fmt == "messages" and _first_turn_keys(_first(records).get(column)) >= {"from", "value"}:
+        shape = SHAREGPT  # a column named by --column messages=NAME that holds ShareGPT's from / value turns
     records = _records(records, [column, id_column])
-    yield from conversation_candidates(records, column, _CONVERSATION_SHAPES[fmt], id_column, dropped)
+    yield from conversation_candidates(records, column, shape, id_column, dropped)
+
+
+def _first_turn_keys(turns: Any) -> set[str]:
+    if isinstance(turns, list) and turns and isinstance(turns[0], Mapping):
+        return set(turns[0])
+    return set()
 
 
 def _seed_task_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
@@ -260,11 +269,12 @@ def _validate(candidates: Iterator, report: LoadReport) -> dict[str, list]:
         }
         fingerprint = _fingerprint(text, conversation["messages"])
         row_id = given_id or fingerprint
-        if given_id is not None and given_id in seen_ids:
-            raise InputError(f"{report.source}: id {given_id!r} appears more than once (record {source_index})")
         what = "conversation" if conversation["messages"] else "instruction, input and output"
+        # Content first: a record repeated whole, id and all, is a duplicate to drop, not a clash of ids.
         if not _keep(source_index, row_id, text, (fingerprint, what), first_seen, report):
             continue
+        if given_id is not None and given_id in seen_ids:
+            raise InputError(f"{report.source}: id {given_id!r} appears more than once (record {source_index})")
         seen_ids.add(row_id)
         for name, value in (("id", row_id), *text.items(), ("source_index", source_index), *conversation.items()):
             rows[name].append(value)

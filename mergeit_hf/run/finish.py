@@ -30,7 +30,9 @@ from mergeit_hf.output.assemble import Assembly, assemble
 from mergeit_hf.output.card import RunRecord
 from mergeit_hf.output.folder import card_and_figures, pairs_for_export
 from mergeit_hf.output.publish import push_to_hub, write_repo_folder
+from mergeit_hf.progress import datasets_bars_off
 from mergeit_hf.stage1.result import Stage1Result
+from mergeit_hf.stage2.merge.columns import OUTCOME_FEATURES
 from mergeit_hf.stage2.merge.results import OutcomeCounts
 from mergeit_hf.stage2.prefilter import PrefilterResult
 from mergeit_hf.stage2.scorer_check import ScorerCheck
@@ -247,8 +249,27 @@ def finish(
         stage1 = _stage1_of(stage1, merged_pairs, config or MergeItConfig())
     if "merge_status" not in merged_pairs.column_names:
         raise InputError("merged_pairs has no merge_status column: map the pairs with a Merger first")
+    merged_pairs = missing_as_none(merged_pairs)
     report = report or LoadReport(source, "given", len(stage1.rows), len(stage1.rows))
     return finish_run(source, report, stage1, merged_pairs, 0, license=license, pretty_name=pretty_name)
+
+
+def missing_as_none(merged_pairs: Dataset) -> Dataset:
+    """A ``map``'s merged pairs with NaN read as None: a batch whose pairs all failed writes NaN where a
+    number is missing (``typed_for_map``), a later batch None; the curated dataset has None for both."""
+    numbers = [
+        name
+        for name, feature in merged_pairs.features.items()
+        if name in OUTCOME_FEATURES and getattr(feature, "dtype", "") in ("float64", "float32")
+    ]
+    if not numbers:
+        return merged_pairs
+
+    def as_none(batch: dict[str, list]) -> dict[str, list]:
+        return {name: [None if v is not None and v != v else v for v in batch[name]] for name in numbers}
+
+    with datasets_bars_off():
+        return merged_pairs.map(as_none, batched=True, features=merged_pairs.features)
 
 
 def _stage1_of(rows: Dataset, merged_pairs: Dataset, config: MergeItConfig) -> Stage1Result:

@@ -140,6 +140,7 @@ def _groups(keys: np.ndarray) -> list[np.ndarray]:
 def pairing_keys(clusters: np.ndarray, systems: list[str], multi_turn: np.ndarray) -> np.ndarray:
     """The group each row may pair inside: its topic and its system prompt, numbered topic by topic (so
     rows without system prompts pair exactly as topics alone would); -1 for a multi-turn conversation."""
+    systems = [s or "" for s in systems]  # None (a column built by hand) is no system prompt, as "" is
     names = {name: number for number, name in enumerate(sorted(set(systems)))}
     system_numbers = np.fromiter((names[s] for s in systems), dtype=np.int64, count=len(systems))
     keys = clusters.astype(np.int64) * max(1, len(names)) + system_numbers

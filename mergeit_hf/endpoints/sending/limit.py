@@ -9,9 +9,11 @@ A fixed limit (``concurrency`` in the config, or a size the server announces: TG
 it is. Otherwise the limit starts modest and moves the way TCP's congestion control and Netflix's
 ``concurrency-limits`` (Gradient2) find a server's capacity:
 
-- each answer's latency is compared with the fastest seen for its role (a merge and a score differ a
-  hundredfold): while answers come back about as fast as that (gradient ≥ 0.9) and the limit is in use,
-  it doubles every round (slow start) until the first sign of load, then grows by a tenth a round;
+- each role's recent latency (a fast-moving average) is compared with its long-run latency (a slow one), as
+  Gradient2 does: a merge and a score differ a hundredfold, and merges of different lengths differ too, so
+  only a change against the role's own history is a sign. While answers come back about as fast as they
+  used to (gradient ≥ 0.9) and the limit is in use, it doubles every round (slow start) until the first
+  sign of load, then grows by a tenth a round;
 - when latency rises (queueing: gradient < 0.75) it shrinks in proportion;
 - a 429 or 503, a timeout, or a server that says it has no requests left in its rate window
   (``x-ratelimit-remaining-requests: 0``) cuts it by a quarter, at most once a round, and growth past that
@@ -36,7 +38,8 @@ MAX_LIMIT = 1024
 _GROW = 0.9  # gradient at or above which the server keeps up
 _SHRINK = 0.75  # gradient below which requests queue
 _CUT = 0.75  # the limit after a throttle, as a share of what it was
-_SMOOTHING = 0.2  # weight of a new answer in the smoothed gradient
+_RECENT = 0.3  # weight of a new answer in a role's recent latency
+_LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about this many rounds
 
 #: The role of the request being sent (set by the scheduler), for latency baselines and counts by role.
 request_role: ContextVar[str] = ContextVar("request_role", default="request")
@@ -55,7 +58,8 @@ class EndpointLoad:
     retried: Counter = field(default_factory=Counter)  # attempts after a request's first, by role
     throttled: int = 0  # answers 429 or 503 (the server said: too many)
     timeouts: int = 0
-    _fastest: dict[str, float] = field(default_factory=dict)  # role → fastest latency seen
+    _recent: dict[str, float] = field(default_factory=dict)  # role → recent latency (fast-moving average)
+    _long_run: dict[str, float] = field(default_factory=dict)  # role → long-run latency (slow-moving average)
     _gradient: float = 1.0
     _slow_start: bool = True
     _answers_this_round: int = 0
@@ -82,6 +86,8 @@ class EndpointLoad:
             except BaseException:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the place it was given goes to the next waiter
                 raise
         self.in_flight += 1
         self._busy_at_peak |= self.in_flight >= self.current
@@ -112,20 +118,28 @@ class EndpointLoad:
         if status in (429, 503):
             self.throttled += 1
             self._throttle()
+            self._count_answer()  # refusals end rounds too, so a wall of them is cut again each round
         elif status is None:
             self.timeouts += 1
             self._throttle()
+            self._count_answer()
         elif 200 <= status < 300:
             if headers is not None and headers.get("x-ratelimit-remaining-requests") == "0":
                 self._throttle()  # the rate window is spent: the next request would be refused
             self._observe(request_role.get(), latency_s)
 
     def _observe(self, role: str, latency_s: float) -> None:
-        fastest = self._fastest.get(role)
-        if fastest is None or latency_s < fastest:
-            self._fastest[role] = fastest = max(latency_s, 1e-4)
-        gradient = min(1.0, fastest / max(latency_s, 1e-4))
-        self._gradient = (1 - _SMOOTHING) * self._gradient + _SMOOTHING * gradient
+        latency_s = max(latency_s, 1e-4)
+        recent = self._recent.get(role, latency_s)
+        long_run = self._long_run.get(role, latency_s)
+        self._recent[role] = recent = (1 - _RECENT) * recent + _RECENT * latency_s
+        # Slow against a round (as many answers as the limit), so a round's change shows against it.
+        weight = 1 / (_LONG_RUN_ROUNDS * self.current)
+        self._long_run[role] = long_run = (1 - weight) * long_run + weight * latency_s
+        self._gradient = min(1.0, long_run / recent)
+        self._count_answer()
+
+    def _count_answer(self) -> None:
         self._answers_this_round += 1
         if self._answers_this_round >= self.current:
             self._end_round()
@@ -155,7 +169,6 @@ class EndpointLoad:
         self._slow_start = False
         self._cut_at = self.limit
         self.limit = max(1.0, self.limit * _CUT)
-        self._answers_this_round = 0
         self._cut_this_round = True
 
     # -- the record -----------------------------------------------------------------------------------------

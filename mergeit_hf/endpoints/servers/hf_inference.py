@@ -107,19 +107,22 @@ class InferenceClientBackend:
         if self._load is not None:
             self._load.attempt(first)
         started = time.perf_counter()
-        status_now: int | None = 200
         try:
-            return await self._client.chat_completion(messages=messages, model=self.model_id, **params)
-        except Exception as exc:
-            status_now = http_status(exc)  # None: no answer (a timeout, a dropped connection)
+            output = await self._client.chat_completion(messages=messages, model=self.model_id, **params)
+        except Exception as exc:  # not a cancellation: that is no answer from the server, and not reported
+            status = http_status(exc)  # None: no answer (a timeout, a dropped connection)
             # The client's own reading of a success body (its HTTP errors are ValueErrors too: they have a status)
-            if status_now is None and isinstance(exc, ValueError | KeyError | TypeError):
-                status_now = 200
+            unreadable = status is None and isinstance(exc, ValueError | KeyError | TypeError)
+            self._report(200 if unreadable else status, started)
+            if unreadable:
                 raise _unreadable(exc) from None
             raise
-        finally:
-            if self._load is not None:
-                self._load.answered(status_now, time.perf_counter() - started)
+        self._report(200, started)
+        return output
+
+    def _report(self, status: int | None, started: float) -> None:
+        if self._load is not None:
+            self._load.answered(status, time.perf_counter() - started)
 
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)

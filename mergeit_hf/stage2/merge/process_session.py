@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import threading
@@ -56,7 +57,11 @@ class ProcessSession:
         key = _key(merger)
         with cls._lock:
             found = cls._open.get(key)
-            if found is not None and found._opening.done() and found._opening.exception() is not None:
+            if (
+                found is not None
+                and found._opening.done()
+                and (found._opening.cancelled() or found._opening.exception() is not None)
+            ):
                 found.close()  # it could not open (a server down, a refused key): the next call tries again
                 found = None
             if found is None:
@@ -68,7 +73,8 @@ class ProcessSession:
         return self._session
 
     async def _with_session(self, work: Callable[[Session], Awaitable[T]]) -> T:
-        session = self._session or await asyncio.wrap_future(self._opening)
+        # Shielded: a caller cancelled while the session opens must not cancel the open every caller shares.
+        session = self._session or await asyncio.shield(asyncio.wrap_future(self._opening))
         return await work(session)
 
     def run(self, work: Callable[[Session], Awaitable[T]]) -> T:
@@ -95,7 +101,9 @@ class ProcessSession:
             mine = [s for key, s in cls._open.items() if key.startswith(f"{os.getpid()}:")]
             cls._open = {key: s for key, s in cls._open.items() if not key.startswith(f"{os.getpid()}:")}
         for session in mine:
-            session.close()
+            # At exit: one session that cannot close must not keep the others open.
+            with contextlib.suppress(Exception):
+                session.close()
 
 
 def _key(merger: Opens) -> str:
