@@ -6,6 +6,8 @@ Servers: TGI-shaped (128 slots, /info announces them), vLLM-shaped (128 slots, a
 OpenAI-shaped API admitting 50 requests a second (429 with x-ratelimit-* headers beyond), and a one-slot
 server (as llama-cpp-python's). Answers take 0.5 s (the API's 1 s). Utilisation is the share of the ideal:
 for a slot server, slot-seconds used over slots × busy span; for the API, requests a second over its 50.
+Utilisation is stage 2's, from its first merge request (the probe and the scorer check come before it).
+The one-slot server answers in 0.05 s (at 0.5 s its runs would take a quarter of an hour each).
 Each run starts from an empty request cache; stage 1's embeddings come from datasets' cache after the first.
 Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] > capacity.out.md
 """
@@ -28,7 +30,7 @@ SERVERS = {
     "TGI-shaped, 128 slots, /info": (128, 0.5, ()),
     "vLLM-shaped, 128 slots, no /info": (128, 0.5, ("--no-info",)),
     "OpenAI-shaped API, 50 requests/s": (4096, 1.0, ("--no-info", "--rate", "50")),
-    "one slot": (1, 0.5, ("--no-info",)),
+    "one slot (0.05 s an answer)": (1, 0.05, ("--no-info",)),
 }
 SETTINGS = {"default (adaptive)": None, "concurrency: 8": 8, "concurrency: 128": 128}
 
@@ -88,11 +90,11 @@ def measure(name: str, slots: int, latency: float, options: tuple[str, ...], dat
             rows.append(f"| {name} | {setting} | error: {found['error']} | | | | |")
             continue
         counts, record = found["record"]["counts"], found["record"]
-        span = stats["busy_span_s"] or 1e-9
-        if "--rate" in options:
-            share = stats["requests"] / span / 50
+        span = stats["stage2_span_s"] or 1e-9  # stage 2, from its first merge request to the last answer
+        if "--rate" in options:  # stage 2's requests a second, over the 50 the API admits
+            share = stats["stage2_slot_seconds"] / latency / span / 50
         else:
-            share = stats["slot_seconds"] / (min(slots, 128) if slots > 1 else 1) / span
+            share = stats["stage2_slot_seconds"] / min(slots, 128) / span
         sent = stats["requests"] + stats["refused"]
         limit = record["endpoints"].get("merge", {}).get("concurrency", "?")
         rows.append(

@@ -74,6 +74,8 @@ class ScriptedServer(LoopbackServer):
     last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
     _arrivals: int = 0
+    _first_merge_at: float | None = None  # arrival of the first merge request: where stage 2 starts
+    _stage2_slot_seconds: float = 0.0
     _admitted: list[float] = field(default_factory=list)  # when each request of the last second was admitted
 
     def routes(self, app: web.Application) -> None:
@@ -90,6 +92,9 @@ class ScriptedServer(LoopbackServer):
         stats["slot_seconds"] = self.slot_seconds
         stats["refused"] = self.refused  # 429s of the rate limit
         stats["probes"] = self.info_requests
+        # Stage 2 alone (from the first merge request; the scorer check and the probe come before it)
+        stats["stage2_slot_seconds"] = self._stage2_slot_seconds
+        stats["stage2_span_s"] = (self.last_answer or 0.0) - (self._first_merge_at or 0.0)
         # From the first request to the last answer: the time the client kept the server working for.
         stats["busy_span_s"] = (self.last_answer or 0.0) - (self.first_arrival or 0.0)
         if request.query.get("reset"):
@@ -98,6 +103,7 @@ class ScriptedServer(LoopbackServer):
             self.slot_seconds = 0.0
             self.refused = 0
             self.info_requests = 0
+            self._first_merge_at, self._stage2_slot_seconds = None, 0.0
             self.first_arrival = self.last_answer = None
         return web.json_response(stats)
 
@@ -124,12 +130,17 @@ class ScriptedServer(LoopbackServer):
                     kind = kinds[(self._arrivals // self.malformed_every) % len(kinds)]
                     self.malformed_sent[kind] += 1
                     return malformed_answer(kind)
+                merges_before = self.requests["merge"]
                 response = await self._answer(request)
+                if self._first_merge_at is None and self.requests["merge"] > merges_before:
+                    self._first_merge_at = started
                 if self.rate_per_s:  # as OpenAI's: every answer says what is left of the window
                     left = max(0, self.rate_per_s - len(self._admitted))
                     response.headers["x-ratelimit-remaining-requests"] = str(left)
                 self.last_answer = time.perf_counter()
                 self.slot_seconds += self.last_answer - started
+                if self._first_merge_at is not None and started >= self._first_merge_at:
+                    self._stage2_slot_seconds += self.last_answer - started
                 return response
         finally:
             self._holding -= 1

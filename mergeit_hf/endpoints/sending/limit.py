@@ -67,6 +67,7 @@ class EndpointLoad:
     _cut_this_round: bool = False
     _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
     _waiters: deque[asyncio.Future] = field(default_factory=deque)
+    _stopped: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.peak_limit = self.limit
@@ -75,9 +76,20 @@ class EndpointLoad:
     def current(self) -> int:
         return max(1, int(self.limit))
 
+    def stop(self, error: BaseException) -> None:
+        """Admit nothing more: every request waiting or to come raises ``error`` (a refused key, model or
+        parameter: every request would get the same answer)."""
+        self._stopped = error
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiters.clear()
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the limit's places for the block (a request and its retries)."""
+        if self._stopped is not None:
+            raise self._stopped
         while self.in_flight >= self.current:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)

@@ -17,6 +17,7 @@ from typing import Any
 from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
 from mergeit_hf.endpoints.sending.limit import EndpointLoad, request_role
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, payload_hash
+from mergeit_hf.errors import EndpointConfigError
 from mergeit_hf.prompts import PromptTemplate
 
 #: A chat request (messages, through the server's chat template) or a raw prompt sent byte for byte.
@@ -89,6 +90,9 @@ class RequestScheduler:
                         reply = await self.backend.chat(request, params)  # type: ignore[union-attr]
                     else:
                         reply = await self.backend.complete(request, params)  # type: ignore[union-attr]
+                except EndpointConfigError as refused:
+                    self.load.stop(refused)  # the run stops: send nothing more to this endpoint meanwhile
+                    raise
                 finally:
                     self.idle_releases += self._waiting == 0
         finally:
