@@ -54,11 +54,12 @@ def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tm
     assert merged["pair_id"] == pairs["pair_id"] and rerun.stats.requests_sent == 0
     assert set(merged["merge_status"]) == {"accepted"}
     assert max(held) == SLOTS  # the concurrency /info announced: reached, never exceeded
-    # A slot freed with no request waiting idles the server. The stream has one ready at every answer but
-    # those of its final drain (at most one per slot); map batches of 6 pairs drain at every boundary.
-    assert stream.requests_sent == 240 and stream.idle_releases <= SLOTS, stream.idle_releases
+    # A slot freed with no request waiting idles the server. The stream has one ready at almost every answer
+    # (its final drain, about one per slot, and the odd answer a busy machine reads before the pair's next
+    # request is queued); map batches of 6 pairs drain at every boundary. Compared in the same run.
+    assert stream.requests_sent == 240 and stream.idle_releases <= 2 * SLOTS, stream.idle_releases
     idle_in_batches = sum(s.idle_releases for s in batches)
-    assert idle_in_batches >= 10 * SLOTS / 2, idle_in_batches
+    assert idle_in_batches >= 10 * SLOTS / 2 and idle_in_batches > 2 * stream.idle_releases, idle_in_batches
 
 
 def test_a_tgi_sized_endpoint_gets_all_its_slots(many_pairs, tmp_path):
