@@ -9,7 +9,7 @@ for a slot server, slot-seconds used over slots × busy span; for the API, reque
 Utilisation is stage 2's, from its first merge request (the probe and the scorer check come before it).
 The one-slot server answers in 0.05 s (at 0.5 s its runs would take a quarter of an hour each).
 Each run starts from an empty request cache; stage 1's embeddings come from datasets' cache after the first.
-Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] > capacity.out.md
+Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] [--only vLLM] > capacity.out.md
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def measure(name: str, slots: int, latency: float, options: tuple[str, ...], dat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2500)
+    parser.add_argument("--only", default="", help="measure only the servers whose name contains this")
     args = parser.parse_args()
     rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
     with tempfile.TemporaryDirectory() as folder:
@@ -118,6 +119,8 @@ def main() -> None:
         print("| server | setting | utilisation (share of ideal) | answered 429 | pairs failed | limit | seconds |")
         print("|---|---|---|---|---|---|---|")
         for name, (slots, latency, options) in SERVERS.items():
+            if args.only not in name:
+                continue
             for line in measure(name, slots, latency, options, data):
                 print(line, flush=True)
 
