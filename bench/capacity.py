@@ -2,7 +2,8 @@
 included, as a user runs it) on 2,500 real Toolformer rows, against scripted servers each in a process of
 its own, side by side with a fixed ``concurrency: 8`` (the old default) and a fixed ``concurrency: 128``.
 
-Servers: TGI-shaped (128 slots, /info announces them), vLLM-shaped (128 slots, announces nothing), an
+Servers: TGI-shaped (128 slots, /info announces them), vLLM-shaped (128 slots, no size announced; its
+/metrics counts requests running and waiting, as vLLM's), a server that says nothing of itself, an
 OpenAI-shaped API admitting 50 requests a second (429 with x-ratelimit-* headers beyond), and a one-slot
 server (as llama-cpp-python's). Answers take 0.5 s (the API's 1 s). Utilisation is the share of the ideal:
 for a slot server, slot-seconds used over slots × busy span; for the API, requests a second over its 50.
@@ -28,7 +29,8 @@ from _common import shared_file
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = {
     "TGI-shaped, 128 slots, /info": (128, 0.5, ()),
-    "vLLM-shaped, 128 slots, no /info": (128, 0.5, ("--no-info",)),
+    "vLLM-shaped, 128 slots, no /info, /metrics": (128, 0.5, ("--no-info", "--vllm-metrics")),
+    "128 slots, announcing nothing": (128, 0.5, ("--no-info",)),
     "OpenAI-shaped API, 50 requests/s": (4096, 1.0, ("--no-info", "--rate", "50")),
     "one slot (0.05 s an answer)": (1, 0.05, ("--no-info",)),
 }

@@ -89,6 +89,8 @@ class AttemptObserver(Protocol):
 
     def answered(self, status: int | None, latency_s: float, headers: Mapping[str, str] | None = None) -> None: ...
 
+    def server_queue(self, running: float, waiting: float) -> None: ...  # what a server says it holds
+
 
 class ChatBackend(Protocol):
     model_id: str  # the name every request carries (and the request cache keys on)

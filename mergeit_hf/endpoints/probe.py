@@ -5,12 +5,13 @@ Sizes servers announce: TGI's ``/info`` (``max_concurrent_requests``: it refuses
 ``/get_server_info`` (``max_running_requests``), llama.cpp's ``/props`` (``total_slots``); vLLM's
 ``/metrics`` gives a hint only (``kv_cache_max_concurrency``: how many full-length sequences fit its cache;
 it runs more of shorter ones), a starting point the adaptive limit moves from. Nothing announced: the limit
-starts at 8 and finds the server's capacity (``sending.limit``)."""
+starts at 8 and finds the server's capacity (``sending.limit``); where ``/metrics`` counts the requests
+running and waiting (vLLM's), the session reads them while it sends (``servers.queue_watch``)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Literal
 
@@ -25,6 +26,7 @@ from mergeit_hf.errors import EndpointConfigError, EndpointError
 Dialect = Literal["tgi", "openai"]
 _PROBE_CONNECT_TIMEOUT_S = 10.0
 _KV_CONCURRENCY = re.compile(r'kv_cache_max_concurrency="([0-9.]+)"')
+_QUEUE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ServerInfo:
     dialect: Dialect
     listed: tuple[str, ...] = ()  # the models ``/v1/models`` listed
     announced: bool = False  # the server said its size: the limit is fixed there
+    queue_metrics: bool = False  # its /metrics counts requests running and waiting (vLLM)
 
 
 def model_label(name: str) -> str:
@@ -76,21 +79,35 @@ async def probe_server(
         _check_key(models, url, key, key_variable)
         listed = _listed(models) if models.status_code == 200 else ()
         chosen = _choose_model(url, role, model, listed)
-        size, announced = await _announced_size(http, url)
-        return ServerInfo(chosen, size, "openai", listed, announced)
+        return await _sized(http, url, ServerInfo(chosen, DEFAULT_CONCURRENCY, "openai", listed))
 
 
-async def _announced_size(http: httpx.AsyncClient, url: str) -> tuple[int, bool]:
-    """(concurrency, announced) from what an OpenAI-compatible server says of itself, if anything."""
+async def _sized(http: httpx.AsyncClient, url: str, server: ServerInfo) -> ServerInfo:
+    """``server`` with what an OpenAI-compatible server says of its size, if anything."""
     for route, field in (("/get_server_info", "max_running_requests"), ("/props", "total_slots")):
         said = _json(await _quiet_get(http, url + route)).get(field)
         if isinstance(said, int) and said > 0:
-            return said, True
+            return replace(server, concurrency=said, announced=True)
     metrics = await _quiet_get(http, url + "/metrics")
-    hint = _KV_CONCURRENCY.search(metrics.text) if metrics.status_code == 200 else None
-    if hint:
-        return max(DEFAULT_CONCURRENCY, int(float(hint.group(1)))), False
-    return DEFAULT_CONCURRENCY, False
+    text = metrics.text if metrics.status_code == 200 else ""
+    hint = _KV_CONCURRENCY.search(text)
+    start = max(DEFAULT_CONCURRENCY, int(float(hint.group(1)))) if hint else DEFAULT_CONCURRENCY
+    return replace(server, concurrency=start, queue_metrics=read_queue(text) is not None)
+
+
+def read_queue(metrics: str) -> tuple[float, float] | None:
+    """(running, waiting) from a Prometheus text that has vLLM's gauges (summed over their label sets)."""
+    counts = {name: 0.0 for name in _QUEUE_GAUGES}
+    seen = False
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in counts:
+            try:
+                counts[name] += float(line.rsplit(" ", 1)[1])
+            except ValueError:  # a line cut short: the next reading is whole
+                continue
+            seen = True
+    return (counts[_QUEUE_GAUGES[0]], counts[_QUEUE_GAUGES[1]]) if seen else None
 
 
 async def _quiet_get(http: httpx.AsyncClient, address: str) -> httpx.Response:

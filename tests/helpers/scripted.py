@@ -56,6 +56,7 @@ class ScriptedServer(LoopbackServer):
     held: list[int] = field(default_factory=list)  # requests held (this one included) as each arrived
     slot_seconds: float = 0.0  # time slots spent answering
     serves_info: bool = True  # TGI's /info; servers of other kinds have none
+    serves_queue_metrics: bool = False  # vLLM's /metrics: requests running and waiting for a slot
     # judge prompt → P(yes), or a first-token distribution of its own; None: judge prompts are refused
     judge: Callable[[str], float | dict[str, float]] | None = None
     # Every Nth chat request is answered HTTP 200 with something that is not a chat completion, the kinds
@@ -77,6 +78,8 @@ class ScriptedServer(LoopbackServer):
     _first_merge_at: float | None = None  # arrival of the first merge request: where stage 2 starts
     _stage2_slot_seconds: float = 0.0
     _admitted: list[float] = field(default_factory=list)  # when each request of the last second was admitted
+    # (arrival, slot taken, answered, kind) of every answered request, for /stats?timeline=1
+    timeline: list[tuple[float, float, float, str]] = field(default_factory=list)
 
     def routes(self, app: web.Application) -> None:
         # Requests beyond the slots wait for one, as TGI queues what exceeds max_concurrent_requests.
@@ -85,6 +88,8 @@ class ScriptedServer(LoopbackServer):
             app.router.add_get("/info", self._info)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/stats", self._stats)
+        if self.serves_queue_metrics:
+            app.router.add_get("/metrics", self._metrics)
 
     async def _stats(self, request: web.Request) -> web.Response:
         """What the server saw, for a client in another process (bench/merge.py); ?reset=1 starts over."""
@@ -97,6 +102,8 @@ class ScriptedServer(LoopbackServer):
         stats["stage2_span_s"] = (self.last_answer or 0.0) - (self._first_merge_at or 0.0)
         # From the first request to the last answer: the time the client kept the server working for.
         stats["busy_span_s"] = (self.last_answer or 0.0) - (self.first_arrival or 0.0)
+        if request.query.get("timeline"):
+            stats["timeline"] = self.timeline
         if request.query.get("reset"):
             self.requests.clear()
             self.held.clear()
@@ -105,7 +112,22 @@ class ScriptedServer(LoopbackServer):
             self.info_requests = 0
             self._first_merge_at, self._stage2_slot_seconds = None, 0.0
             self.first_arrival = self.last_answer = None
+            self.timeline.clear()
         return web.json_response(stats)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """vLLM's two scheduler gauges, as its Prometheus text writes them."""
+        labels = f'{{engine="0",model_name="{self.model_id}"}}'
+        running, waiting = min(self._holding, self.slots), max(0, self._holding - self.slots)
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {float(running)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {float(waiting)}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
 
     async def _info(self, request: web.Request) -> web.Response:
         self.info_requests += 1  # a client's probe
@@ -120,6 +142,7 @@ class ScriptedServer(LoopbackServer):
                 return refusal
         self._holding += 1
         self.held.append(self._holding)
+        arrived = time.perf_counter()
         try:
             async with self._slots:
                 started = time.perf_counter()
@@ -130,15 +153,17 @@ class ScriptedServer(LoopbackServer):
                     kind = kinds[(self._arrivals // self.malformed_every) % len(kinds)]
                     self.malformed_sent[kind] += 1
                     return malformed_answer(kind)
-                merges_before = self.requests["merge"]
+                kinds_before = self.requests.copy()
                 response = await self._answer(request)
-                if self._first_merge_at is None and self.requests["merge"] > merges_before:
+                kind = next(iter((self.requests - kinds_before).keys()), "?")
+                if self._first_merge_at is None and kind == "merge":
                     self._first_merge_at = started
                 if self.rate_per_s:  # as OpenAI's: every answer says what is left of the window
                     left = max(0, self.rate_per_s - len(self._admitted))
                     response.headers["x-ratelimit-remaining-requests"] = str(left)
                 self.last_answer = time.perf_counter()
                 self.slot_seconds += self.last_answer - started
+                self.timeline.append((arrived, started, self.last_answer, kind))
                 if self._first_merge_at is not None and started >= self._first_merge_at:
                     self._stage2_slot_seconds += self.last_answer - started
                 return response

@@ -5,9 +5,10 @@ server like TGI (``max_concurrent_requests`` slots, requests beyond them queued)
 takes no CPU time from the client under test, as a real server would not. Merges restate every source;
 scores put 0.9 on "4"; the judge says yes at 0.9. ``/stats`` reports requests, the most held at once and
 the busy span (first request to last answer).
-Run: python -m tests.helpers.slot_process SLOTS LATENCY_S [--no-info] [--rate N] (prints the URL, serves until
+Run: python -m tests.helpers.slot_process SLOTS LATENCY_S [--no-info] [--rate N] [--vllm-metrics] (prints the URL, serves until
 killed). --no-info: a vLLM-shaped server that announces nothing (no /info; the model is "scripted/slots");
---rate N: an OpenAI-shaped API admitting N requests a second, 429 with x-ratelimit-* headers beyond.
+--rate N: an OpenAI-shaped API admitting N requests a second, 429 with x-ratelimit-* headers beyond;
+--vllm-metrics: /metrics counts requests running and waiting, as vLLM's does.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ if __name__ == "__main__":
         latency_s=latency,
         judge=lambda prompt: 0.9,
         serves_info="--no-info" not in sys.argv,
+        serves_queue_metrics="--vllm-metrics" in sys.argv,
         rate_per_s=rate,
     ).start()
     print(scripted.url, flush=True)

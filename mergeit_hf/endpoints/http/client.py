@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from mergeit_hf.endpoints.base import AttemptObserver
+from mergeit_hf.endpoints.http.pools import pool_sizes
 from mergeit_hf.endpoints.http.transport import (
     failure,
     is_retryable_status,
@@ -21,7 +22,6 @@ from mergeit_hf.endpoints.http.transport import (
 )
 
 T = TypeVar("T")
-_POOL_CONNECTIONS = 8  # connections per httpx pool (``JsonHttpClient._client``)
 _DEFAULT_CONNECTIONS = 100  # httpx's own default, until a session sizes the pool
 
 
@@ -51,6 +51,11 @@ class JsonHttpClient:
     def __repr__(self) -> str:
         return f"JsonHttpClient(url={self.url!r})"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request carries (the key): for another client of the same server."""
+        return dict(self._headers)
+
     def observe(self, load: AttemptObserver) -> None:
         """Report every attempt's status, latency and rate-limit headers to ``load`` (the endpoint's limit)."""
         self.load = load
@@ -61,17 +66,19 @@ class JsonHttpClient:
         self._connections = connections
 
     def _client(self) -> httpx.AsyncClient:
-        """The next of a few clients taken in turn. httpcore's pool scans every connection it holds for each
-        request it places (its cost grows with the square of the connections: measured, one pool of 128 kept
-        a 128-slot server 0.22 busy where huggingface_hub's client reached 0.76), so the connections are
-        shared among pools of ``_POOL_CONNECTIONS`` each."""
+        """The next of a few clients taken in turn, each with a small pool (``http.pools``: one large pool's
+        cost grows with the square of its connections). Whole clients, not a ``SpreadTransport``, so that
+        each honours the environment's proxy settings."""
         if not self._pools:
-            total = self._connections or _DEFAULT_CONNECTIONS
-            count = max(1, -(-total // _POOL_CONNECTIONS))
-            each = -(-total // count)
-            limits = httpx.Limits(max_connections=each, max_keepalive_connections=each)
+            context = httpx.create_ssl_context()  # one for all (each client would build its own)
             self._pools = [
-                httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers, limits=limits) for _ in range(count)
+                httpx.AsyncClient(
+                    timeout=self._timeout_s,
+                    headers=self._headers,
+                    verify=context,
+                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                )
+                for size in pool_sizes(self._connections or _DEFAULT_CONNECTIONS)
             ]
         self._turn = (self._turn + 1) % len(self._pools)
         return self._pools[self._turn]

@@ -20,12 +20,24 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
   level is additive only.
 
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
+A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
+the limit is full doubles it at once during slow start (a round of answers takes a whole request's time);
+requests waiting there end slow start, bring the limit down to what the server runs (its capacity, when
+this client's share is all of it; less when others send too) and stop growth until they are gone. Those
+readings then stand in for the latency gradient (throttles and timeouts still cut).
+
+When more requests wait than the limit admits, the most urgent goes first (``request_priority``): what
+finishes a pair already merged (its score, the judge) before new merges, and merges before the sources'
+scores, which nothing waits on until a merge is back. Measured at 128 slots, sources scored first left the
+last second of stage 2 to a dwindling chain of merges and their scores.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
+import heapq
+import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -43,6 +55,9 @@ _LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about th
 
 #: The role of the request being sent (set by the scheduler), for latency baselines and counts by role.
 request_role: ContextVar[str] = ContextVar("request_role", default="request")
+#: How soon a waiting request is admitted: lower first (``FINISHING`` before ``NEW_WORK`` before ``LEAF``).
+request_priority: ContextVar[int] = ContextVar("request_priority", default=1)
+FINISHING, NEW_WORK, LEAF = 0, 1, 2
 
 
 @dataclass
@@ -66,7 +81,11 @@ class EndpointLoad:
     _cut_at: float | None = None  # the limit at the last throttle: growth past it is additive
     _cut_this_round: bool = False
     _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
-    _waiters: deque[asyncio.Future] = field(default_factory=deque)
+    _server_full: bool = False  # the server's last reading had requests waiting for room
+    _queue_read: bool = False  # the server counts its queue (``server_queue``)
+    # (priority, arrival, place): a heap; a place cancelled while waiting stays until it is reached
+    _waiters: list[tuple[int, int, asyncio.Future]] = field(default_factory=list)
+    _arrivals: itertools.count = field(default_factory=itertools.count)
     _stopped: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -76,29 +95,33 @@ class EndpointLoad:
     def current(self) -> int:
         return max(1, int(self.limit))
 
+    @property
+    def exploring(self) -> bool:
+        """Still in slow start: the server's capacity is not found yet."""
+        return self._slow_start and not self.fixed
+
     def stop(self, error: BaseException) -> None:
         """Admit nothing more: every request waiting or to come raises ``error`` (a refused key, model or
         parameter: every request would get the same answer)."""
         self._stopped = error
-        for waiter in self._waiters:
+        for _, _, waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(error)
         self._waiters.clear()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the limit's places for the block (a request and its retries)."""
+    async def slot(self, priority: int = NEW_WORK) -> AsyncIterator[None]:
+        """Hold one of the limit's places for the block (a request and its retries); while none is free,
+        wait behind every request of a lower ``priority`` and the earlier ones of the same."""
         if self._stopped is not None:
             raise self._stopped
         while self.in_flight >= self.current:
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
             try:
                 await waiter
             except BaseException:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake()  # woken, then cancelled: the place it was given goes to the next waiter
                 raise
         self.in_flight += 1
@@ -112,8 +135,8 @@ class EndpointLoad:
     def _wake(self) -> None:
         free = self.current - self.in_flight
         while free > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():  # skipped: one cancelled while it waited
                 waiter.set_result(None)
                 free -= 1
 
@@ -140,6 +163,22 @@ class EndpointLoad:
                 self._throttle()  # the rate window is spent: the next request would be refused
             self._observe(request_role.get(), latency_s)
 
+    def server_queue(self, running: float, waiting: float) -> None:
+        """What the server says it holds now: requests ``running`` and ``waiting`` for room (all clients')."""
+        if self.fixed:
+            return
+        self._queue_read = True
+        self._server_full = waiting > 0
+        if self._server_full:
+            # Full: what it runs is its capacity (this client's share is no more); from here latency leads.
+            self._slow_start = False
+            self.limit = max(1.0, min(self.limit, running))
+        elif self._slow_start and self.in_flight >= self.current and running >= self.in_flight:
+            # (requests still on their way are not counted there yet: a reading that misses some says nothing)
+            self.limit = min(MAX_LIMIT, self.limit * 2)
+            self.peak_limit = max(self.peak_limit, self.limit)
+            self._wake()
+
     def _observe(self, role: str, latency_s: float) -> None:
         latency_s = max(latency_s, 1e-4)
         recent = self._recent.get(role, latency_s)
@@ -158,10 +197,13 @@ class EndpointLoad:
 
     def _end_round(self) -> None:
         if not self.fixed:
-            if self._gradient < _SHRINK:
+            # A server that counts its queue says directly what latency only hints at (and latency rises
+            # with a GPU server's batch while its throughput grows): its readings replace the gradient.
+            keeps_up = not self._server_full if self._queue_read else self._gradient >= _GROW
+            if not self._queue_read and self._gradient < _SHRINK:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit * max(0.5, self._gradient / _GROW))
-            elif self._gradient >= _GROW and self._busy_at_peak:
+            elif keeps_up and self._busy_at_peak:
                 self.limit = min(MAX_LIMIT, self._grown())
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
@@ -232,3 +274,4 @@ class RequestLedger:
     def summary(self) -> str:
         by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
         return f"{self.total} ({by_role}); {self.retried} retried, {self.throttled} throttled (429/503)"
+

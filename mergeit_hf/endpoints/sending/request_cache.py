@@ -2,7 +2,9 @@
 
 A crashed ``Dataset.map`` keeps nothing (huggingface/datasets#5089); this cache keeps every answer the
 moment it arrives, so a run killed half-way and started again re-sends none of the finished requests.
-SQLite in WAL mode: each answer is one committed transaction, which survives SIGKILL.
+SQLite in WAL mode: each answer is one committed transaction, which survives SIGKILL. ``synchronous=NORMAL``
+skips the fsync of each commit (measured: 7% of the client's time in stage 2 against a 128-slot server); in
+WAL mode that still survives a killed process, and a power cut loses at most the last answers, not the file.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class RequestCache:
                 self.folder / "requests.sqlite3", timeout=60, check_same_thread=False, isolation_level=None
             )
             self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
             self._connection.execute(_SCHEMA)
 
     def get(self, key: str) -> dict[str, Any] | None:

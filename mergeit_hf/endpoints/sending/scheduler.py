@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
-from mergeit_hf.endpoints.sending.limit import EndpointLoad, request_role
+from mergeit_hf.endpoints.sending.limit import EndpointLoad, request_priority, request_role
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, payload_hash
 from mergeit_hf.errors import EndpointConfigError
 from mergeit_hf.prompts import PromptTemplate
@@ -83,7 +83,7 @@ class RequestScheduler:
         request_role.set(role)  # this task's own context: the transport counts and times it as ``role``
         self._waiting += 1
         try:
-            async with self.load.slot():
+            async with self.load.slot(request_priority.get()):
                 self._waiting -= 1
                 try:
                     if isinstance(request, list):

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
+_RECHECK_S = 0.05
 Item = TypeVar("Item")
 
 
@@ -22,12 +23,15 @@ async def map_windowed(
     again before each start: it follows an endpoint's limit as that moves); results in input order. An
     exception stops feeding, cancels what still runs and is raised."""
     size = window if callable(window) else lambda: window
+    # A window that follows a limit is read again while full, not only when a task ends: a limit that
+    # doubles in slow start would otherwise wait for a whole pair (several requests in a row) to be used.
+    recheck_s = _RECHECK_S if callable(window) else None
     results: dict[int, T] = {}
     running: dict[asyncio.Future, int] = {}
     try:
         for index, item in enumerate(items):
             while len(running) >= size():
-                await _settle(running, results)
+                await _settle(running, results, recheck_s)
             running[asyncio.ensure_future(work(item))] = index
         while running:
             await _settle(running, results)
@@ -39,7 +43,7 @@ async def map_windowed(
     return [results[i] for i in range(len(results))]
 
 
-async def _settle(running: dict[asyncio.Future, int], results: dict[int, T]) -> None:
-    done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+async def _settle(running: dict[asyncio.Future, int], results: dict[int, T], timeout_s: float | None = None) -> None:
+    done, _ = await asyncio.wait(running, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         results[running.pop(task)] = task.result()

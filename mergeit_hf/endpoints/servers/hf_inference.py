@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from mergeit_hf.endpoints.base import DEFAULT_CONCURRENCY, AttemptObserver, ChatReply, reply_from_chat_completion
+from mergeit_hf.endpoints.http.pools import SpreadTransport, proxied
 from mergeit_hf.endpoints.http.transport import failure, http_status, read_answer, retrying
 from mergeit_hf.endpoints.probe import ServerInfo, model_label
 from mergeit_hf.errors import EndpointError, MalformedAnswerError
@@ -73,14 +74,15 @@ class InferenceClientBackend:
         self._load = load
 
     async def size_pool(self, connections: int) -> None:
-        """Let ``connections`` requests be in flight at once.
+        """Let ``connections`` requests be in flight at once, spread over small pools (``http.pools``).
 
-        huggingface_hub's client keeps httpx's default pool of 100 connections, fewer than TGI's default
-        128 slots: measured, a 128-slot server then never held more than 100 requests. Before the client's
-        first request, its session is replaced by the same one (hub's request and response hooks) with a
-        pool as large as the concurrency. Where the client's internals differ, its default pool stays.
+        huggingface_hub's client keeps one httpx pool of 100 connections: fewer than TGI's default 128
+        slots, and one pool's cost grows with the square of its connections. Before the client's first
+        request, its session is replaced by the same one (hub's request and response hooks) on a
+        ``SpreadTransport``; with a proxy set in the environment (which a transport of our own would bypass)
+        it keeps one pool, grown past 100 when needed. Where the client's internals differ, its own stays.
         """
-        if connections <= _HTTPX_DEFAULT_CONNECTIONS or getattr(self._client, "_async_client", "other") is not None:
+        if getattr(self._client, "_async_client", "other") is not None:
             return
         try:
             import httpx2
@@ -88,8 +90,13 @@ class InferenceClientBackend:
         except ImportError:
             return
         hooks = {"request": [async_hf_request_event_hook], "response": [async_hf_response_event_hook]}
-        limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
-        session = httpx2.AsyncClient(event_hooks=hooks, follow_redirects=True, timeout=None, limits=limits)
+        if not proxied():
+            pools = {"transport": SpreadTransport.open(httpx2, connections)}
+        elif connections > _HTTPX_DEFAULT_CONNECTIONS:
+            pools = {"limits": httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)}
+        else:
+            return
+        session = httpx2.AsyncClient(event_hooks=hooks, follow_redirects=True, timeout=None, **pools)
         self._client._async_client = await self._client.exit_stack.enter_async_context(session)
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mergeit_hf.endpoints.base import AttemptObserver
 from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.probe import ServerInfo
+from mergeit_hf.endpoints.servers.queue_watch import QueueWatch
 
 
 class ServedBackend:
@@ -15,14 +16,23 @@ class ServedBackend:
         self.model_id = server.model
         self.default_concurrency = server.concurrency
         self.concurrency_announced = server.announced
+        self._queue_metrics = server.queue_metrics
         self._http = http
+        self._watch: QueueWatch | None = None
 
     def observe(self, load: AttemptObserver) -> None:
-        """Report every attempt to the endpoint's limit."""
+        """Report every attempt to the endpoint's limit, and (a server that counts its queue, to a limit
+        that adapts) what the server says it holds."""
         self._http.observe(load)
+        if self._queue_metrics and not getattr(load, "fixed", False) and self._watch is None:
+            self._watch = QueueWatch(self.url, self._http.headers, load)
+            self._watch.start()
 
     async def size_pool(self, connections: int) -> None:
         await self._http.size_pool(connections)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            await self._watch.aclose()
+            self._watch = None
         await self._http.aclose()

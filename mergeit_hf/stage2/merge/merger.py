@@ -11,9 +11,9 @@ reason.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sized
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad, RequestL
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, current_usage
 from mergeit_hf.endpoints.sending.sync import run_sync
+from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
 from mergeit_hf.errors import TemplateError
 from mergeit_hf.prompts import PromptTemplate
@@ -248,7 +249,8 @@ class Merger:
                 scoring, template, self.config, counts or ScoreCounts(), raw=scorer_settings is not None
             )
             judge = await self._open_judge(scorer, cache, backends, loads) if merging and self.config.judge else None
-            yield Session(cache, merges, scorer, judge, loads)
+            retention = retention_embeddings(self.config) if merging else None
+            yield Session(cache, merges, scorer, judge, loads, retention)
         finally:
             # Backends first: an answer still arriving while they close is stored before the cache shuts.
             for backend in backends:
@@ -301,7 +303,7 @@ class Merger:
             session.merges,
             session.scorer,
             templates[0],
-            retention_embeddings(config),
+            session.retention,
             config,
             complexity_scorer(session),
             session.judge,
@@ -319,28 +321,13 @@ class Merger:
 async def _merge_in_order(
     run: PairRun, pairs: Iterable[dict[str, Any]], window: int | Callable[[], int] | None, progress: Any
 ) -> list[MergeOutcome]:
-    started: list[asyncio.Future] = []
-    try:
-        if window is None:
-            started = [asyncio.ensure_future(_merge_and_track(run, pair, progress)) for pair in pairs]
-        else:
-            pending: set[asyncio.Future] = set()
-            for pair in pairs:
-                if len(pending) >= (window() if callable(window) else window):
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()  # a run-stopping error stops feeding at once
-                task = asyncio.ensure_future(_merge_and_track(run, pair, progress))
-                started.append(task)
-                pending.add(task)
-        return list(await asyncio.gather(*started))
-    except BaseException:
-        # A run-stopping error (a refused key or model, too many missing digits, Ctrl-C): stop every pair
-        # still running and read what each ended with, so asyncio has no unread exception to print.
-        for task in started:
-            task.cancel()
-        await asyncio.gather(*started, return_exceptions=True)
-        raise
+    """Every pair's outcome, in order, with up to ``window`` pairs in flight (None: all at once). A
+    run-stopping error (a refused key or model, too many missing digits, Ctrl-C) stops every pair still
+    running and is raised."""
+    everything = sys.maxsize  # a window never full
+    return await map_windowed(
+        lambda pair: _merge_and_track(run, pair, progress), pairs, everything if window is None else window
+    )
 
 
 async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) -> MergeOutcome:

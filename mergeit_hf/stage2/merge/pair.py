@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.batcher import EmbeddingBatcher
+from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, request_priority
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, read_outcome
 from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
@@ -55,6 +56,16 @@ def abandon(task: asyncio.Future) -> None:
     task.add_done_callback(read_outcome)
 
 
+T = TypeVar("T")
+
+
+async def _at(priority: int, work: Awaitable[T]) -> T:
+    """``work`` with its requests admitted at ``priority`` (``limit.request_priority``). Under ``gather``
+    this runs in a task of its own, whose context the setting does not leave."""
+    request_priority.set(priority)
+    return await work
+
+
 async def merge_one(run: PairRun, sources: list[dict[str, str]], system: str = "") -> MergeOutcome:
     """The pair's outcome. A refused key or model, or too many scores without digits, stops the run (every
     pair would fail alike); anything else that goes wrong fails this pair only, keeping the attempts made."""
@@ -73,7 +84,7 @@ async def _merge(
 ) -> MergeOutcome:
     first_merge = asyncio.ensure_future(_request_merge(run, sources, 0, system))
     try:
-        scores = await asyncio.gather(*(run.scorer.score(source) for source in sources))
+        scores = await asyncio.gather(*(_at(LEAF, run.scorer.score(source)) for source in sources))
     except BaseException:
         abandon(first_merge)
         raise
@@ -130,7 +141,9 @@ async def _attempt(
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
         return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, "", None
     score_m, retentions, verdict = await asyncio.gather(
-        run.scorer.score(merged), _retentions(run, sources, merged), _verdict(run, sources, merged)
+        _at(FINISHING, run.scorer.score(merged)),
+        _retentions(run, sources, merged),
+        _at(FINISHING, _verdict(run, sources, merged)),
     )
     unscored = MergeAttempt(seed, merged, completed_at=completed_at)
     problem = _score_problem("merged", score_m) or _judge_problem(verdict)

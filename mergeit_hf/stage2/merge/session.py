@@ -27,6 +27,8 @@ class Session:
     scorer: QualityScorer
     judge: Judge | None = None  # with ``judge``
     loads: dict[str, EndpointLoad] = field(default_factory=dict)  # each endpoint's limit and counts
+    # The retention model, loaded with the session (not per batch, nor while the first answers wait)
+    retention: EmbeddingBatcher | None = None
 
     @property
     def merge_model(self) -> str:
