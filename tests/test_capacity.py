@@ -75,10 +75,13 @@ def test_a_throttle_cuts_the_limit_once_a_round_and_growth_past_it_is_careful():
     assert load.current <= 40 + 2  # back to where the server said no, then one at a time
 
 
-def test_a_spent_rate_window_counts_as_a_throttle_and_a_fixed_limit_never_moves():
+def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():
     load = EndpointLoad("test", limit=20)
-    load.answered(200, 0.1, {"x-ratelimit-remaining-requests": "0"})
-    assert load.current == 15
+    _round(load, 0.1, headers={"x-ratelimit-remaining-requests": "0"})
+    _round(load, 0.1, headers={"x-ratelimit-remaining-requests": "0"})
+    assert load.current == 20 and load.throttled == 0  # exactly at the window: held, neither grown nor cut
+    _round(load, 0.1, headers={"x-ratelimit-remaining-requests": "7"})
+    assert 20 < load.current <= 22  # room again: growth resumes, carefully (slow start is over)
     fixed = EndpointLoad("test", limit=128, fixed=True)
     for _ in range(3):
         _round(fixed, 0.1)

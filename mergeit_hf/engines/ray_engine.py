@@ -34,7 +34,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, matrix
 from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
 from mergeit_hf.endpoints.connect import open_chat_backend
-from mergeit_hf.endpoints.sending.limit import RequestLedger
+from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
 from mergeit_hf.stage1.pairs import (
@@ -342,7 +342,9 @@ def merge_stage_ray(
     config = merger.config if share is None else _with_concurrency(merger.config, share)
     remote = ray.remote(num_cpus=0)(_MergeActor)
     workers = [
-        remote.remote(Merger(merger.endpoint, config, merger.cache_dir, merger.use_cache)) for _ in range(actors)
+        # Each actor has its share already: it must not split it again with the others on its node.
+        remote.remote(Merger(merger.endpoint, config, merger.cache_dir, merger.use_cache, share_fixed_limit=False))
+        for _ in range(actors)
     ]
     rows = todo.to_list()
     size = math.ceil(len(rows) / actors) if rows else 0

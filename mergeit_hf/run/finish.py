@@ -23,7 +23,7 @@ from mergeit_hf._version import __version__
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values
 from mergeit_hf.endpoints.probe import model_label
-from mergeit_hf.endpoints.sending.limit import RequestLedger
+from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.errors import InputError
 from mergeit_hf.inputs.loading import LoadReport
 from mergeit_hf.output.assemble import Assembly, assemble

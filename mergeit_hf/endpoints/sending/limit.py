@@ -15,9 +15,9 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
   used to (gradient ≥ 0.9) and the limit is in use, it doubles every round (slow start) until the first
   sign of load, then grows by a tenth a round;
 - when latency rises (queueing: gradient < 0.75) it shrinks in proportion;
-- a 429 or 503, a timeout, or a server that says it has no requests left in its rate window
-  (``x-ratelimit-remaining-requests: 0``) cuts it by a quarter, at most once a round, and growth past that
-  level is additive only.
+- a 429 or 503 or a timeout cuts it by a quarter, at most once a round, and growth past that level is
+  additive only; a server that says its rate window is spent (``x-ratelimit-remaining-requests: 0``, as
+  OpenAI's answers do) holds it where it is for the round: that is the limit the window allows.
 
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
 A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
@@ -37,8 +37,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ _SHRINK = 0.75  # gradient below which requests queue
 _CUT = 0.75  # the limit after a throttle, as a share of what it was
 _RECENT = 0.3  # weight of a new answer in a role's recent latency
 _LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about this many rounds
+_SENDERS_EVERY_S = 1.0
 
 #: The role of the request being sent (set by the scheduler), for latency baselines and counts by role.
 request_role: ContextVar[str] = ContextVar("request_role", default="request")
@@ -82,7 +84,14 @@ class EndpointLoad:
     _cut_this_round: bool = False
     _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
     _server_full: bool = False  # the server's last reading had requests waiting for room
+    _window_spent: bool = False  # an answer this round said the rate window has nothing left
     _queue_read: bool = False  # the server counts its queue (``server_queue``)
+    # How many processes of this machine send here now (``senders.Senders.count``): a fixed limit is split
+    # among them. Read again at most once a second, as workers start and end.
+    count_senders: Callable[[], int] | None = None
+    sharing: int = 1
+    peak_sharing: int = 1
+    _senders_read_at: float = float("-inf")
     # (priority, arrival, place): a heap; a place cancelled while waiting stays until it is reached
     _waiters: list[tuple[int, int, asyncio.Future]] = field(default_factory=list)
     _arrivals: itertools.count = field(default_factory=itertools.count)
@@ -93,7 +102,17 @@ class EndpointLoad:
 
     @property
     def current(self) -> int:
+        if self.fixed:
+            return max(1, int(self.limit) // self.sharing)
         return max(1, int(self.limit))
+
+    def _read_senders(self) -> None:
+        now = time.monotonic()
+        if self.count_senders is None or now - self._senders_read_at < _SENDERS_EVERY_S:
+            return
+        self._senders_read_at = now
+        self.sharing = self.count_senders()
+        self.peak_sharing = max(self.peak_sharing, self.sharing)
 
     @property
     def exploring(self) -> bool:
@@ -115,6 +134,7 @@ class EndpointLoad:
         wait behind every request of a lower ``priority`` and the earlier ones of the same."""
         if self._stopped is not None:
             raise self._stopped
+        self._read_senders()
         while self.in_flight >= self.current:
             waiter = asyncio.get_running_loop().create_future()
             heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
@@ -160,7 +180,10 @@ class EndpointLoad:
             self._count_answer()
         elif 200 <= status < 300:
             if headers is not None and headers.get("x-ratelimit-remaining-requests") == "0":
-                self._throttle()  # the rate window is spent: the next request would be refused
+                # The rate window is exactly spent: the limit is where it should be. Hold it (no growth this
+                # round, no more slow start); a 429 would cut it, as a refusal says it went too far.
+                self._slow_start = False
+                self._window_spent = True
             self._observe(request_role.get(), latency_s)
 
     def server_queue(self, running: float, waiting: float) -> None:
@@ -170,7 +193,7 @@ class EndpointLoad:
         self._queue_read = True
         self._server_full = waiting > 0
         if self._server_full:
-            # Full: what it runs is its capacity (this client's share is no more); from here latency leads.
+            # Full: what it runs is its capacity (this client's share is no more); from here the readings lead.
             self._slow_start = False
             self.limit = max(1.0, min(self.limit, running))
         elif self._slow_start and self.in_flight >= self.current and running >= self.in_flight:
@@ -203,12 +226,13 @@ class EndpointLoad:
             if not self._queue_read and self._gradient < _SHRINK:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit * max(0.5, self._gradient / _GROW))
-            elif keeps_up and self._busy_at_peak:
+            elif keeps_up and self._busy_at_peak and not self._window_spent:
                 self.limit = min(MAX_LIMIT, self._grown())
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
         self._answers_this_round = 0
         self._cut_this_round = False
+        self._window_spent = False
         self._busy_at_peak = self.in_flight >= self.current
 
     def _grown(self) -> float:
@@ -231,47 +255,10 @@ class EndpointLoad:
         """For the card and run.json: how the limit was set and what it reached, and what was sent."""
         how = "fixed" if self.fixed else "adaptive"
         by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
+        shared = f", shared by up to {self.peak_sharing} processes" if self.fixed and self.peak_sharing > 1 else ""
         return {
-            "concurrency": f"{how}, {int(self.peak_limit)} at most",
+            "concurrency": f"{how}, {int(self.peak_limit)} at most{shared}",
             "requests": f"{sum(self.sent.values())} ({by_role})" if by_role else "0",
             "retried": str(sum(self.retried.values())),
             "throttled (429/503)": str(self.throttled),
         }
-
-
-@dataclass
-class RequestLedger:
-    """What a run sent, over all its sessions and endpoints: attempts by role, retries, throttled answers.
-    The server's own log counts the same attempts."""
-
-    sent: Counter = field(default_factory=Counter)
-    retried: int = 0
-    throttled: int = 0
-
-    def add(self, load: EndpointLoad) -> None:
-        self.sent.update(load.sent)
-        self.retried += sum(load.retried.values())
-        self.throttled += load.throttled
-
-    def merge(self, other: RequestLedger) -> None:
-        """Add what another process (a Ray actor) sent."""
-        self.sent.update(other.sent)
-        self.retried += other.retried
-        self.throttled += other.throttled
-
-    @property
-    def total(self) -> int:
-        return sum(self.sent.values())
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "sent": self.total,
-            "by_role": dict(sorted(self.sent.items())),
-            "retried": self.retried,
-            "throttled": self.throttled,
-        }
-
-    def summary(self) -> str:
-        by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
-        return f"{self.total} ({by_role}); {self.retried} retried, {self.throttled} throttled (429/503)"
-

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
 from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
-from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad, RequestLedger
+from mergeit_hf.endpoints.sending.ledger import RequestLedger
+from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, current_usage
+from mergeit_hf.endpoints.sending.senders import Senders
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
@@ -82,6 +84,9 @@ class Merger:
         the merge model scores too).
     cache_dir: folder of the request cache; None uses ``MERGEIT_CACHE`` or ~/.cache/mergeit-hf.
     use_cache: False sends every request, keeping nothing on disk.
+    share_fixed_limit: a fixed limit (announced by the server, or ``concurrency``) is split among the
+        processes of this machine sending to the same endpoint at once (``num_proc`` workers, runs side by
+        side; counted beside the request cache). The Ray engine gives each actor its share and turns it off.
     The key is read when requests are sent, from ``MERGEIT_API_KEY`` (the scorer: ``MERGEIT_SCORER_API_KEY``),
     else ``HF_TOKEN`` or the HF login; it is never stored, logged or recorded.
     """
@@ -91,6 +96,7 @@ class Merger:
     cache_dir: str | None = None
     use_cache: bool = True
     show_progress: bool = False
+    share_fixed_limit: bool = True
     #: What this merger's sessions sent (by role, retried, throttled); not part of what ``map`` fingerprints.
     ledger: RequestLedger = field(default_factory=RequestLedger, compare=False, repr=False)
 
@@ -199,15 +205,23 @@ class Merger:
         cache: RequestCache,
         loads: dict[str, EndpointLoad],
         concurrency: int | None = None,
+        closing: list[Any] | None = None,
+        share_fixed_limit: bool = True,
     ) -> RequestScheduler:
         """Bind an opened backend to the cache and to its endpoint's limit (one per endpoint: a scorer on the
         merge endpoint's URL shares it). ``concurrency`` fixes the limit; else the server's announced size
-        fixes it, or the limit adapts from where the probe left it."""
+        fixes it, or the limit adapts from where the probe left it. What must close with the session is
+        added to ``closing``."""
+        closing = closing if closing is not None else []
         key = getattr(backend, "url", None) or f"{backend.describe()['kind']}:{backend.model_id}"
         if key not in loads:
             fixed = bool(concurrency) or backend.concurrency_announced
             start = concurrency or backend.default_concurrency
             loads[key] = EndpointLoad(backend.describe()["kind"], limit=start, fixed=fixed)
+            if share_fixed_limit and fixed and cache.folder is not None and key.startswith("http"):
+                senders = Senders(cache.folder, key)  # other processes sending here split the fixed limit
+                loads[key].count_senders = senders.count
+                closing.append(senders)
         load = loads[key]
         observe = getattr(backend, "observe", None)
         if observe is not None:
@@ -238,11 +252,15 @@ class Merger:
                 backends.append(await open_chat_backend(self.endpoint_settings(), self.config.local_model))
                 # config.concurrency fixes the merge endpoint's limit; else the server's announced size, or
                 # the adaptive limit.
-                merges = await self.open_scheduler(backends[-1], cache, loads, self.config.concurrency)
+                merges = await self.open_scheduler(
+                    backends[-1], cache, loads, self.config.concurrency, backends, self.share_fixed_limit
+                )
             scoring = merges
             if scorer_settings:
                 backends.append(await open_completion_backend(scorer_settings))
-                scoring = await self.open_scheduler(backends[-1], cache, loads)
+                scoring = await self.open_scheduler(
+                    backends[-1], cache, loads, closing=backends, share_fixed_limit=self.share_fixed_limit
+                )
             assert scoring is not None
             template = quality_template or self.templates()[1]
             scorer = QualityScorer(
@@ -267,7 +285,9 @@ class Merger:
         if settings is None:  # the scorer's model judges, by the scorer's route
             return Judge(scorer.scheduler, template, self.config, raw=scorer.raw)
         backends.append(await open_chat_backend(settings, None))
-        scheduler = await self.open_scheduler(backends[-1], cache, loads)
+        scheduler = await self.open_scheduler(
+            backends[-1], cache, loads, closing=backends, share_fixed_limit=self.share_fixed_limit
+        )
         return Judge(scheduler, template, self.config)
 
     async def merge_pairs(

@@ -1,0 +1,256 @@
+"""How requests are admitted to an endpoint: the most urgent first, a server's own queue counts (vLLM's
+/metrics) steering the adaptive limit, a window that follows the limit, and connections spread over small
+pools. Orders and counts only: no timing is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from mergeit_hf import MergeItConfig
+from mergeit_hf.endpoints.http.pools import SpreadTransport, pool_sizes
+from mergeit_hf.endpoints.probe import read_queue
+from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, NEW_WORK, START_LIMIT, EndpointLoad
+from mergeit_hf.endpoints.sending.request_cache import RequestCache
+from mergeit_hf.endpoints.sending.senders import Senders
+from mergeit_hf.endpoints.sending.window import map_windowed
+from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend
+from mergeit_hf.engines.datasets_engine import merge_stage
+from mergeit_hf.stage2.merge.merger import Merger
+from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
+from tests.helpers.scripted import ScriptedServer
+
+FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
+
+
+def test_waiting_requests_are_admitted_most_urgent_first_and_a_cancelled_one_loses_no_place():
+    load = EndpointLoad("test", limit=1, fixed=True)
+    admitted: list[str] = []
+
+    async def request(name: str, priority: int, hold: asyncio.Event) -> None:
+        async with load.slot(priority):
+            admitted.append(name)
+            await hold.wait()
+
+    async def scenario() -> None:
+        first = asyncio.Event()
+        go = asyncio.Event()
+        go.set()
+        holder = asyncio.ensure_future(request("holder", NEW_WORK, first))
+        await asyncio.sleep(0)
+        waiting = [
+            asyncio.ensure_future(request(name, priority, go))
+            for name, priority in [("source score", LEAF), ("merge", NEW_WORK), ("merged score", FINISHING)]
+        ]
+        cancelled = asyncio.ensure_future(request("cancelled", FINISHING, go))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        first.set()
+        await asyncio.gather(holder, *waiting)
+        assert cancelled.cancelled()
+
+    asyncio.run(scenario())
+    assert admitted == ["holder", "merged score", "merge", "source score"]
+    assert load.in_flight == 0
+
+
+VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:cache_config_info{block_size="16",kv_cache_max_concurrency="22.75"} 1.0
+"""
+
+
+def test_vllm_queue_gauges_are_read_and_summed_over_engines():
+    assert read_queue(VLLM_METRICS) == (5.0, 7.0)
+    assert read_queue("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.5\n") is None
+    assert read_queue("vllm:num_requests_running{} 4.0\nvllm:num_requests_waiting{} 1") == (4.0, 1.0)
+
+
+def _fill(load: EndpointLoad) -> None:
+    load.in_flight = load.current
+
+
+def test_a_server_with_room_doubles_the_limit_in_slow_start_and_a_full_one_caps_it_at_what_it_runs():
+    load = EndpointLoad("vllm")
+    _fill(load)
+    load.server_queue(running=load.in_flight, waiting=0)
+    assert load.current == 2 * START_LIMIT
+    # a reading that has not seen every request in flight yet says nothing
+    _fill(load)
+    load.server_queue(running=load.in_flight - 3, waiting=0)
+    assert load.current == 2 * START_LIMIT
+    _fill(load)
+    load.server_queue(running=load.in_flight, waiting=0)
+    assert load.current == 4 * START_LIMIT
+    load.server_queue(running=20, waiting=5)  # full: 20 run, the rest queue
+    assert load.current == 20 and not load.exploring
+    # from here the server's readings stand in for latency: slower answers do not cut the limit ...
+    load.in_flight = 0
+    for _ in range(3 * load.current):
+        load.answered(200, 5.0)
+    assert load.current == 20
+    load.server_queue(running=20, waiting=0)  # room again: growth resumes, carefully
+    for _ in range(2):
+        load.in_flight = load.current
+        for _ in range(load.current):
+            load.answered(200, 5.0)
+    assert 20 < load.current <= 26
+    # ... throttles still do, and a fixed limit ignores the readings
+    load.answered(429, 0.1)
+    assert load.current < 26
+    fixed = EndpointLoad("fixed", limit=8, fixed=True)
+    _fill(fixed)
+    fixed.server_queue(running=8, waiting=0)
+    fixed.server_queue(running=2, waiting=9)
+    assert fixed.current == 8
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return real_rows("gpteacher_roleplay.json", list(range(120)))
+
+
+def test_a_vllm_shaped_server_is_read_while_sending_and_no_longer_after(rows, tmp_path):
+    """The session reads /metrics while it sends (and the limit leaves slow start once requests wait there),
+    and stops reading when it closes."""
+    pairs = pairs_dataset(*zip(rows[0:120:2], rows[1:120:2], strict=True))
+    server = ScriptedServer(
+        *restating_scripts(rows), slots=16, latency_s=0.2, serves_info=False, serves_queue_metrics=True
+    )
+    readings = {"n": 0}
+    metrics = server._metrics
+
+    async def counted(request):
+        readings["n"] += 1
+        return await metrics(request)
+
+    server._metrics = counted  # type: ignore[method-assign]
+    server.start()
+    try:
+        config = MergeItConfig(**{**FAST.to_dict(), "model": "scripted/merge-model"})
+        merged, batch = merge_stage(pairs, Merger(endpoint=server.url, config=config, cache_dir=str(tmp_path)))
+        after_close = readings["n"]
+        asyncio.run(asyncio.sleep(0.6))
+    finally:
+        server.stop()
+    assert set(merged["merge_status"]) == {"accepted"}
+    assert after_close > 1 and readings["n"] == after_close  # read during the stage, none after
+    assert max(server.held) > 16  # the limit grew past the slots, saw requests wait, ...
+    peak = int(batch.endpoints["merge"]["concurrency"].split(", ")[1].split()[0])
+    assert peak <= 8 * 16  # ... and was brought back to what the server runs, not doubled on and on
+
+
+def test_a_window_that_follows_a_limit_starts_more_work_as_soon_as_the_limit_grows():
+    limit = {"now": 2}
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def work(item: int) -> int:
+        started.append(item)
+        await release.wait()
+        return item
+
+    async def scenario() -> list[int]:
+        task = asyncio.ensure_future(map_windowed(work, range(10), lambda: limit["now"]))
+        await asyncio.sleep(0.01)
+        assert len(started) == 2
+        limit["now"] = 6  # the limit doubled twice while nothing finished
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if len(started) == 6:
+                break
+        assert len(started) == 6
+        release.set()
+        return await task
+
+    assert asyncio.run(scenario()) == list(range(10))
+
+
+def test_connections_are_spread_over_small_pools_unless_a_proxy_is_set(monkeypatch):
+    assert pool_sizes(128) == [8] * 16
+    assert pool_sizes(20) == [7, 7, 7] and pool_sizes(1) == [1]
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def session_transport() -> object:
+        backend = InferenceClientBackend("m", None, url="http://127.0.0.1:9")
+        await backend.size_pool(128)
+        session = backend._client._async_client
+        transport = session._transport
+        await backend.aclose()
+        return transport
+
+    transport = asyncio.run(session_transport())
+    assert isinstance(transport, SpreadTransport) and transport.pools == 16
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert not isinstance(asyncio.run(session_transport()), SpreadTransport)
+
+
+def test_the_request_cache_commits_without_waiting_for_the_disk(tmp_path):
+    cache = RequestCache(tmp_path)
+    cache.put("k", {"p": 1}, {"r": 2})
+    assert cache._connection is not None
+    assert cache._connection.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL (WAL keeps it safe)
+    cache.close()
+    # committed: another connection reads it at once
+    other = sqlite3.connect(tmp_path / "requests.sqlite3")
+    assert other.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 1
+    other.close()
+
+
+def _sibling(folder, endpoint: str) -> subprocess.Popen:
+    """Another process of this machine registered as sending to ``endpoint`` (as a map worker's session is)."""
+    code = (
+        "import sys, time, pathlib; from mergeit_hf.endpoints.sending.senders import Senders; "
+        "Senders(pathlib.Path(sys.argv[1]), sys.argv[2]); print('ready', flush=True); time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder), endpoint], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    return child
+
+
+def test_senders_count_live_processes_and_forget_dead_ones(tmp_path):
+    mine = Senders(tmp_path, "http://server")
+    assert mine.count() == 1
+    sibling = _sibling(tmp_path, "http://server")
+    other_endpoint = _sibling(tmp_path, "http://elsewhere")
+    try:
+        assert mine.count() == 2
+        sibling.kill()
+        sibling.wait()
+        assert mine.count() == 1  # a killed worker's entry goes
+    finally:
+        other_endpoint.kill()
+        other_endpoint.wait()
+        asyncio.run(mine.aclose())
+
+
+def test_a_limit_the_server_announces_is_split_with_another_process_sending_to_it(rows, tmp_path):
+    """TGI-shaped, 8 slots: with a sibling process registered (a second ``num_proc`` worker), this one
+    holds at most 4 at once, and the record says the limit was shared."""
+    pairs = pairs_dataset(*zip(rows[0:80:2], rows[1:80:2], strict=True))
+    server = ScriptedServer(*restating_scripts(rows), slots=8, latency_s=0.05).start()
+    sibling = _sibling(tmp_path, server.url)
+    try:
+        merger = Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path))
+        merged, batch = merge_stage(pairs, merger)
+        alone = Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path / "alone"))
+        held_shared = max(server.held)
+        server.held.clear()
+        merge_stage(pairs, alone)
+    finally:
+        sibling.kill()
+        sibling.wait()
+        server.stop()
+    assert set(merged["merge_status"]) == {"accepted"}
+    assert held_shared <= 4 < max(server.held) <= 8
+    assert batch.endpoints["merge"]["concurrency"] == "fixed, 8 at most, shared by up to 2 processes"
