@@ -4,12 +4,16 @@ llama.cpp's ``llama-server --parallel N`` (``build_llama_server.sh``), serving S
 
 The server scores too, by raw completions (``scorer_endpoint`` = the same URL, as a user would point it):
 behind a chat template SmolLM2 puts no digit among its top logprobs and the scorer check stops the run.
+vLLM 0.32's CPU build crashes its engine ("CPU Generator does not use offset") on a seeded request whose
+prefill is chunked (every merge and score carries a seed): serve it with ``--no-enable-chunked-prefill
+--max-num-batched-tokens 4096``.
 Throughput is read from the server while the run sends: vLLM's ``/metrics`` (requests finished over the span
 in which any ran), llama-server's ``/slots`` (slot utilisation over the same span, and requests/s from the
 run's own count). Each setting starts from an empty request cache; stage 1 comes from datasets' cache after
 the first. Ratios in one run: each setting against the best fixed one.
-Run: cd bench && ../.venv/bin/python capacity_real.py --server "SERVE COMMAND" --port P [--rows 600]
-     [--fixed 8,32,96]   (the command as vllm-cpu.sh prints it, NAME and PORT filled in; or llama-server's)
+Run: cd bench && ../.venv/bin/python capacity_real.py [--server "SERVE COMMAND"] --port P [--rows 600]
+     [--fixed 8,32,96]   (the command as vllm-cpu.sh prints it, NAME and PORT filled in, or llama-server's;
+     without --server, a server already running at the port)
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ def _gauge(text: str, name: str) -> float:
 
 
 def start_server(command: str, url: str) -> subprocess.Popen:
-    server = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w", prefix="server-", suffix=".log", delete=False)
+    print(f"server log: {log.name}", file=sys.stderr)
+    server = subprocess.Popen(shlex.split(command), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while time.time() < deadline:
         try:
@@ -100,7 +106,7 @@ def run(data: Path, url: str, model: str, concurrency: int | None, folder: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="the command that serves the model")
+    parser.add_argument("--server", help="the command that serves the model (none: one already serves at --port)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--fixed", default="8,32,96", help="fixed concurrencies to scan")
@@ -109,7 +115,7 @@ def main() -> None:
     rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
     settings: dict[str, int | None] = {"default (adaptive)": None}
     settings |= {f"concurrency: {n}": int(n) for n in args.fixed.split(",")}
-    server = start_server(args.server, url)
+    server = start_server(args.server, url) if args.server else None
     try:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         results = {}
@@ -126,8 +132,9 @@ def main() -> None:
                 results[setting] = (found, sampler.busy())
                 print(f"{setting}: {found.get('error') or 'done'}", file=sys.stderr, flush=True)
     finally:
-        server.kill()
-        server.wait()
+        if server is not None:
+            server.kill()
+            server.wait()
     report(results, len(rows), model)
 
 
