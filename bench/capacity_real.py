@@ -75,9 +75,10 @@ def _gauge(text: str, name: str) -> float:
 
 
 def start_server(command: str, url: str) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile("w", prefix="server-", suffix=".log", delete=False)
-    print(f"server log: {log.name}", file=sys.stderr)
-    server = subprocess.Popen(shlex.split(command), stdout=log, stderr=subprocess.STDOUT)
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    print(f"server log: {log}", file=sys.stderr)
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen(shlex.split(command), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while time.time() < deadline:
         try:
@@ -146,9 +147,11 @@ def report(results: dict, rows: int, model: str) -> None:
         rates[setting] = counted / span if span else 0.0
     best = max((rate for setting, rate in rates.items() if setting != "default (adaptive)"), default=0.0)
     print(f"# `mergeit run` on {rows} Toolformer rows, default config, against {model}\n")
-    print("| setting | requests/s while busy | share of the best fixed | mean running | pairs failed | limit | seconds |")
+    print(
+        "| setting | requests/s while busy | share of the best fixed | mean running | pairs failed | limit | seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
-    for setting, (found, (span, mean, _)) in results.items():
+    for setting, (found, (_, mean, _)) in results.items():
         if "error" in found:
             print(f"| {setting} | error: {found['error']} | | | | | |")
             continue

@@ -5,8 +5,9 @@ server like TGI (``max_concurrent_requests`` slots, requests beyond them queued)
 takes no CPU time from the client under test, as a real server would not. Merges restate every source;
 scores put 0.9 on "4"; the judge says yes at 0.9. ``/stats`` reports requests, the most held at once and
 the busy span (first request to last answer).
-Run: python -m tests.helpers.slot_process SLOTS LATENCY_S [--no-info] [--rate N] [--vllm-metrics] (prints the URL, serves until
-killed). --no-info: a vLLM-shaped server that announces nothing (no /info; the model is "scripted/slots");
+Run: python -m tests.helpers.slot_process SLOTS LATENCY_S [--no-info] [--rate N] [--vllm-metrics] (prints the
+URL, serves until killed). --no-info: a vLLM-shaped server that announces nothing (no /info; the model is
+"scripted/slots");
 --rate N: an OpenAI-shaped API admitting N requests a second, 429 with x-ratelimit-* headers beyond;
 --vllm-metrics: /metrics counts requests running and waiting, as vLLM's does.
 """
