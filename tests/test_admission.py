@@ -12,13 +12,15 @@ import sys
 import pytest
 
 from mergeit_hf import MergeItConfig
+from mergeit_hf.endpoints.http.client import JsonHttpClient
 from mergeit_hf.endpoints.http.pools import SpreadTransport, pool_sizes
-from mergeit_hf.endpoints.probe import read_queue
+from mergeit_hf.endpoints.probe import ServerInfo, read_queue
 from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, NEW_WORK, START_LIMIT, EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
 from mergeit_hf.endpoints.sending.senders import Senders
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend
+from mergeit_hf.endpoints.servers.served import ServedBackend
 from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.stage2.merge.merger import Merger
 from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
@@ -59,6 +61,34 @@ def test_waiting_requests_are_admitted_most_urgent_first_and_a_cancelled_one_los
     assert load.in_flight == 0
 
 
+def test_a_freed_place_goes_to_the_waiter_it_wakes_not_to_a_newcomer_and_back_if_that_one_is_cancelled():
+    load = EndpointLoad("test", limit=1, fixed=True)
+    admitted: list[str] = []
+
+    async def request(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
+        async with load.slot(priority):
+            admitted.append(name)
+            if hold is not None:
+                await hold.wait()
+
+    async def scenario() -> None:
+        holding = load.slot(NEW_WORK)
+        await holding.__aenter__()  # this coroutine holds the only place
+        woken_then_cancelled = asyncio.ensure_future(request("cancelled after waking", FINISHING))
+        second = asyncio.ensure_future(request("merge", NEW_WORK))
+        await asyncio.sleep(0)  # both wait
+        await holding.__aexit__(None, None, None)  # the place is handed to the most urgent waiter ...
+        assert load.in_flight == 1
+        newcomer = asyncio.ensure_future(request("newcomer", LEAF))  # ... and no newcomer may take it
+        woken_then_cancelled.cancel()  # woken, then cancelled before it used the place: it goes on
+        await asyncio.gather(second, newcomer, return_exceptions=True)
+        assert woken_then_cancelled.cancelled()
+
+    asyncio.run(scenario())
+    assert admitted == ["merge", "newcomer"]
+    assert load.in_flight == 0 and load._queued == 0
+
+
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 3.0
@@ -79,7 +109,7 @@ def _fill(load: EndpointLoad) -> None:
     load.in_flight = load.current
 
 
-def test_a_server_with_room_doubles_the_limit_in_slow_start_and_a_full_one_caps_it_at_what_it_runs():
+def test_a_server_with_room_doubles_the_limit_in_slow_start_and_a_full_one_caps_it_at_its_share():
     load = EndpointLoad("vllm")
     _fill(load)
     load.server_queue(running=load.in_flight, waiting=0)
@@ -91,7 +121,11 @@ def test_a_server_with_room_doubles_the_limit_in_slow_start_and_a_full_one_caps_
     _fill(load)
     load.server_queue(running=load.in_flight, waiting=0)
     assert load.current == 4 * START_LIMIT
-    load.server_queue(running=20, waiting=5)  # full: 20 run, the rest queue
+    load.in_flight = 30
+    load.server_queue(running=0, waiting=30)  # a server still starting: nothing to learn
+    load.server_queue(running=20, waiting=10)  # one reading with requests waiting: vLLM's next step may take them
+    assert load.current == 4 * START_LIMIT and load.exploring
+    load.server_queue(running=20, waiting=10)  # full twice: this client's share of what runs
     assert load.current == 20 and not load.exploring
     # from here the server's readings stand in for latency: slower answers do not cut the limit ...
     load.in_flight = 0
@@ -111,7 +145,38 @@ def test_a_server_with_room_doubles_the_limit_in_slow_start_and_a_full_one_caps_
     _fill(fixed)
     fixed.server_queue(running=8, waiting=0)
     fixed.server_queue(running=2, waiting=9)
+    fixed.server_queue(running=2, waiting=9)
     assert fixed.current == 8
+
+
+def test_another_client_on_the_server_leaves_this_one_its_share_not_the_whole():
+    load = EndpointLoad("vllm", limit=64)
+    load.in_flight = 40  # of 100 at the server: 60 run, 40 wait (this client's 40 spread over both)
+    load.server_queue(running=60, waiting=40)
+    load.server_queue(running=60, waiting=40)
+    assert load.current == 24  # 40 × 60 / 100
+
+
+def test_one_queue_watcher_per_endpoint_limit_however_many_backends_share_it():
+    async def scenario() -> list[bool]:
+        load = EndpointLoad("vllm")
+        server = ServerInfo("m", 8, "openai", queue_metrics=True)
+        backends = [
+            ServedBackend(
+                "http://127.0.0.1:9",
+                server,
+                JsonHttpClient("http://127.0.0.1:9", None, timeout_s=1, attempts=1, key_variable="K"),
+            )
+            for _ in range(3)
+        ]
+        for backend in backends:
+            backend.observe(load)
+        watching = [backend._watch is not None for backend in backends]
+        for backend in backends:
+            await backend.aclose()
+        return watching
+
+    assert asyncio.run(scenario()) == [True, False, False]
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +185,9 @@ def rows():
 
 
 def test_a_vllm_shaped_server_is_read_while_sending_and_no_longer_after(rows, tmp_path):
-    """The session reads /metrics while it sends (and the limit leaves slow start once requests wait there),
-    and stops reading when it closes."""
-    pairs = pairs_dataset(*zip(rows[0:120:2], rows[1:120:2], strict=True))
+    """The session reads /metrics while it sends (the limit leaves slow start once requests wait there),
+    and its watcher has ended when the session closes."""
+    pairs = pairs_dataset(*zip(rows[0:120:2], rows[1:120:2], strict=True)).to_list()
     server = ScriptedServer(
         *restating_scripts(rows), slots=16, latency_s=0.2, serves_info=False, serves_queue_metrics=True
     )
@@ -135,15 +200,22 @@ def test_a_vllm_shaped_server_is_read_while_sending_and_no_longer_after(rows, tm
 
     server._metrics = counted  # type: ignore[method-assign]
     server.start()
+    config = MergeItConfig(**{**FAST.to_dict(), "model": "scripted/merge-model"})
+    merger = Merger(endpoint=server.url, config=config, cache_dir=str(tmp_path))
+
+    async def scenario():
+        async with merger.session() as session:
+            batch = await merger.merge_with(session, pairs, merger.templates(), window="auto")
+            watch = session.merges.backend._watch
+            task = watch._task
+        return batch, task
+
     try:
-        config = MergeItConfig(**{**FAST.to_dict(), "model": "scripted/merge-model"})
-        merged, batch = merge_stage(pairs, Merger(endpoint=server.url, config=config, cache_dir=str(tmp_path)))
-        after_close = readings["n"]
-        asyncio.run(asyncio.sleep(0.6))
+        batch, task = asyncio.run(scenario())
     finally:
         server.stop()
-    assert set(merged["merge_status"]) == {"accepted"}
-    assert after_close > 1 and readings["n"] == after_close  # read during the stage, none after
+    assert {o.status for o in batch.outcomes} == {"accepted"}
+    assert readings["n"] > 1 and task.done()  # read during the stage; the watcher ended with the session
     assert max(server.held) > 16  # the limit grew past the slots, saw requests wait, ...
     peak = int(batch.endpoints["merge"]["concurrency"].split(", ")[1].split()[0])
     assert peak <= 8 * 16  # ... and was brought back to what the server runs, not doubled on and on
@@ -228,6 +300,13 @@ def test_senders_count_live_processes_and_forget_dead_ones(tmp_path):
         sibling.kill()
         sibling.wait()
         assert mine.count() == 1  # a killed worker's entry goes
+        late = _sibling(tmp_path, "http://server")
+        assert mine.count() == 2
+        with sqlite3.connect(tmp_path / "senders.sqlite3") as db:  # it has sent nothing for a minute
+            db.execute("UPDATE senders SET seen = seen - 60 WHERE pid = ?", (late.pid,))
+        assert mine.count() == 1  # a live process that stopped sending takes no share
+        late.kill()
+        late.wait()
     finally:
         other_endpoint.kill()
         other_endpoint.wait()

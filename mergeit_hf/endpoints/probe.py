@@ -100,11 +100,15 @@ def read_queue(metrics: str) -> tuple[float, float] | None:
     counts = {name: 0.0 for name in _QUEUE_GAUGES}
     seen = False
     for line in metrics.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in counts:
+        name, _, rest = line.partition("{")
+        if "}" in rest:  # labels, then the value (and perhaps a timestamp)
+            rest = rest.split("}", 1)[1]
+        else:
+            name, _, rest = line.partition(" ")
+        if name.strip() in counts and rest.split():
             try:
-                counts[name] += float(line.rsplit(" ", 1)[1])
-            except ValueError:  # a line cut short: the next reading is whole
+                counts[name.strip()] += float(rest.split()[0])
+            except ValueError:
                 continue
             seen = True
     return (counts[_QUEUE_GAUGES[0]], counts[_QUEUE_GAUGES[1]]) if seen else None

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from mergeit_hf.endpoints.base import AttemptObserver
-from mergeit_hf.endpoints.http.pools import pool_sizes
+from mergeit_hf.endpoints.http.pools import pool_limits, pool_sizes
 from mergeit_hf.endpoints.http.transport import (
     failure,
     is_retryable_status,
@@ -76,7 +76,7 @@ class JsonHttpClient:
                     timeout=self._timeout_s,
                     headers=self._headers,
                     verify=context,
-                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                    limits=pool_limits(httpx, size),
                 )
                 for size in pool_sizes(self._connections or _DEFAULT_CONNECTIONS)
             ]

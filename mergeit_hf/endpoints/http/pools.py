@@ -1,9 +1,11 @@
 """Connections to one server spread over small httpx pools.
 
 httpcore's pool scans every connection it holds for each request it places and each response it closes, so
-its cost grows with the square of its connections. Measured through ``mergeit run``: one pool of 128 kept a
-128-slot server 0.15 busy where pools of 8 reached 0.71 (``bench/capacity.py``). Our own client holds several
-httpx clients (``JsonHttpClient``); huggingface_hub's holds one, given a ``SpreadTransport``.
+its cost grows with the square of its connections. Measured through ``mergeit run`` (``bench/capacity.py``):
+one pool of 128 kept a 128-slot server 0.15 busy where pools of 8 reached 0.71. Our own client holds several
+httpx clients (``JsonHttpClient``); huggingface_hub's holds one, given a ``SpreadTransport``. Requests are
+dealt to the pools in turn, and each pool may open twice its share (``pool_limits``), so one that drew
+long requests does not hold a request the endpoint's limit admitted waiting for a connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def pool_sizes(connections: int) -> list[int]:
     """``connections`` shared among pools of at most ``POOL_CONNECTIONS`` each, as evenly as they go."""
     count = max(1, -(-connections // POOL_CONNECTIONS))
     return [-(-connections // count)] * count
+
+
+def pool_limits(httpx_module: ModuleType, size: int) -> Any:
+    """httpx limits for a pool taking ``size`` of the connections, with as many again to spare."""
+    return httpx_module.Limits(max_connections=2 * size, max_keepalive_connections=size)
 
 
 def proxied() -> bool:
@@ -42,9 +49,7 @@ class SpreadTransport:
         otherwise build its own, some milliseconds each)."""
         context = httpx_module.create_ssl_context()
         transports = [
-            httpx_module.AsyncHTTPTransport(
-                verify=context, limits=httpx_module.Limits(max_connections=size, max_keepalive_connections=size)
-            )
+            httpx_module.AsyncHTTPTransport(verify=context, limits=pool_limits(httpx_module, size))
             for size in pool_sizes(connections)
         ]
         return cls(transports)

@@ -22,9 +22,9 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
 A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
 the limit is full doubles it at once during slow start (a round of answers takes a whole request's time);
-requests waiting there end slow start, bring the limit down to what the server runs (its capacity, when
-this client's share is all of it; less when others send too) and stop growth until they are gone. Those
-readings then stand in for the latency gradient (throttles and timeouts still cut).
+requests waiting there (in two readings running) end slow start, bring the limit down to this client's
+share of what the server runs and stop growth until they are gone. Recent readings stand in for the
+latency gradient (throttles and timeouts still cut); without them for two seconds, latency leads again.
 
 When more requests wait than the limit admits, the most urgent goes first (``request_priority``): what
 finishes a pair already merged (its score, the judge) before new merges, and merges before the sources'
@@ -54,12 +54,13 @@ _CUT = 0.75  # the limit after a throttle, as a share of what it was
 _RECENT = 0.3  # weight of a new answer in a role's recent latency
 _LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about this many rounds
 _SENDERS_EVERY_S = 1.0
+_QUEUE_READING_S = 2.0  # a queue reading older than this is stale: latency leads again
 
 #: The role of the request being sent (set by the scheduler), for latency baselines and counts by role.
 request_role: ContextVar[str] = ContextVar("request_role", default="request")
 #: How soon a waiting request is admitted: lower first (``FINISHING`` before ``NEW_WORK`` before ``LEAF``).
-request_priority: ContextVar[int] = ContextVar("request_priority", default=1)
 FINISHING, NEW_WORK, LEAF = 0, 1, 2
+request_priority: ContextVar[int] = ContextVar("request_priority", default=NEW_WORK)
 
 
 @dataclass
@@ -85,7 +86,8 @@ class EndpointLoad:
     _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
     _server_full: bool = False  # the server's last reading had requests waiting for room
     _window_spent: bool = False  # an answer this round said the rate window has nothing left
-    _queue_read: bool = False  # the server counts its queue (``server_queue``)
+    _queue_read_at: float = float("-inf")  # when the server last counted its queue (``server_queue``)
+    watched: bool = False  # a watcher reads the server's queue for this limit (one per endpoint)
     # How many processes of this machine send here now (``senders.Senders.count``): a fixed limit is split
     # among them. Read again at most once a second, as workers start and end.
     count_senders: Callable[[], int] | None = None
@@ -95,6 +97,7 @@ class EndpointLoad:
     # (priority, arrival, place): a heap; a place cancelled while waiting stays until it is reached
     _waiters: list[tuple[int, int, asyncio.Future]] = field(default_factory=list)
     _arrivals: itertools.count = field(default_factory=itertools.count)
+    _queued: int = 0  # waiters not yet woken nor cancelled
     _stopped: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -127,24 +130,22 @@ class EndpointLoad:
             if not waiter.done():
                 waiter.set_exception(error)
         self._waiters.clear()
+        self._queued = 0
 
     @asynccontextmanager
     async def slot(self, priority: int = NEW_WORK) -> AsyncIterator[None]:
         """Hold one of the limit's places for the block (a request and its retries); while none is free,
-        wait behind every request of a lower ``priority`` and the earlier ones of the same."""
+        wait behind every request of a lower ``priority`` and the earlier ones of the same.
+
+        A freed place is handed to the waiter it wakes (counted in flight at once), and a newcomer queues
+        while anyone waits, so no request that arrives later takes the place of one woken earlier."""
         if self._stopped is not None:
             raise self._stopped
         self._read_senders()
-        while self.in_flight >= self.current:
-            waiter = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._wake()  # woken, then cancelled: the place it was given goes to the next waiter
-                raise
-        self.in_flight += 1
+        if self.in_flight >= self.current or self._queued:
+            await self._wait_for_place(priority)
+        else:
+            self.in_flight += 1
         self._busy_at_peak |= self.in_flight >= self.current
         try:
             yield
@@ -152,13 +153,30 @@ class EndpointLoad:
             self.in_flight -= 1
             self._wake()
 
+    async def _wait_for_place(self, priority: int) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
+        self._queued += 1
+        try:
+            await waiter
+        except BaseException:
+            if waiter.cancelled():
+                self._queued -= 1  # cancelled while it waited: ``_wake`` skips it
+            elif waiter.exception() is None:
+                self.in_flight -= 1  # given a place, then cancelled before using it: the next waiter's
+                self._wake()
+            raise
+        if self._stopped is not None:  # stopped after this one was woken
+            self.in_flight -= 1
+            raise self._stopped
+
     def _wake(self) -> None:
-        free = self.current - self.in_flight
-        while free > 0 and self._waiters:
+        while self.in_flight < self.current and self._waiters:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():  # skipped: one cancelled while it waited
+                self._queued -= 1
+                self.in_flight += 1
                 waiter.set_result(None)
-                free -= 1
 
     # -- what the transport reports of each attempt ---------------------------------------------------------
 
@@ -170,6 +188,7 @@ class EndpointLoad:
 
     def answered(self, status: int | None, latency_s: float, headers: Mapping[str, str] | None = None) -> None:
         """One attempt's outcome: its HTTP status (None: no answer, a timeout or dropped connection)."""
+        self._read_senders()  # (also while long requests run and no new one asks for a place)
         if status in (429, 503):
             self.throttled += 1
             self._throttle()
@@ -188,19 +207,26 @@ class EndpointLoad:
 
     def server_queue(self, running: float, waiting: float) -> None:
         """What the server says it holds now: requests ``running`` and ``waiting`` for room (all clients')."""
-        if self.fixed:
-            return
-        self._queue_read = True
-        self._server_full = waiting > 0
-        if self._server_full:
-            # Full: what it runs is its capacity (this client's share is no more); from here the readings lead.
+        if self.fixed or running <= 0:
+            return  # (a server that runs nothing yet is starting: its queue says nothing of its size)
+        full_before, self._server_full = self._server_full, waiting > 0
+        self._queue_read_at = time.monotonic()
+        if self._server_full and full_before:
+            # Full in two readings running (vLLM holds new arrivals as waiting until its next step): this
+            # client's share of what runs is its place, as its requests are spread over running and waiting.
             self._slow_start = False
-            self.limit = max(1.0, min(self.limit, running))
-        elif self._slow_start and self.in_flight >= self.current and running >= self.in_flight:
-            # (requests still on their way are not counted there yet: a reading that misses some says nothing)
+            share = self.in_flight * running / (running + waiting)
+            self.limit = max(1.0, min(self.limit, share))
+        # (a reading that has not seen every request sent yet says nothing of the room left)
+        elif not self._server_full and self._slow_start and self.current <= self.in_flight <= running:
             self.limit = min(MAX_LIMIT, self.limit * 2)
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
+
+    @property
+    def _queue_read(self) -> bool:
+        """A reading of the server's queue is recent: it stands in for the latency gradient."""
+        return time.monotonic() - self._queue_read_at < _QUEUE_READING_S
 
     def _observe(self, role: str, latency_s: float) -> None:
         latency_s = max(latency_s, 1e-4)

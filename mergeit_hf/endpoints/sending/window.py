@@ -8,12 +8,13 @@ start, so the server's slots stay busy without the backlog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
-_RECHECK_S = 0.05
 Item = TypeVar("Item")
+_RECHECK_S = 0.05
 
 
 async def map_windowed(
@@ -23,18 +24,27 @@ async def map_windowed(
     again before each start: it follows an endpoint's limit as that moves); results in input order. An
     exception stops feeding, cancels what still runs and is raised."""
     size = window if callable(window) else lambda: window
-    # A window that follows a limit is read again while full, not only when a task ends: a limit that
-    # doubles in slow start would otherwise wait for a whole pair (several requests in a row) to be used.
+    # A window that follows a limit is read again every ``_RECHECK_S`` while full, not only when a task
+    # ends: a limit doubling in slow start would otherwise wait for a whole pair (several requests in a row).
     recheck_s = _RECHECK_S if callable(window) else None
     results: dict[int, T] = {}
     running: dict[asyncio.Future, int] = {}
+    finished: list[asyncio.Future] = []
+    ended = asyncio.Event()  # set by each task's end: one wait, however many tasks run
+
+    def on_end(task: asyncio.Future) -> None:
+        finished.append(task)
+        ended.set()
+
     try:
         for index, item in enumerate(items):
             while len(running) >= size():
-                await _settle(running, results, recheck_s)
-            running[asyncio.ensure_future(work(item))] = index
+                await _settle(running, results, finished, ended, recheck_s)
+            task = asyncio.ensure_future(work(item))
+            running[task] = index
+            task.add_done_callback(on_end)
         while running:
-            await _settle(running, results)
+            await _settle(running, results, finished, ended, None)
     except BaseException:
         for task in running:
             task.cancel()
@@ -43,7 +53,18 @@ async def map_windowed(
     return [results[i] for i in range(len(results))]
 
 
-async def _settle(running: dict[asyncio.Future, int], results: dict[int, T], timeout_s: float | None = None) -> None:
-    done, _ = await asyncio.wait(running, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+async def _settle(
+    running: dict[asyncio.Future, int],
+    results: dict[int, T],
+    finished: list[asyncio.Future],
+    ended: asyncio.Event,
+    timeout_s: float | None,
+) -> None:
+    """Collect the tasks that ended (raising the first error), after waiting for one if none has."""
+    if not finished:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ended.wait(), timeout_s)
+    ended.clear()
+    done, finished[:] = list(finished), []
     for task in done:
         results[running.pop(task)] = task.result()

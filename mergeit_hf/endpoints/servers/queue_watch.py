@@ -20,7 +20,9 @@ EXPLORING_EVERY_S = 0.05  # while the limit doubles at each reading: from 8 to 1
 
 
 class QueueWatch:
-    """Reads ``url/metrics`` every ``EVERY_S`` while ``load`` has requests in flight, and tells it."""
+    """Reads ``url/metrics`` while ``load`` has requests in flight (every ``EXPLORING_EVERY_S`` while the
+    limit is in slow start, else every ``EVERY_S``), and tells it. Advisory: a failed reading is skipped
+    (the limit falls back on latency when readings stop), and nothing here fails a request or the run."""
 
     def __init__(self, url: str, headers: dict[str, str], load: AttemptObserver) -> None:
         self._url = url + "/metrics"
@@ -39,15 +41,15 @@ class QueueWatch:
                     continue  # idle between batches: nothing to learn
                 try:
                     response = await http.get(self._url)
-                except httpx.HTTPError:
-                    continue  # advisory only: the requests themselves report what matters
-                queue = read_queue(response.text) if response.status_code == 200 else None
-                if queue is not None:
-                    self._load.server_queue(*queue)
+                    queue = read_queue(response.text) if response.status_code == 200 else None
+                    if queue is not None:
+                        self._load.server_queue(*queue)
+                except Exception:  # advisory only: the requests themselves report what matters
+                    continue
 
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None

@@ -24,7 +24,9 @@ class ServedBackend:
         """Report every attempt to the endpoint's limit, and (a server that counts its queue, to a limit
         that adapts) what the server says it holds."""
         self._http.observe(load)
-        if self._queue_metrics and not getattr(load, "fixed", False) and self._watch is None:
+        # One watcher per limit: a scorer or judge on the same server shares it (and its readings).
+        if self._queue_metrics and not getattr(load, "fixed", False) and not getattr(load, "watched", True):
+            load.watched = True  # type: ignore[attr-defined]
             self._watch = QueueWatch(self.url, self._http.headers, load)
             self._watch.start()
 

@@ -267,8 +267,7 @@ class Merger:
                 scoring, template, self.config, counts or ScoreCounts(), raw=scorer_settings is not None
             )
             judge = await self._open_judge(scorer, cache, backends, loads) if merging and self.config.judge else None
-            retention = retention_embeddings(self.config) if merging else None
-            yield Session(cache, merges, scorer, judge, loads, retention)
+            yield Session(cache, merges, scorer, judge, loads)
         finally:
             # Backends first: an answer still arriving while they close is stored before the cache shuts.
             for backend in backends:
@@ -319,6 +318,8 @@ class Merger:
         """``merge_pairs`` in a session already open (one kept across ``map`` batches)."""
         config = self.config
         assert session.merges is not None
+        if session.retention is None:  # loaded once per session, before the first request of its first batch
+            session.retention = retention_embeddings(config)
         run = PairRun(
             session.merges,
             session.scorer,

@@ -98,7 +98,9 @@ async def _merge(
     incomplete = sum(not s.complete for s in scores)
     requests = 0
     for gate_attempt in range(run.config.gate_retries + 1):
-        merge = first_merge if gate_attempt == 0 else _request_merge(run, sources, gate_attempt, system)
+        # A re-merge finishes a pair under way: it goes before new pairs' merges (in a task of its own context)
+        retry = _request_merge(run, sources, gate_attempt, system) if gate_attempt else None
+        merge = first_merge if retry is None else asyncio.ensure_future(_at(FINISHING, retry))
         attempt, sent, problem, score_m = await _attempt(run, sources, merge, gate_attempt)
         requests += sent
         if problem:
@@ -118,7 +120,7 @@ async def with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], 
     """Deita's complexity of the sources and the merge, for information: a complexity that cannot be scored
     leaves the columns empty and says so in the reason; the gate's decision stands."""
     assert outcome.merged is not None
-    scores = await asyncio.gather(*(scorer.score(row) for row in [*sources, outcome.merged]))
+    scores = await asyncio.gather(*(_at(FINISHING, scorer.score(row)) for row in [*sources, outcome.merged]))
     for label, score in zip([*SIDES[: len(sources)], "merged"], scores, strict=True):
         problem = _score_problem(label, score, "complexity")
         if problem:

@@ -27,7 +27,8 @@ class Session:
     scorer: QualityScorer
     judge: Judge | None = None  # with ``judge``
     loads: dict[str, EndpointLoad] = field(default_factory=dict)  # each endpoint's limit and counts
-    # The retention model, loaded with the session (not per batch, nor while the first answers wait)
+    # The retention model: loaded by the session's first merge call (not per batch, nor while the first
+    # answers wait, nor by a session that only checks the endpoints)
     retention: EmbeddingBatcher | None = None
 
     @property
