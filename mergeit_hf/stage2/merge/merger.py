@@ -199,26 +199,24 @@ class Merger:
     def open_cache(self) -> RequestCache:
         return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
 
-    @staticmethod
     async def open_scheduler(
+        self,
         backend: ChatBackend | CompletionEndpointBackend,
         cache: RequestCache,
         loads: dict[str, EndpointLoad],
+        closing: list[Any],
         concurrency: int | None = None,
-        closing: list[Any] | None = None,
-        share_fixed_limit: bool = True,
     ) -> RequestScheduler:
         """Bind an opened backend to the cache and to its endpoint's limit (one per endpoint: a scorer on the
         merge endpoint's URL shares it). ``concurrency`` fixes the limit; else the server's announced size
-        fixes it, or the limit adapts from where the probe left it. What must close with the session is
-        added to ``closing``."""
-        closing = closing if closing is not None else []
+        fixes it, or the limit adapts from where the probe left it. What must close with the session (the
+        endpoint's place among this machine's senders) is added to ``closing``."""
         key = getattr(backend, "url", None) or f"{backend.describe()['kind']}:{backend.model_id}"
         if key not in loads:
             fixed = bool(concurrency) or backend.concurrency_announced
             start = concurrency or backend.default_concurrency
             loads[key] = EndpointLoad(backend.describe()["kind"], limit=start, fixed=fixed)
-            if share_fixed_limit and fixed and cache.folder is not None and key.startswith("http"):
+            if self.share_fixed_limit and fixed and cache.folder is not None and key.startswith("http"):
                 senders = Senders(cache.folder, key)  # other processes sending here split the fixed limit
                 loads[key].count_senders = senders.count
                 closing.append(senders)
@@ -252,15 +250,11 @@ class Merger:
                 backends.append(await open_chat_backend(self.endpoint_settings(), self.config.local_model))
                 # config.concurrency fixes the merge endpoint's limit; else the server's announced size, or
                 # the adaptive limit.
-                merges = await self.open_scheduler(
-                    backends[-1], cache, loads, self.config.concurrency, backends, self.share_fixed_limit
-                )
+                merges = await self.open_scheduler(backends[-1], cache, loads, backends, self.config.concurrency)
             scoring = merges
             if scorer_settings:
                 backends.append(await open_completion_backend(scorer_settings))
-                scoring = await self.open_scheduler(
-                    backends[-1], cache, loads, closing=backends, share_fixed_limit=self.share_fixed_limit
-                )
+                scoring = await self.open_scheduler(backends[-1], cache, loads, backends)
             assert scoring is not None
             template = quality_template or self.templates()[1]
             scorer = QualityScorer(
@@ -284,9 +278,7 @@ class Merger:
         if settings is None:  # the scorer's model judges, by the scorer's route
             return Judge(scorer.scheduler, template, self.config, raw=scorer.raw)
         backends.append(await open_chat_backend(settings, None))
-        scheduler = await self.open_scheduler(
-            backends[-1], cache, loads, closing=backends, share_fixed_limit=self.share_fixed_limit
-        )
+        scheduler = await self.open_scheduler(backends[-1], cache, loads, backends)
         return Judge(scheduler, template, self.config)
 
     async def merge_pairs(
