@@ -23,10 +23,8 @@ from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend
 from mergeit_hf.endpoints.servers.served import ServedBackend
 from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.stage2.merge.merger import Merger
-from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
+from tests.helpers.pairs import FAST, pairs_dataset, real_rows, restating_scripts
 from tests.helpers.scripted import ScriptedServer
-
-FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 
 
 def test_waiting_requests_are_admitted_most_urgent_first_and_a_cancelled_one_loses_no_place():

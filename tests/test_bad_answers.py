@@ -34,10 +34,8 @@ from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.prefilter import UNSCORED_REASON, prefilter
 from mergeit_hf.stage2.retention.measure import RetentionTexts
 from tests.conftest import shared
-from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restating_scripts
+from tests.helpers.pairs import FAST, cli_run, pairs_dataset, real_rows, restating_scripts
 from tests.helpers.scripted import MALFORMED, ScriptedServer, peaked
-
-FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,8 @@ from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoring
 from mergeit_hf.run import pipeline
 from mergeit_hf.stage2.merge.merger import Merger
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
+from tests.helpers.pairs import FAST, pairs_dataset, real_rows, restating_scripts
 from tests.helpers.scripted import ScriptedServer, peaked
-
-FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 
 
 def _round(load: EndpointLoad, latency_s: float, status: int = 200, headers: dict | None = None) -> None:

@@ -30,9 +30,8 @@ from mergeit_hf.errors import EndpointConfigError, EndpointError
 from mergeit_hf.stage2.merge.answer import MERGE_SCHEMA
 from mergeit_hf.stage2.merge.merger import Merger
 from tests.helpers.dialects import FAULTS, DialectServer
-from tests.helpers.pairs import cli_run, pairs_dataset, real_rows, restating_scripts
+from tests.helpers.pairs import FAST, cli_run, pairs_dataset, real_rows, restating_scripts
 
-FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 KEY = "sk-canary-0123456789abcdef"
 SERVED = "Qwen/Qwen2.5-1.5B-Instruct"
 

@@ -19,11 +19,10 @@ from mergeit_hf.engines.datasets_engine import merge_stage
 from mergeit_hf.errors import ConfigError, InputError
 from mergeit_hf.stage2.merge.merger import Merger
 from tests.conftest import shared
-from tests.helpers.pairs import pairs_dataset, real_rows, restating_scripts
+from tests.helpers.pairs import FAST, pairs_dataset, real_rows, restating_scripts
 from tests.helpers.scripted import ScriptedServer
 
 SLOTS = 8
-NO_RETENTION = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,11 @@ def test_the_stream_keeps_every_slot_busy_where_map_batches_drain(many_pairs, tm
     pairs, rows = many_pairs
     server = _slot_server(rows)
     try:
-        stream_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "a"))
+        stream_merger = Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path / "a"))
         stream = run_sync(stream_merger.merge_pairs(iter(pairs), window="auto", total=len(pairs))).stats
         held = list(server.held)
         merged, rerun = merge_stage(pairs, stream_merger)  # the CLI's path: the same stream, from the cache
-        batches_merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path / "b"))
+        batches_merger = Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path / "b"))
         batches = [
             run_sync(batches_merger.merge_pairs(pairs.select(range(i, i + 6)).to_list())).stats for i in range(0, 60, 6)
         ]
@@ -67,7 +66,7 @@ def test_a_tgi_sized_endpoint_gets_all_its_slots(many_pairs, tmp_path):
     pairs, rows = many_pairs
     server = _slot_server(rows, slots=128, latency_s=1.0)
     try:
-        merger = Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path))
+        merger = Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path))
         merge_stage(pairs, merger)  # 60 pairs: 180 requests are ready at once (a merge and two scores each)
     finally:
         server.stop()
@@ -81,7 +80,7 @@ def test_retention_can_be_left_out_but_never_silently(many_pairs, tmp_path):
     server = _slot_server(rows)
     try:
         merged, _ = merge_stage(
-            pairs.select(range(3)), Merger(endpoint=server.url, config=NO_RETENTION, cache_dir=str(tmp_path))
+            pairs.select(range(3)), Merger(endpoint=server.url, config=FAST, cache_dir=str(tmp_path))
         )
     finally:
         server.stop()

@@ -7,8 +7,12 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from mergeit_hf import MergeItConfig
 from mergeit_hf.stage1.pairs import PAIR_FEATURES
 from tests.conftest import shared
+
+#: Stage 2 with only requests to measure: no retention model, no retention bar, no scorer check.
+FAST = MergeItConfig(compute_retention=False, min_retention=0.0, scorer_check_rows=0)
 
 
 def real_rows(name: str, indices: list[int]) -> list[dict]:
