@@ -71,6 +71,8 @@ def test_a_throttle_cuts_the_limit_once_a_round_and_growth_past_it_is_careful():
     for _ in range(4):
         _round(load, 0.1)
     assert load.current <= 40 + 2  # back to where the server said no, then one at a time
+    load.answered(None, 30.0)  # a timeout or a dropped connection: counted apart from the 429s
+    assert load.describe()["throttled (429/503)"] == "10" and load.describe()["unanswered (timeout or dropped)"] == "1"
 
 
 def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():

@@ -75,7 +75,7 @@ class EndpointLoad:
     sent: Counter = field(default_factory=Counter)  # attempts that reached the server, by role
     retried: Counter = field(default_factory=Counter)  # attempts after a request's first, by role
     throttled: int = 0  # answers 429 or 503 (the server said: too many)
-    timeouts: int = 0
+    timeouts: int = 0  # attempts with no answer (a timeout or a dropped connection)
     _recent: dict[str, float] = field(default_factory=dict)  # role → recent latency (fast-moving average)
     _long_run: dict[str, float] = field(default_factory=dict)  # role → long-run latency (slow-moving average)
     _gradient: float = 1.0
@@ -287,4 +287,5 @@ class EndpointLoad:
             "requests": f"{sum(self.sent.values())} ({by_role})" if by_role else "0",
             "retried": str(sum(self.retried.values())),
             "throttled (429/503)": str(self.throttled),
+            "unanswered (timeout or dropped)": str(self.timeouts),
         }
