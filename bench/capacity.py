@@ -10,7 +10,8 @@ for a slot server, slot-seconds used over slots × busy span; for the API, reque
 Utilisation is stage 2's, from its first merge request (the probe and the scorer check come before it).
 The one-slot server answers in 0.05 s (at 0.5 s its runs would take a quarter of an hour each).
 Each run starts from an empty request cache; stage 1's embeddings come from datasets' cache after the first.
-Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] [--only vLLM] > capacity.out.md
+Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] [--only vLLM] [--settings default,128]
+     > capacity.out.md
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Pa
     return {"seconds": seconds, "record": pairs}
 
 
-def measure(name: str, slots: int, latency: float, options: tuple[str, ...], data: Path) -> list[str]:
+def measure(name: str, slots: int, latency: float, options: tuple[str, ...], data: Path, settings: str) -> list[str]:
     rows = []
     for setting, concurrency in SETTINGS.items():
+        if not any(wanted in setting for wanted in settings.split(",")):
+            continue
         server, url = start(slots, latency, options)
         try:
             with tempfile.TemporaryDirectory() as folder:
@@ -110,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--only", default="", help="measure only the servers whose name contains this")
+    parser.add_argument("--settings", default="", help="comma-separated: only the settings containing one")
     args = parser.parse_args()
     rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
     with tempfile.TemporaryDirectory() as folder:
@@ -123,7 +127,7 @@ def main() -> None:
         for name, (slots, latency, options) in SERVERS.items():
             if args.only not in name:
                 continue
-            for line in measure(name, slots, latency, options, data):
+            for line in measure(name, slots, latency, options, data, args.settings):
                 print(line, flush=True)
 
 

@@ -81,6 +81,8 @@ def start_server(command: str, url: str) -> subprocess.Popen:
         server = subprocess.Popen(shlex.split(command), stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while time.time() < deadline:
+        if server.poll() is not None:  # (a binary built for another CPU dies at once: "Illegal instruction")
+            raise SystemExit(f"the server exited with {server.returncode} before answering; its log: {log}")
         try:
             if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
                 return server
