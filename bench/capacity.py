@@ -78,11 +78,11 @@ def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Pa
     return {"seconds": seconds, "record": pairs}
 
 
-def measure(name: str, slots: int, latency: float, options: tuple[str, ...], data: Path, settings: str) -> list[str]:
+def measure(
+    name: str, slots: int, latency: float, options: tuple[str, ...], data: Path, settings: dict[str, int | None]
+) -> list[str]:
     rows = []
-    for setting, concurrency in SETTINGS.items():
-        if not any(wanted in setting for wanted in settings.split(",")):
-            continue
+    for setting, concurrency in settings.items():
         server, url = start(slots, latency, options)
         try:
             with tempfile.TemporaryDirectory() as folder:
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--settings", default="", help="comma-separated: only the settings containing one")
     args = parser.parse_args()
     rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
+    wanted = args.settings.split(",")
+    settings = {name: value for name, value in SETTINGS.items() if any(part in name for part in wanted)}
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "toolformer.json"
         data.write_text(json.dumps(rows))
@@ -127,7 +129,7 @@ def main() -> None:
         for name, (slots, latency, options) in SERVERS.items():
             if args.only not in name:
                 continue
-            for line in measure(name, slots, latency, options, data, args.settings):
+            for line in measure(name, slots, latency, options, data, settings):
                 print(line, flush=True)
 
 

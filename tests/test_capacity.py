@@ -13,6 +13,7 @@ import asyncio
 import pytest
 
 from mergeit_hf import MergeItConfig, load_rows
+from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.endpoints.sending.limit import START_LIMIT, EndpointLoad, request_role
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.engines.datasets_engine import merge_stage
@@ -73,6 +74,9 @@ def test_a_throttle_cuts_the_limit_once_a_round_and_growth_past_it_is_careful():
     assert load.current <= 40 + 2  # back to where the server said no, then one at a time
     load.answered(None, 30.0)  # a timeout or a dropped connection: counted apart from the 429s
     assert load.describe()["throttled (429/503)"] == "10" and load.describe()["unanswered (timeout or dropped)"] == "1"
+    ledger = RequestLedger()
+    ledger.add(load)
+    assert ledger.to_dict()["throttled"] == 10 and ledger.to_dict()["unanswered"] == 1  # the run's total too
 
 
 def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():

@@ -190,6 +190,8 @@ def test_faults_at_128_slots_are_retried_and_a_rerun_resends_nothing(rows, tmp_p
     assert failed <= 0.02 * len(pairs), [r for r in merged["merge_reason"] if r.startswith("endpoint")]
     # The server's log accounts for every request the client sent: one answered request per one counted.
     assert outcomes.count("200") == batch.stats.requests_sent
+    # Every dropped connection the server made is counted as unanswered, apart from the 429s and 503s.
+    assert batch.endpoints["merge"]["unanswered (timeout or dropped)"] == str(outcomes.count("drop"))
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
     healthy = _server(many, dialect="vllm", served=(SERVED,), slots=128)

@@ -83,8 +83,11 @@ class PipelineResult:
         if record.requests:
             requests = record.requests
             by_role = ", ".join(f"{role} {n}" for role, n in requests["by_role"].items())
+            # (``unanswered`` is absent from records written before it was counted)
+            unanswered = requests.get("unanswered", 0)
             lines.append(
-                f"{'':<{width}}  ({by_role}; {requests['retried']} retried, {requests['throttled']} throttled)"
+                f"{'':<{width}}  ({by_role}; {requests['retried']} retried, {requests['throttled']} throttled, "
+                f"{unanswered} unanswered)"
             )
         tokens = record.tokens
         if tokens:

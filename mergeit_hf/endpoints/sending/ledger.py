@@ -10,23 +10,26 @@ from mergeit_hf.endpoints.sending.limit import EndpointLoad
 
 @dataclass
 class RequestLedger:
-    """What a run sent, over all its sessions and endpoints: attempts by role, retries, throttled answers.
-    The server's own log counts the same attempts."""
+    """What a run sent, over all its sessions and endpoints: attempts by role, retries, throttled answers and
+    attempts left unanswered. The server's own log counts the same attempts."""
 
     sent: Counter = field(default_factory=Counter)
     retried: int = 0
     throttled: int = 0
+    unanswered: int = 0  # no answer: a timeout or a dropped connection
 
     def add(self, load: EndpointLoad) -> None:
         self.sent.update(load.sent)
         self.retried += sum(load.retried.values())
         self.throttled += load.throttled
+        self.unanswered += load.timeouts
 
     def merge(self, other: RequestLedger) -> None:
         """Add what another process (a Ray actor) sent."""
         self.sent.update(other.sent)
         self.retried += other.retried
         self.throttled += other.throttled
+        self.unanswered += other.unanswered
 
     @property
     def total(self) -> int:
@@ -38,8 +41,5 @@ class RequestLedger:
             "by_role": dict(sorted(self.sent.items())),
             "retried": self.retried,
             "throttled": self.throttled,
+            "unanswered": self.unanswered,
         }
-
-    def summary(self) -> str:
-        by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
-        return f"{self.total} ({by_role}); {self.retried} retried, {self.throttled} throttled (429/503)"
