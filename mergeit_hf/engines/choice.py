@@ -38,7 +38,7 @@ class Engine:
         if self.name == "datasets":
             return "engine: datasets, on this machine"
         try:
-            from mergeit_hf.engines.ray_engine import ray_session
+            from mergeit_hf.engines.ray import ray_session
         except ImportError as exc:
             raise ConfigError(f"--engine ray needs Ray Data: pip install 'mergeit-hf[ray]' ({exc})") from None
         return "engine: " + ray_session(self.ray_address)
@@ -48,20 +48,20 @@ class Engine:
         """What the run record and the card say ran the stages."""
         if self.name == "datasets":
             return "datasets"
-        from mergeit_hf.engines.ray_engine import ray_session
+        from mergeit_hf.engines.ray import ray_session
 
         return ray_session(self.ray_address)  # joined already: only describes it
 
     def run_stage1(self, rows: Dataset, config: MergeItConfig) -> Stage1Result:
         if self.name == "datasets":
             return datasets_engine.run_stage1(rows, config)
-        from mergeit_hf.engines.ray_engine import run_stage1_ray
+        from mergeit_hf.engines.ray import run_stage1_ray
 
         return run_stage1_ray(rows, config)
 
     def merge_stage(self, pairs: Dataset, merger: Merger, max_pairs: int | None = None) -> tuple[Dataset, MergeBatch]:
         if self.name == "datasets":
             return datasets_engine.merge_stage(pairs, merger, max_pairs)
-        from mergeit_hf.engines.ray_engine import merge_stage_ray
+        from mergeit_hf.engines.ray import merge_stage_ray
 
         return merge_stage_ray(pairs, merger, max_pairs)

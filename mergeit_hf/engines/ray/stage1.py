@@ -1,4 +1,4 @@
-"""The Ray engine: the same stages on Ray Data, for data or endpoints beyond one machine.
+"""Stage 1 on Ray Data.
 
 What Ray spreads (over the actors and nodes of the cluster ``ray_session`` joins):
   embedding      ``map_batches`` through an actor pool, each actor holding the model (one GPU each where
@@ -7,21 +7,13 @@ What Ray spreads (over the actors and nodes of the cluster ``ray_session`` joins
                  picks (every row up to ``minibatch_kmeans_above``, else a random sample), so the fit is the
                  datasets engine's own;
   selection      facility location per topic, ``groupby("cluster_id").map_groups``;
-  pairs          the τ search per topic, ``groupby("cluster_id").map_groups``;
-  merges         actors that each hold an async client with a share of the endpoint's concurrency and the
-                 shared request cache.
+  pairs          the τ search per topic, ``groupby("cluster_id").map_groups``.
 What stays on the driver: validation and accounting of the input (``load_rows``, memory-mapped Arrow), the
-k-means fit, the budget split, and assembling the output folder and card with the datasets engine's writer,
-so both engines write the same folder. Every algorithm is the stage modules' own (``Embedder``,
-``TopicClusters.assign``, ``facility_location_ranking``, ``match_cluster``, ``Merger``); this module only
-moves rows to them and back, in input order (``_position``), so both engines agree row for row.
+k-means fit and the budget split.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +25,6 @@ from datasets import Dataset, concatenate_datasets
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, matrix
 from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
-from mergeit_hf.endpoints.connect import open_chat_backend
-from mergeit_hf.endpoints.sending.ledger import RequestLedger
-from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
 from mergeit_hf.stage1.pairs import (
     PAIR_FEATURES,
@@ -48,37 +37,10 @@ from mergeit_hf.stage1.pairs import (
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
 from mergeit_hf.stage1.topics import TopicClusters, fit_from_sample, fit_rows
-from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
-from mergeit_hf.stage2.merge.merger import Merger
-from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats
 
-logger = logging.getLogger(__name__)
 POSITION = "_position"  # a row's place in the input: every result is put back in this order
 PAIR_GROUP = "_pair_group"  # the topic and system prompt a row pairs inside (``stage1.pairs.pairing_keys``)
 EMBED_BATCH_ROWS = 1024
-
-
-def ray_session(address: str | None = None) -> str:
-    """Join the cluster at ``address`` (else ``RAY_ADDRESS``), or start a local Ray; a line saying which."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING)
-    import ray.data
-
-    # Ray Data's per-operator progress lines would bury the run's own output; its logs stay in the session.
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    resources = ray.cluster_resources()
-    where = f"cluster at {address}" if address else "a local Ray"
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    gpus = int(resources.get("GPU", 0))
-    return f"Ray {ray.__version__} on {where}: {nodes} node(s), {int(resources.get('CPU', 0))} CPUs, {gpus} GPUs"
-
-
-# -- stage 1 ---------------------------------------------------------------------------------------------------
 
 
 class _EmbeddingActor:
@@ -309,83 +271,3 @@ def _pairs(selected: Dataset, matches: list[tuple[int, int, tuple[int, ...], flo
 
 def _lap(started: float) -> float:
     return time.perf_counter() - started
-
-
-# -- stage 2 ---------------------------------------------------------------------------------------------------
-
-
-class _MergeActor:
-    """One async client per actor, with its share of the endpoint's concurrency and the shared request cache."""
-
-    def __init__(self, merger: Merger) -> None:
-        self.merger = merger
-
-    def merge(self, pairs: list[dict[str, Any]]) -> tuple[MergeBatch, RequestLedger]:
-        """The outcomes, and what this actor sent (the driver adds it to the run's count)."""
-        batch = run_sync(self.merger.merge_pairs(iter(pairs), window="auto", total=len(pairs)))
-        return batch, self.merger.ledger
-
-
-def merge_stage_ray(
-    pairs: Dataset, merger: Merger, max_pairs: int | None = None, actors: int | None = None
-) -> tuple[Dataset, MergeBatch]:
-    """Stage 2 through merge actors; the same merged pairs dataset and counts as ``merge_stage``."""
-    import ray
-
-    limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
-    todo = pairs.select(range(limit))
-    embedded = not (merger.resolved_endpoint or merger.config.provider)
-    # The embedded model runs inside each actor: one copy of it, not one per actor.
-    actors = 1 if embedded else (actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
-    actors = max(1, min(actors, limit or 1))
-    share = _concurrency_share(merger, actors, embedded)
-    config = merger.config if share is None else _with_concurrency(merger.config, share)
-    remote = ray.remote(num_cpus=0)(_MergeActor)
-    workers = [
-        # Each actor has its share already: it must not split it again with the others on its node.
-        remote.remote(Merger(merger.endpoint, config, merger.cache_dir, merger.use_cache, share_fixed_limit=False))
-        for _ in range(actors)
-    ]
-    rows = todo.to_list()
-    size = math.ceil(len(rows) / actors) if rows else 0
-    shards = [rows[i * size : (i + 1) * size] for i in range(actors)] if rows else []
-    answers = ray.get([worker.merge.remote(shard) for worker, shard in zip(workers, shards, strict=False) if shard])
-    for worker in workers:
-        ray.kill(worker)
-    for _, ledger in answers:
-        merger.ledger.merge(ledger)
-    batch = _combined([batch for batch, _ in answers], merger)
-    return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
-
-
-def _concurrency_share(merger: Merger, actors: int, embedded: bool) -> int | None:
-    """Each actor's part of the endpoint's concurrency (``concurrency``, else what the server announces);
-    None where neither says: each actor's limit then adapts to what the server gives it."""
-    if embedded:
-        return None
-    total = merger.config.concurrency or run_sync(_announced_concurrency(merger))
-    return max(1, total // actors) if total else None
-
-
-async def _announced_concurrency(merger: Merger) -> int | None:
-    backend = await open_chat_backend(merger.endpoint_settings(), merger.config.local_model)
-    try:
-        return backend.default_concurrency if backend.concurrency_announced else None
-    finally:
-        await backend.aclose()
-
-
-def _with_concurrency(config: MergeItConfig, concurrency: int) -> MergeItConfig:
-    return MergeItConfig.from_dict({**config.to_dict(), "concurrency": concurrency})
-
-
-def _combined(batches: list[MergeBatch], merger: Merger) -> MergeBatch:
-    if not batches:
-        return MergeBatch([], MergeStats(), "", "", {})
-    stats = MergeStats()
-    for batch in batches:
-        for name, value in vars(batch.stats).items():
-            setattr(stats, name, getattr(stats, name) + value)
-    first = batches[0]
-    outcomes = [outcome for batch in batches for outcome in batch.outcomes]
-    return MergeBatch(outcomes, stats, first.merge_model, first.quality_model, first.endpoints)
