@@ -3,6 +3,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
+# llama-cpp-python, built portable (see below) and kept outside the venv so a fresh clone reuses it.
+LLAMA_CPP := 0.3.36
+WHEELS    := $(HOME)/.cache/mergeit-hf/wheels-portable
 
 .PHONY: setup demo test lint bench browser clean
 
@@ -11,7 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of torch lies on these machines' disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# llama-cpp-python compiles from source the first time (about 5 minutes on 2 cores), then is cached.
+	# llama-cpp-python compiles from source once (about 15 minutes on 2 cores) into a wheel kept in
+	# $(WHEELS). Built without -march=native: a native wheel from pip's cache, built on another of these
+	# machines, dies with "Illegal instruction" here (their CPUs differ). --no-cache-dir so pip builds
+	# instead of reusing that cached wheel.
+	test -n "$$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl 2>/dev/null)" || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel --quiet --no-cache-dir --no-deps \
+	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP)
+	$(PY) -m pip install --quiet --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP)"
 	$(PY) -m pip install --quiet -e ".[local,space,dev,ray]"
 	touch $(STAMP)
 
