@@ -31,6 +31,15 @@ class RequestLedger:
         self.throttled += other.throttled
         self.unanswered += other.unanswered
 
+    def since(self, earlier: RequestLedger) -> RequestLedger:
+        """What was sent after ``earlier`` (a snapshot of the same counts): a Ray actor reports it per batch."""
+        return RequestLedger(
+            self.sent - earlier.sent,
+            self.retried - earlier.retried,
+            self.throttled - earlier.throttled,
+            self.unanswered - earlier.unanswered,
+        )
+
     @property
     def total(self) -> int:
         return sum(self.sent.values())

@@ -1,32 +1,31 @@
-"""Stage 2 on Ray: merge actors, each holding an async client with a share of the endpoint's concurrency
-and the shared request cache."""
+"""Stage 2 on Ray: the pairs stream through a pool of merge actors (``merge_actor``), in batches sized to each
+actor's share of the endpoint, while the driver counts the outcomes in behind a progress bar.
+
+Ray Data keeps the pool busy: an actor takes its next batch as one finishes, so the slowest actor no longer
+sets the finish. An actor that dies (its process or its node) is restarted and its batch retried (Ray Data's
+actor pools set ``max_restarts`` and ``max_task_retries``); the answers that batch had already received sit
+in the request cache, so the retry re-sends nothing that was answered. Ray Data ends the pool however the
+stage ends (done, an error, Ctrl-C).
+"""
 
 from __future__ import annotations
 
-import math
+import pickle
 from typing import Any
 
 from datasets import Dataset
+from tqdm.auto import tqdm
 
-from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.connect import open_chat_backend
-from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.endpoints.sending.sync import run_sync
+from mergeit_hf.engines.ray.merge_actor import OUTCOME, POSITION, REPORT, BatchReport, MergeActor, batch_size_for
+from mergeit_hf.engines.ray.travel import actor_environment, merger_for_actors
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
-from mergeit_hf.stage2.merge.results import MergeBatch, MergeStats
+from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome, MergeStats
 
-
-class _MergeActor:
-    """One async client per actor, with its share of the endpoint's concurrency and the shared request cache."""
-
-    def __init__(self, merger: Merger) -> None:
-        self.merger = merger
-
-    def merge(self, pairs: list[dict[str, Any]]) -> tuple[MergeBatch, RequestLedger]:
-        """The outcomes, and what this actor sent (the driver adds it to the run's count)."""
-        batch = run_sync(self.merger.merge_pairs(iter(pairs), window="auto", total=len(pairs)))
-        return batch, self.merger.ledger
+#: Batches an actor works on at once: the next one starts while the last pairs of the other finish.
+CALLS_PER_ACTOR = 2
 
 
 def merge_stage_ray(
@@ -37,28 +36,57 @@ def merge_stage_ray(
 
     limit = len(pairs) if max_pairs is None else min(max_pairs, len(pairs))
     todo = pairs.select(range(limit))
+    if limit == 0:
+        nothing = MergeBatch([], MergeStats(), "", "")
+        return merged_pairs_dataset(pairs, todo, nothing, merger, limit), nothing
     embedded = not (merger.resolved_endpoint or merger.config.provider)
     # The embedded model runs inside each actor: one copy of it, not one per actor.
     actors = 1 if embedded else (actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
-    actors = max(1, min(actors, limit or 1))
+    actors = max(1, min(actors, limit))
     share = _concurrency_share(merger, actors, embedded)
-    config = merger.config if share is None else _with_concurrency(merger.config, share)
-    remote = ray.remote(num_cpus=0)(_MergeActor)
-    workers = [
-        # Each actor has its share already: it must not split it again with the others on its node.
-        remote.remote(Merger(merger.endpoint, config, merger.cache_dir, merger.use_cache, share_fixed_limit=False))
-        for _ in range(actors)
-    ]
-    rows = todo.to_list()
-    size = math.ceil(len(rows) / actors) if rows else 0
-    shards = [rows[i * size : (i + 1) * size] for i in range(actors)] if rows else []
-    answers = ray.get([worker.merge.remote(shard) for worker, shard in zip(workers, shards, strict=False) if shard])
-    for worker in workers:
-        ray.kill(worker)
-    for _, ledger in answers:
-        merger.ledger.merge(ledger)
-    batch = _combined([batch for batch, _ in answers], merger)
+    merged = _merged_stream(todo, merger_for_actors(merger, share), actors, share, embedded)
+    batch = _collected(merged, limit, merger)
     return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
+
+
+def _merged_stream(todo: Dataset, merger: Merger, actors: int, share: int | None, embedded: bool) -> Any:
+    import ray.data
+
+    numbered = todo.flatten_indices().add_column(POSITION, list(range(len(todo))))
+    return ray.data.from_huggingface(numbered).map_batches(
+        MergeActor,
+        fn_constructor_args=(merger,),
+        batch_size=batch_size_for(share),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
+        ),
+        # An actor mostly waits on the endpoint, but with a CPU share of its own Ray Data's default SPREAD
+        # places the pool over the nodes instead of all on the driver's; the embedded model computes: a whole CPU.
+        num_cpus=1.0 if embedded else 0.5,
+        runtime_env={"env_vars": actor_environment()},
+    )
+
+
+def _collected(merged: Any, limit: int, merger: Merger) -> MergeBatch:
+    """Every pair's outcome in input order, and the batches' reports added up; a run-stopping error an actor
+    met is raised here (Ray Data then ends the pool)."""
+    outcomes: dict[int, MergeOutcome] = {}
+    reports: list[BatchReport] = []
+    with tqdm(total=limit, desc="Merging pairs", unit="pair", disable=not merger.show_progress) as progress:
+        for batch in merged.iter_batches(batch_size=None, batch_format="numpy"):
+            report: BatchReport = pickle.loads(batch[REPORT][0])
+            if report.stopped is not None:
+                raise report.stopped
+            reports.append(report)
+            merger.ledger.merge(report.ledger)
+            for position, payload in zip(batch[POSITION].tolist(), batch[OUTCOME], strict=True):
+                outcomes.setdefault(position, pickle.loads(payload))
+            progress.set_postfix_str(f"limit {report.limit} per actor", refresh=False)
+            progress.update(len(batch[POSITION]))
+    if len(outcomes) != limit:  # Ray Data returns each batch once, retried or not: a gap is a lost batch
+        raise RuntimeError(f"{limit - len(outcomes)} of {limit} pairs came back from no merge actor")
+    return _combined([outcomes[position] for position in range(limit)], reports)
 
 
 def _concurrency_share(merger: Merger, actors: int, embedded: bool) -> int | None:
@@ -78,17 +106,10 @@ async def _announced_concurrency(merger: Merger) -> int | None:
         await backend.aclose()
 
 
-def _with_concurrency(config: MergeItConfig, concurrency: int) -> MergeItConfig:
-    return MergeItConfig.from_dict({**config.to_dict(), "concurrency": concurrency})
-
-
-def _combined(batches: list[MergeBatch], merger: Merger) -> MergeBatch:
-    if not batches:
-        return MergeBatch([], MergeStats(), "", "", {})
+def _combined(outcomes: list[MergeOutcome], reports: list[BatchReport]) -> MergeBatch:
     stats = MergeStats()
-    for batch in batches:
-        for name, value in vars(batch.stats).items():
-            setattr(stats, name, getattr(stats, name) + value)
-    first = batches[0]
-    outcomes = [outcome for batch in batches for outcome in batch.outcomes]
-    return MergeBatch(outcomes, stats, first.merge_model, first.quality_model, first.endpoints)
+    for report in reports:
+        stats.requests_sent += report.stats.requests_sent
+        stats.idle_releases += report.stats.idle_releases
+    last = reports[-1] if reports else BatchReport()
+    return MergeBatch(outcomes, stats, last.merge_model, last.quality_model, last.endpoints)
