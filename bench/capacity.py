@@ -10,8 +10,10 @@ for a slot server, slot-seconds used over slots × busy span; for the API, reque
 Utilisation is stage 2's, from its first merge request (the probe and the scorer check come before it).
 The one-slot server answers in 0.05 s (at 0.5 s its runs would take a quarter of an hour each).
 Each run starts from an empty request cache; stage 1's embeddings come from datasets' cache after the first.
+With ``--engines datasets,ray`` each setting runs through both engines (``--engine ray``: a local Ray, whose
+merge actors share the endpoint's limit), side by side.
 Run: cd bench && ../.venv/bin/python capacity.py [--rows 2500] [--only vLLM] [--settings default,128]
-     > capacity.out.md
+     [--engines datasets,ray] > capacity.out.md
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def start(slots: int, latency: float, options: tuple[str, ...]) -> tuple[subproc
     return server, server.stdout.readline().strip()
 
 
-def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Path) -> dict:
+def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Path, engine: str) -> dict:
     config = folder / "config.yaml"
     config.write_text(
         ("model: scripted/slots\n" if no_info else "") + (f"concurrency: {concurrency}\n" if concurrency else "")
@@ -68,6 +70,8 @@ def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Pa
         str(folder / "cache"),
         "--config",
         str(config),
+        "--engine",
+        engine,
     ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -79,20 +83,26 @@ def run(data: Path, url: str, concurrency: int | None, no_info: bool, folder: Pa
 
 
 def measure(
-    name: str, slots: int, latency: float, options: tuple[str, ...], data: Path, settings: dict[str, int | None]
+    name: str,
+    slots: int,
+    latency: float,
+    options: tuple[str, ...],
+    data: Path,
+    settings: dict[str, int | None],
+    engines: list[str],
 ) -> list[str]:
     rows = []
-    for setting, concurrency in settings.items():
+    for (setting, concurrency), engine in ((item, engine) for item in settings.items() for engine in engines):
         server, url = start(slots, latency, options)
         try:
             with tempfile.TemporaryDirectory() as folder:
-                found = run(data, url, concurrency, "--no-info" in options, Path(folder))
+                found = run(data, url, concurrency, "--no-info" in options, Path(folder), engine)
                 stats = httpx.get(f"{url}/stats", timeout=30).json()
         finally:
             server.kill()
             server.wait()
         if "error" in found:
-            rows.append(f"| {name} | {setting} | error: {found['error']} | | | | |")
+            rows.append(f"| {name} | {setting} | {engine} | error: {found['error']} | | | | |")
             continue
         counts, record = found["record"]["counts"], found["record"]
         span = stats["stage2_span_s"] or 1e-9  # stage 2, from its first merge request to the last answer
@@ -103,7 +113,7 @@ def measure(
         sent = stats["requests"] + stats["refused"]
         limit = record["endpoints"].get("merge", {}).get("concurrency", "?")
         rows.append(
-            f"| {name} | {setting} | {share:.2f} | {stats['refused'] / sent if sent else 0:.1%} | "
+            f"| {name} | {setting} | {engine} | {share:.2f} | {stats['refused'] / sent if sent else 0:.1%} | "
             f"{counts.get('merges failed', 0)} of {counts.get('pairs', 0)} | {limit} | {found['seconds']:.0f} |"
         )
     return rows
@@ -114,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--only", default="", help="measure only the servers whose name contains this")
     parser.add_argument("--settings", default="", help="comma-separated: only the settings containing one")
+    parser.add_argument("--engines", default="datasets", help="comma-separated: datasets, ray")
     args = parser.parse_args()
     rows = json.loads(shared_file("gpteacher_toolformer.json").read_text())[: args.rows]
     wanted = args.settings.split(",")
@@ -124,12 +135,16 @@ def main() -> None:
         print(
             f"# `mergeit run` on {len(rows)} Toolformer rows, default config; scripted servers in their own processes\n"
         )
-        print("| server | setting | utilisation (share of ideal) | answered 429 | pairs failed | limit | seconds |")
-        print("|---|---|---|---|---|---|---|")
+        header = (
+            "| server | setting | engine | utilisation (share of ideal) | answered 429 | pairs failed | limit "
+            "| seconds |"
+        )
+        print(header)
+        print("|---|---|---|---|---|---|---|---|")
         for name, (slots, latency, options) in SERVERS.items():
             if args.only not in name:
                 continue
-            for line in measure(name, slots, latency, options, data, settings):
+            for line in measure(name, slots, latency, options, data, settings, args.engines.split(",")):
                 print(line, flush=True)
 
 
