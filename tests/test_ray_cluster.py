@@ -3,7 +3,8 @@ without the driver's variables; settings travel with the job, and a killed actor
 
 The cluster (``ray.cluster_utils.Cluster``: a head and a second node, one CPU each, each its own raylet) is
 started before the driver sets ``MERGEIT_SCORER_ENDPOINT``, so no worker has it; the CLI joins it with
-``--ray-address``, as a user joins theirs.
+``--ray-address``, as a user joins theirs. Two merge actors (``--merge-actors 2``; the default on two CPUs
+is one) share the endpoint, so the pool's batches run side by side and their counts must add up.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from tests.helpers.scripted import ScriptedServer, TgiScorer
 
 N_ROWS = 600
 ACTOR_TITLE = b"MapBatches(MergeActor)"  # in the process title Ray gives a merge actor
+TWO_ACTORS = ["--merge-actors", "2"]
+KEY = "sk-driver-only-7f3a"
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,19 @@ def test_the_driver_s_scorer_endpoint_reaches_every_actor(cluster, rows, monkeyp
 
     data, folder = rows
     merge, score = restating_scripts(data)
-    merges, scorer = ScriptedServer(merge, _no_scores_here, slots=8).start(), TgiScorer(score, cap=20).start()
+    # Answers slow enough that the first actor is still on its two batches when the second actor is up (Ray
+    # Data starts a pool's actors without waiting for them all).
+    merges = ScriptedServer(merge, _no_scores_here, slots=8, latency_s=2.0, required_key=KEY).start()
+    scorer = TgiScorer(score, cap=20).start()
     monkeypatch.setenv("MERGEIT_SCORER_ENDPOINT", scorer.url)  # the driver's only: the workers never had it
+    monkeypatch.setenv("MERGEIT_API_KEY", KEY)  # so is the key the merge server asks for
+    environments: dict[int, bytes] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_actor_environments, args=(environments, stop), daemon=True)
+    watcher.start()
     try:
-        on_ray = _run(folder, "ray", merges, ["--engine", "ray", "--ray-address", cluster.address])
+        on_ray = _run(folder, "ray", merges, ["--engine", "ray", "--ray-address", cluster.address, *TWO_ACTORS])
+        stop.set()
         assert len([n for n in ray.nodes() if n.get("Alive")]) == 2  # the run joined the two-node cluster
         scored_on_ray, merged_on_ray = len(scorer.posted), dict(merges.requests)
         plain = _run(folder, "datasets", merges, [])
@@ -83,12 +95,33 @@ def test_the_driver_s_scorer_endpoint_reaches_every_actor(cluster, rows, monkeyp
         merges.stop()
         scorer.stop()
     pairs = len(on_ray.pairs)
+    # The key reached every actor (no request refused) and shows nowhere: card, run.json, the actors' start.
     assert pairs >= 10 and merged_on_ray == {"merge": pairs}  # merges only: not one score at the merge endpoint
     assert scored_on_ray >= 3 * pairs  # a, b and the merge of every pair, at the scorer endpoint
     assert set(on_ray.pairs["quality_model"]) == {"scripted/deita-quality-scorer"}
+    # Both actors merged (each actor's reports name it), and the run's counts are the servers': every
+    # actor's batches added up.
+    assert on_ray.record.requests["sent"] == pairs + scored_on_ray
+    assert on_ray.record.requests["by_role"] == {"merge": pairs, "score": scored_on_ray}
+    assert on_ray.record.endpoints["merge"]["requests"].startswith(f"{pairs} ")
+    assert "in the 2 merge actor(s)" in on_ray.record.endpoints["merge"]["concurrency"]
+    written = "".join(p.read_text() for p in (on_ray.folder / "README.md", on_ray.folder / "mergeit" / "run.json"))
+    assert KEY not in written
+    assert len(environments) == 2 and not any(KEY.encode() in env for env in environments.values())
     decisions = ["pair_id", "merge_status", "merge_reason", "quality_merged", "merged_output"]
     assert on_ray.pairs.select_columns(decisions).to_list() == plain.pairs.select_columns(decisions).to_list()
     assert on_ray.final["id"] == plain.final["id"] and on_ray.record.counts == plain.record.counts
+
+
+def _watch_actor_environments(seen: dict[int, bytes], stop: threading.Event) -> None:
+    """The environment each merge actor's process was started with (``/proc/PID/environ``): where the runtime
+    environment's ``env_vars`` go, and what Ray's dashboard shows of them."""
+    while not stop.wait(0.2):
+        for pid in _merge_actor_pids():
+            try:
+                seen.setdefault(pid, Path(f"/proc/{pid}/environ").read_bytes())
+            except OSError:  # ended while read
+                continue
 
 
 def _merge_actor_pids() -> list[int]:
@@ -103,10 +136,11 @@ def _merge_actor_pids() -> list[int]:
 
 
 def _kill_one_actor_after(merges: ScriptedServer, requests: int, killed: list[int]) -> None:
+    before = set(_merge_actor_pids())  # an actor left by another run is not this run's
     deadline = time.monotonic() + 300
     while sum(merges.requests.values()) < requests and time.monotonic() < deadline:
         time.sleep(0.05)
-    pids = _merge_actor_pids()
+    pids = [pid for pid in _merge_actor_pids() if pid not in before]
     if pids:
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
@@ -121,7 +155,7 @@ def test_a_killed_actor_costs_one_batch_and_every_pair_is_merged_once(cluster, r
     killer = threading.Thread(target=_kill_one_actor_after, args=(merges, 12, killed), daemon=True)
     killer.start()
     try:
-        out = _run(folder, "killed", merges, ["--engine", "ray", "--ray-address", cluster.address])
+        out = _run(folder, "killed", merges, ["--engine", "ray", "--ray-address", cluster.address, *TWO_ACTORS])
     finally:
         merges.stop()
     killer.join(5)

@@ -83,3 +83,73 @@ def test_an_address_needs_the_ray_engine():
         Engine("datasets", ray_address="ray://head:10001")
     with pytest.raises(ConfigError, match="engine must be one of"):
         Engine("spark")  # type: ignore[arg-type]
+
+
+def _report_cell(report) -> bytes:
+    import pickle
+
+    return pickle.dumps(report)
+
+
+class _Blocks:
+    """What Ray Data hands the driver from the merge actors: output blocks, each joining one or more batches."""
+
+    def __init__(self, blocks: list[dict]) -> None:
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size=None, batch_format="numpy"):
+        yield from self.blocks
+
+
+def _block(batches: list[tuple[list[int], object]]) -> dict:
+    import pickle
+
+    import numpy as np
+
+    from mergeit_hf.engines.ray.merge_actor import OUTCOME, POSITION, REPORT
+
+    positions, outcomes, reports = [], [], []
+    for batch_positions, report in batches:
+        positions += batch_positions
+        outcomes += [pickle.dumps(f"outcome {p}") for p in batch_positions]
+        reports += [_report_cell(report)] + [b""] * (len(batch_positions) - 1)
+    return {
+        POSITION: np.asarray(positions),
+        OUTCOME: np.asarray(outcomes, dtype=object),
+        REPORT: np.asarray(reports, dtype=object),
+    }
+
+
+def _merger():
+    from mergeit_hf.config import MergeItConfig
+    from mergeit_hf.stage2.merge.merger import Merger
+
+    return Merger("http://merge.invalid", MergeItConfig(), use_cache=False, show_progress=False)
+
+
+def test_every_batch_s_report_in_a_joined_block_is_counted():
+    from collections import Counter
+
+    from mergeit_hf.endpoints.sending.ledger import RequestLedger
+    from mergeit_hf.engines.ray.merge_actor import BatchReport
+    from mergeit_hf.engines.ray.stage2 import _collected
+
+    def sent(n: int) -> BatchReport:
+        return BatchReport("actor", RequestLedger(Counter(merge=n)))
+
+    merger = _merger()
+    merged = _Blocks([_block([([0, 1], sent(2)), ([2, 3, 4], sent(3))]), _block([([5], sent(1))])])
+    batch = _collected(merged, 6, merger)
+    assert batch.outcomes == [f"outcome {p}" for p in range(6)]
+    assert merger.ledger.sent == Counter(merge=6)  # all three batches, not the first of each block
+
+
+def test_a_stop_in_a_later_batch_of_a_block_is_raised_with_its_advice():
+    from mergeit_hf.engines.ray.merge_actor import BatchReport
+    from mergeit_hf.engines.ray.stage2 import _collected
+    from mergeit_hf.errors import EndpointConfigError
+
+    refused = EndpointConfigError("http://merge.invalid answered HTTP 401: no; set MERGEIT_API_KEY")
+    merged = _Blocks([_block([([0, 1], BatchReport("actor")), ([-1], BatchReport(stopped=refused))])])
+    with pytest.raises(EndpointConfigError, match="MERGEIT_API_KEY"):
+        _collected(merged, 3, _merger())

@@ -22,16 +22,21 @@ ENGINES: tuple[EngineName, ...] = ("datasets", "ray")
 
 @dataclass(frozen=True)
 class Engine:
-    """name: "datasets" or "ray"; ray_address: the cluster to join (else ``RAY_ADDRESS``, else a local Ray)."""
+    """name: "datasets" or "ray"; ray_address: the cluster to join (else ``RAY_ADDRESS``, else a local Ray);
+    merge_actors: how many Ray actors split the merge endpoint (else half the cluster's CPUs; one with the
+    embedded model)."""
 
     name: EngineName = "datasets"
     ray_address: str | None = None
+    merge_actors: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.name!r}")
         if self.ray_address and self.name != "ray":
             raise ConfigError("a Ray address was given but the engine is 'datasets': add --engine ray")
+        if self.merge_actors is not None and (self.name != "ray" or self.merge_actors < 1):
+            raise ConfigError(f"--merge-actors takes a count of 1 or more with --engine ray, got {self.merge_actors}")
 
     def start(self) -> str:
         """Start (or join) what the engine runs on; a line saying what that is (also ``description``)."""
@@ -64,4 +69,4 @@ class Engine:
             return datasets_engine.merge_stage(pairs, merger, max_pairs)
         from mergeit_hf.engines.ray import merge_stage_ray
 
-        return merge_stage_ray(pairs, merger, max_pairs)
+        return merge_stage_ray(pairs, merger, max_pairs, self.merge_actors)

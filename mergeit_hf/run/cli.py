@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default="datasets", choices=ENGINES, help="datasets (one machine) or ray (a Ray cluster)"
     )
     run.add_argument("--ray-address", help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else local)")
+    run.add_argument(
+        "--merge-actors", type=int, help="with --engine ray: merge actors sharing the endpoint (default: CPUs / 2)"
+    )
     _add_gate_options(run)
     run.add_argument(
         "--judge", action="store_true", default=None, help="also ask an LLM whether each merge answers all it asks"
@@ -198,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     column_map = _column_map(args.column)
-    engine = Engine(args.engine, args.ray_address)
+    engine = Engine(args.engine, args.ray_address, args.merge_actors)
     print(engine.start(), file=sys.stderr)
     if args.dry_run:
         report, stage1 = pipeline.plan(

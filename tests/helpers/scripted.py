@@ -71,6 +71,8 @@ class ScriptedServer(LoopbackServer):
     refused: int = 0
     # vLLM's --max-logprobs: a request asking for more top logprobs answers 400 (0: no cap)
     max_logprobs: int = 0
+    # A chat request without ``Authorization: Bearer <required_key>`` answers 401 (None: no key asked)
+    required_key: str | None = None
     first_arrival: float | None = None  # perf_counter of the first request since the last reset
     last_answer: float | None = None  # perf_counter of the last answer sent
     _holding: int = 0
@@ -136,6 +138,11 @@ class ScriptedServer(LoopbackServer):
     async def _chat(self, request: web.Request) -> web.Response:
         if self.first_arrival is None:
             self.first_arrival = time.perf_counter()
+        if self.required_key is not None and request.headers.get("Authorization") != f"Bearer {self.required_key}":
+            self.requests["refused key"] += 1
+            return web.json_response(
+                {"error": {"message": "Invalid API key", "type": "invalid_request_error"}}, status=401
+            )
         if self.rate_per_s:
             refusal = self._rate_limited()
             if refusal is not None:

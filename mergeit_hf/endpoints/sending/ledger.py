@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mergeit_hf.endpoints.sending.limit import EndpointLoad
+from mergeit_hf.endpoints.sending.limit import EndpointLoad, counts_described
 
 
 @dataclass
@@ -43,6 +43,10 @@ class RequestLedger:
     @property
     def total(self) -> int:
         return sum(self.sent.values())
+
+    def described(self) -> dict[str, str]:
+        """The counts as ``EndpointLoad.describe`` words them for the card and run.json."""
+        return counts_described(self.sent, self.retried, self.throttled, self.unanswered)
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -280,12 +280,17 @@ class EndpointLoad:
     def describe(self) -> dict[str, str]:
         """For the card and run.json: how the limit was set and what it reached, and what was sent."""
         how = "fixed" if self.fixed else "adaptive"
-        by_role = ", ".join(f"{role} {n}" for role, n in sorted(self.sent.items()))
         shared = f", shared by up to {self.peak_sharing} processes" if self.fixed and self.peak_sharing > 1 else ""
-        return {
-            "concurrency": f"{how}, {int(self.peak_limit)} at most{shared}",
-            "requests": f"{sum(self.sent.values())} ({by_role})" if by_role else "0",
-            "retried": str(sum(self.retried.values())),
-            "throttled (429/503)": str(self.throttled),
-            "unanswered (timeout or dropped)": str(self.timeouts),
-        }
+        counts = counts_described(self.sent, sum(self.retried.values()), self.throttled, self.timeouts)
+        return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
+
+
+def counts_described(sent: Counter, retried: int, throttled: int, unanswered: int) -> dict[str, str]:
+    """What was sent, in the words of the card and run.json (one endpoint's counts, or a sum of them)."""
+    by_role = ", ".join(f"{role} {n}" for role, n in sorted(sent.items()))
+    return {
+        "requests": f"{sum(sent.values())} ({by_role})" if by_role else "0",
+        "retried": str(retried),
+        "throttled (429/503)": str(throttled),
+        "unanswered (timeout or dropped)": str(unanswered),
+    }

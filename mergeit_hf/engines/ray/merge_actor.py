@@ -3,7 +3,11 @@
 The actor keeps one stage 2 session open across its batches (``ProcessSession``: the backends, the request
 cache and the endpoint's limit, which keeps what it learnt). Ray Data calls it with a pyarrow batch of pairs
 and takes back a batch of the same rows: each pair's position and its pickled ``MergeOutcome``; the first
-row also carries the batch's ``BatchReport`` (what was sent, the models), the others an empty cell.
+row also carries the batch's ``BatchReport`` (what was sent, the models), the others an empty cell. Ray
+Data may join several batches' outputs into one block: the driver reads every non-empty report cell.
+
+The keys come in the object store (``travel.actor_keys``), not in the constructor's visible arguments nor
+the runtime environment, which Ray's dashboard and state API show.
 
 A run-stopping error (a refused key or model, a scorer without digits) is returned in the report rather than
 raised: Ray Data would wrap it in its own exception and lose its type and advice; the driver raises it.
@@ -12,6 +16,7 @@ raised: Ray Data would wrap it in its own exception and lose its type and advice
 from __future__ import annotations
 
 import pickle
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from mergeit_hf.endpoints.sending.ledger import RequestLedger
+from mergeit_hf.endpoints.sending.limit import EndpointLoad
+from mergeit_hf.engines.ray.travel import apply_keys
 from mergeit_hf.errors import MergeItError
 from mergeit_hf.stage2.merge.merger import WINDOW_PER_SLOT, Merger
 from mergeit_hf.stage2.merge.process_session import ProcessSession
@@ -30,15 +37,32 @@ OUTCOME = "__mergeit_outcome"
 REPORT = "__mergeit_report"
 
 
+@dataclass(frozen=True)
+class RoleLoad:
+    """One endpoint role's counts in one actor, from its start: the driver adds them up over the actors."""
+
+    ledger: RequestLedger
+    peak_limit: int
+    fixed: bool
+
+    @classmethod
+    def of(cls, load: EndpointLoad) -> RoleLoad:
+        ledger = RequestLedger()
+        ledger.add(load)
+        return cls(ledger, int(load.peak_limit), load.fixed)
+
+
 @dataclass
 class BatchReport:
     """What one batch sent (the part of the actor's counts since its last batch) and the models it used."""
 
+    actor: str = ""  # which actor: a restarted actor is a new one, and the dead one's reports stand
     ledger: RequestLedger = field(default_factory=RequestLedger)
     stats: MergeStats = field(default_factory=MergeStats)
     merge_model: str = ""
     quality_model: str = ""
     endpoints: dict[str, dict[str, str]] = field(default_factory=dict)
+    role_loads: dict[str, RoleLoad] = field(default_factory=dict)  # by role, this actor's totals so far
     limit: int = 0  # the merge endpoint's limit in this actor after the batch
     stopped: MergeItError | None = None  # a run-stopping error: the driver raises it
 
@@ -46,7 +70,13 @@ class BatchReport:
 class MergeActor:
     """Ray Data's callable class for ``map_batches``: built once per actor from the driver's ``Merger``."""
 
-    def __init__(self, merger: Merger) -> None:
+    def __init__(self, merger: Merger, keys: list[Any]) -> None:
+        import ray
+
+        # A list around the reference: Ray resolves a reference given as an argument itself, a nested one stays
+        # a reference, so the keys never sit among the actor's arguments.
+        apply_keys(ray.get(keys[0]))
+        self.actor = uuid.uuid4().hex
         self.merger = merger
         self.templates = merger.templates()
         self._ledger_reported = RequestLedger()
@@ -71,6 +101,7 @@ class MergeActor:
             ledger.add(load)
         stats = merged.stats
         report = BatchReport(
+            self.actor,
             ledger.since(self._ledger_reported),
             MergeStats(
                 stats.requests_sent - self._stats_reported.requests_sent,
@@ -79,10 +110,18 @@ class MergeActor:
             merged.merge_model,
             merged.quality_model,
             merged.endpoints,
+            _role_loads(session),
             session.merges.concurrency,
         )
         self._ledger_reported, self._stats_reported = ledger, stats
         return merged.outcomes, report
+
+
+def _role_loads(session: Session) -> dict[str, RoleLoad]:
+    schedulers = {"merge": session.merges, "scorer": session.scorer.scheduler if session.scorer.raw else None}
+    if session.judge is not None:
+        schedulers["judge"] = session.judge.scheduler
+    return {role: RoleLoad.of(s.load) for role, s in schedulers.items() if s is not None}
 
 
 def batch_size_for(share: int | None) -> int:

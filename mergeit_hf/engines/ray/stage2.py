@@ -17,9 +17,17 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from mergeit_hf.endpoints.connect import open_chat_backend
+from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.endpoints.sending.sync import run_sync
-from mergeit_hf.engines.ray.merge_actor import OUTCOME, POSITION, REPORT, BatchReport, MergeActor, batch_size_for
-from mergeit_hf.engines.ray.travel import actor_environment, merger_for_actors
+from mergeit_hf.engines.ray.merge_actor import (
+    OUTCOME,
+    POSITION,
+    REPORT,
+    BatchReport,
+    MergeActor,
+    batch_size_for,
+)
+from mergeit_hf.engines.ray.travel import actor_keys, merger_for_actors
 from mergeit_hf.stage2.merge.merged_pairs import merged_pairs_dataset
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch, MergeOutcome, MergeStats
@@ -44,27 +52,35 @@ def merge_stage_ray(
     actors = 1 if embedded else (actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
     actors = max(1, min(actors, limit))
     share = _concurrency_share(merger, actors, embedded)
-    merged = _merged_stream(todo, merger_for_actors(merger, share), actors, share, embedded)
+    merged = _merged_stream(todo, merger_for_actors(merger, share), actors, batch_size_for(share), embedded)
     batch = _collected(merged, limit, merger)
     return merged_pairs_dataset(pairs, todo, batch, merger, limit), batch
 
 
-def _merged_stream(todo: Dataset, merger: Merger, actors: int, share: int | None, embedded: bool) -> Any:
+def _merged_stream(todo: Dataset, merger: Merger, actors: int, batch_size: int, embedded: bool) -> Any:
+    import ray
     import ray.data
 
-    numbered = todo.flatten_indices().add_column(POSITION, list(range(len(todo))))
-    return ray.data.from_huggingface(numbered).map_batches(
+    table = todo.flatten_indices().add_column(POSITION, list(range(len(todo)))).data.table
+    # One block per batch: from one block (what ``from_huggingface`` makes of an in-memory dataset) Ray Data
+    # runs one task, on one actor, and the rest of the pool idles.
+    blocks = [table.slice(start, batch_size) for start in range(0, len(table), batch_size)]
+    return ray.data.from_arrow(blocks).map_batches(
         MergeActor,
-        fn_constructor_args=(merger,),
-        batch_size=batch_size_for(share),
+        fn_constructor_args=(merger, [ray.put(actor_keys())]),
+        batch_size=batch_size,
         batch_format="pyarrow",
+        # No more batches queued at an actor than it works on: Ray Data prefers the actor on the node that holds a
+        # block (the driver's, for these) and would queue every batch there while the other actors idle.
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
+            size=actors,
+            max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
+            max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+            enable_true_multi_threading=True,
         ),
         # An actor mostly waits on the endpoint, but with a CPU share of its own Ray Data's default SPREAD
         # places the pool over the nodes instead of all on the driver's; the embedded model computes: a whole CPU.
         num_cpus=1.0 if embedded else 0.5,
-        runtime_env={"env_vars": actor_environment()},
     )
 
 
@@ -75,18 +91,28 @@ def _collected(merged: Any, limit: int, merger: Merger) -> MergeBatch:
     reports: list[BatchReport] = []
     with tqdm(total=limit, desc="Merging pairs", unit="pair", disable=not merger.show_progress) as progress:
         for batch in merged.iter_batches(batch_size=None, batch_format="numpy"):
-            report: BatchReport = pickle.loads(batch[REPORT][0])
-            if report.stopped is not None:
-                raise report.stopped
-            reports.append(report)
-            merger.ledger.merge(report.ledger)
+            for report in _reports(batch[REPORT]):
+                reports.append(report)
+                merger.ledger.merge(report.ledger)
+                progress.set_postfix_str(f"limit {report.limit} per actor", refresh=False)
+            done = 0
             for position, payload in zip(batch[POSITION].tolist(), batch[OUTCOME], strict=True):
-                outcomes.setdefault(position, pickle.loads(payload))
-            progress.set_postfix_str(f"limit {report.limit} per actor", refresh=False)
-            progress.update(len(batch[POSITION]))
+                if position >= 0:  # a stopped batch's placeholder row
+                    done += position not in outcomes
+                    outcomes.setdefault(position, pickle.loads(payload))
+            progress.update(done)
     if len(outcomes) != limit:  # Ray Data returns each batch once, retried or not: a gap is a lost batch
         raise RuntimeError(f"{limit - len(outcomes)} of {limit} pairs came back from no merge actor")
     return _combined([outcomes[position] for position in range(limit)], reports)
+
+
+def _reports(cells: Any) -> list[BatchReport]:
+    """The reports in one output block (one per batch it joins); a stop raised as the actor met it."""
+    reports = [pickle.loads(cell) for cell in cells if cell]
+    for report in reports:
+        if report.stopped is not None:
+            raise report.stopped
+    return reports
 
 
 def _concurrency_share(merger: Merger, actors: int, embedded: bool) -> int | None:
@@ -112,4 +138,27 @@ def _combined(outcomes: list[MergeOutcome], reports: list[BatchReport]) -> Merge
         stats.requests_sent += report.stats.requests_sent
         stats.idle_releases += report.stats.idle_releases
     last = reports[-1] if reports else BatchReport()
-    return MergeBatch(outcomes, stats, last.merge_model, last.quality_model, last.endpoints)
+    return MergeBatch(outcomes, stats, last.merge_model, last.quality_model, _endpoints_over_actors(reports))
+
+
+def _endpoints_over_actors(reports: list[BatchReport]) -> dict[str, dict[str, str]]:
+    """Each endpoint as the card describes it, with the counts of every actor added up (each actor's last
+    report holds its totals) and the limit each actor reached."""
+    latest = {report.actor: report for report in reports}
+    described: dict[str, dict[str, str]] = {}
+    for role, description in (reports[-1].endpoints if reports else {}).items():
+        loads = [report.role_loads[role] for report in latest.values() if role in report.role_loads]
+        if not loads:
+            described[role] = description
+            continue
+        total = RequestLedger()
+        for load in loads:
+            total.merge(load.ledger)
+        how = "fixed" if loads[0].fixed else "adaptive"
+        peaks = ", ".join(str(load.peak_limit) for load in loads)
+        described[role] = {
+            **description,
+            **total.described(),
+            "concurrency": f"{how}, at most {peaks} in the {len(loads)} merge actor(s)",
+        }
+    return described
