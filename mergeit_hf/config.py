@@ -117,6 +117,11 @@ class MergeItConfig:
         provider: HF Inference Providers (``auto``, ``together``, ``fireworks-ai``, ...): merges go through
             huggingface_hub's provider routing with the HF token, for ``model`` (a Hub id); no endpoint URL.
         Keys are never configuration: ``MERGEIT_API_KEY`` / ``MERGEIT_SCORER_API_KEY``, else ``HF_TOKEN``.
+        batch: stage 2 through the endpoint's OpenAI-compatible batch API (``/v1/files`` + ``/v1/batches``,
+            half the price at OpenAI; answers within 24 h) in rounds, resumable from the output folder
+            (``mergeit run --batch``). An endpoint URL only; every request goes to it (no scorer or judge
+            endpoint of its own); the scorer check's few requests are sent synchronously, before any batch.
+        batch_poll_s: the first wait between polls of a batch; each next wait is 1.5 × longer, up to 10 min.
     """
 
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -162,6 +167,8 @@ class MergeItConfig:
     model: str | None = None
     scorer_model: str | None = None
     provider: str | None = None
+    batch: bool = False
+    batch_poll_s: float = 30.0
     preset: str = field(default="paper")  # one of PRESETS; "authors_scripts" starts from ``authors_scripts()``
 
     def __post_init__(self) -> None:
@@ -215,6 +222,13 @@ class MergeItConfig:
         for name in ("min_retention", "scorer_check_min_accuracy", "min_judge"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 yield f"{name} must lie in [0, 1], got {getattr(self, name)}"
+        if self.batch_poll_s <= 0:
+            yield f"batch_poll_s must be > 0, got {self.batch_poll_s}"
+        if self.batch and (self.provider or self.scorer_endpoint or self.judge_endpoint):
+            yield (
+                "batch sends every request to the merge endpoint's batch API: drop provider, scorer_endpoint "
+                "and judge_endpoint, or run without batch"
+            )
         if self.concurrency is not None and self.concurrency < 1:
             yield f"concurrency must be >= 1 or None, got {self.concurrency}"
         if not 0.0 <= self.max_missing_score_fraction <= 1.0:

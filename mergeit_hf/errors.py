@@ -34,3 +34,8 @@ class MalformedAnswerError(EndpointError):
 
 class QualityScoringError(MergeItError, RuntimeError):
     """Too many quality scores could not be computed from the endpoint's logprobs."""
+
+
+class AnswerPending(Exception):
+    """A batch round met a request whose answer is not in the request cache yet: the request is collected for
+    the round's batch and the pair waits for the next round. Never a failure; never reaches the user."""

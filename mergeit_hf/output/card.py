@@ -78,6 +78,7 @@ class RunRecord:
     tokens: dict[str, int] = field(default_factory=dict)  # prompt / completion tokens over the pairs
     engine: str = "datasets"  # what ran the stages: "datasets" (one machine) or "ray: <cluster>"
     requests: dict[str, Any] = field(default_factory=dict)  # sent (by role), retried, throttled: the servers' count
+    batch: dict[str, Any] = field(default_factory=dict)  # with --batch: rounds, requests and tokens by round
 
     @property
     def acceptance_rate(self) -> float:
@@ -150,6 +151,7 @@ def build_card(record: RunRecord, final: Dataset, pairs: Dataset, figures: list[
         sweep_figure=next((f for f in figures if f.endswith("sweep.png")), None),
         regated_at=record.regated_at,
         engine=record.engine,
+        batch=record.batch,
     )
 
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--general-size", type=int, help="|G| for the card's merge weight ω = |D|/|G|")
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
     run.add_argument(
+        "--batch", action="store_true", help="stage 2 through the endpoint's OpenAI-compatible batch API, in rounds"
+    )
+    run.add_argument(
         "--engine", default="datasets", choices=ENGINES, help="datasets (one machine) or ray (a Ray cluster)"
     )
     run.add_argument("--ray-address", help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, else local)")
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--local-model", help="GGUF path or REPO_ID:FILENAME for the embedded model")
     run.add_argument("--gate-retries", type=int, help="new merges asked for when the gate rejects one")
     run.add_argument("--no-scorer-check", action="store_true", help="skip the scorer check at the start of stage 2")
+    status = commands.add_parser("batch-status", help="where a `mergeit run --batch` stands: rounds and batches")
+    status.add_argument("folder", type=Path, help="the --output folder of `mergeit run --batch`")
+    status.add_argument("--offline", action="store_true", help="what the folder records only; ask the provider nothing")
     card = commands.add_parser("card", help="render README.md of an output folder again")
     card.add_argument("folder", type=Path)
 
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": _sweep,
             "regate": _regate,
             "publish-space": _publish_space,
+            "batch-status": _batch_status,
         }
         return commands[args.command](args)
     except (MergeItError, KeyError, ValueError, OSError) as exc:
@@ -179,6 +186,7 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
         "provider": getattr(args, "provider", None),
         "scorer_check_rows": 0 if getattr(args, "no_scorer_check", False) else None,
         "scorer_check_min_accuracy": getattr(args, "min_accuracy", None),
+        "batch": True if getattr(args, "batch", False) else None,
     }
     values.update({name: value for name, value in flags.items() if value is not None})
     if getattr(args, "preset", None) == "authors_scripts":
@@ -230,6 +238,14 @@ def _run(args: argparse.Namespace) -> int:
             "retries; none made"
         )
         _print_request_plan(groups, config, args)
+        if config.batch:
+            rounds, judged = 2 + config.gate_retries * 2, " and judgements" if config.judge else ""
+            print(
+                f"with --batch: {rounds} rounds at the least if every answer parses ({merges} merges and "
+                f"{scores - merges} source scores in the first, {merges} merge scores{judged} in the "
+                "second, each gate retry two more); parse retries and failed lines add a round each; the scorer "
+                f"check's {check} requests are sent synchronously before the first"
+            )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
     print(f"LLM: {endpoint or 'embedded llama.cpp model (no endpoint given)'}", file=sys.stderr)
@@ -247,6 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         general_size=args.general_size,
         engine=engine,
         on_loaded=lambda report: print(report.summary(), flush=True),
+        output=args.output,
     )
     written = pipeline.save(result, args.output)
     if args.push_to_hub:
@@ -273,6 +290,13 @@ def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace)
         where = endpoint or (f"HF Inference Providers ({config.provider})" if config.provider else "the embedded model")
         print(f"the first merge request for {where}, before it is written in that server's dialect:")
         print(json.dumps(plan.example, indent=2, ensure_ascii=False))
+
+
+def _batch_status(args: argparse.Namespace) -> int:
+    from mergeit_hf.run.batch_status import batch_status
+
+    print(batch_status(args.folder, ask_provider=not args.offline))
+    return 0
 
 
 def _check_scorer(args: argparse.Namespace) -> int:

@@ -95,6 +95,13 @@ class PipelineResult:
                 f"{'tokens (prompt / completion)':<{width}}  {tokens['prompt_tokens']} / {tokens['completion_tokens']}"
                 f"  (over {tokens['pairs_counted']} pairs, cached replies included)"
             )
+        if record.batch:
+            batch = record.batch
+            lines.append(
+                f"{'batch API':<{width}}  {batch['rounds']} round(s), {batch['requests']} requests "
+                f"({batch['answered']} answered, {batch['failed_lines']} failed lines, "
+                f"{batch['unanswered']} unanswered)"
+            )
         for role, described in record.endpoints.items():
             lines.append(f"{role + ' endpoint':<{width}}  " + ", ".join(f"{k}: {v}" for k, v in described.items()))
         return "\n".join(lines)
@@ -116,6 +123,7 @@ def finish_run(
     pretty_name: str | None = None,
     general_size: int | None = None,
     engine: str = "datasets",
+    batch: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Assemble the final rows, the accounting, the run record and the card from both stages' results."""
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -153,6 +161,7 @@ def finish_run(
         source_datasets=_hub_source(source),
         general_size=general_size,
         engine=engine,
+        batch=batch or {},
     )
     card, figures = card_and_figures(record, assembly.final, pairs_for_export(merged_pairs))
     return PipelineResult(report, stage1, merged_pairs, assembly, record, card, requests_sent, figures)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import Engine
-from mergeit_hf.errors import QualityScoringError
+from mergeit_hf.errors import ConfigError, QualityScoringError
 from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
+from mergeit_hf.run.batch_rounds import check_batch_api, merge_in_rounds
 from mergeit_hf.run.finish import PipelineResult, finish_run, publish, save, token_totals
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage2.merge.merger import Merger
@@ -60,10 +62,12 @@ def run_pipeline(
     general_size: int | None = None,
     engine: Engine | None = None,
     on_loaded: Callable[[LoadReport], None] | None = None,
+    output: Path | None = None,
 ) -> PipelineResult:
     """Run MergeIT on ``source``; ``endpoint`` None means ``MERGEIT_ENDPOINT`` or the embedded model.
     ``engine`` (default: datasets, on this machine) runs stage 1 and the merges; the rest is the same.
-    ``on_loaded`` is called with the load report as soon as the input is read."""
+    ``on_loaded`` is called with the load report as soon as the input is read. With ``config.batch``, stage 2
+    runs in rounds through the endpoint's batch API, resumable from ``output`` (the folder ``save`` writes)."""
     config = config or MergeItConfig()
     engine = engine or Engine()
     merger = Merger(endpoint=endpoint, config=config, cache_dir=cache_dir, use_cache=use_cache, show_progress=True)
@@ -73,12 +77,21 @@ def run_pipeline(
     # Every endpoint (merge, scorer, judge) probed before the long stages: a refused key, an unknown model or
     # a server that is not there stops the run in seconds, not after hours of embedding.
     merger.check_endpoints()
+    if config.batch:
+        if output is None:
+            raise ConfigError("batch runs keep their state in the output folder: pass output=")
+        check_batch_api(merger, engine)
     prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
     stage1 = engine.run_stage1(prefiltered.kept if prefiltered else rows, config)
     check = check_scorer_before_merging(stage1, merger)
-    merged_pairs, batch = engine.merge_stage(stage1.pairs, merger, max_pairs)
+    batched: dict[str, Any] | None = None
+    if config.batch:
+        assert output is not None
+        merged_pairs, batch, batched = merge_in_rounds(stage1.pairs, merger, engine, Path(output), max_pairs)
+    else:
+        merged_pairs, batch = engine.merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
         source,
         report,
@@ -94,6 +107,7 @@ def run_pipeline(
         pretty_name=pretty_name,
         general_size=general_size,
         engine=engine.description,
+        batch=batched,
     )
 
 

@@ -191,7 +191,10 @@ class ScriptedServer(LoopbackServer):
         return None
 
     async def _answer(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        return self.answer_body(await request.json())
+
+    def answer_body(self, body: dict) -> web.Response:
+        """The answer to one chat completion body (also a batch file's line: ``batch_server``)."""
         if self.max_logprobs and (body.get("top_logprobs") or 0) > self.max_logprobs:
             self.requests["refused logprobs"] += 1
             message = f"Requested sample logprobs of {body['top_logprobs']}, which is greater than max allowed: "

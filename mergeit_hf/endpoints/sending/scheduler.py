@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mergeit_hf.endpoints.base import ChatBackend, ChatReply, CompletionBackend, TokenUsage
+from mergeit_hf.endpoints.sending.collect import BatchCollector, BatchRequest
 from mergeit_hf.endpoints.sending.limit import EndpointLoad, request_priority, request_role
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, payload_hash
 from mergeit_hf.errors import EndpointConfigError
@@ -41,6 +42,9 @@ class RequestScheduler:
     #: Answers after which no request was waiting for the freed slot: the server then idles until the next
     #: one is ready. A stream keeps this near ``concurrency`` (the final drain); batches add it per batch.
     idle_releases: int = 0
+    #: A batch round's collector (``--batch``): a request not in the cache is collected for the round's batch
+    #: file and raises ``AnswerPending`` instead of being sent.
+    collect: BatchCollector | None = None
     _waiting: int = field(default=0, init=False)
     _in_flight: dict[str, asyncio.Future] = field(default_factory=dict, init=False)
 
@@ -64,6 +68,8 @@ class RequestScheduler:
         cached = self.cache.get(key)
         if cached is not None:
             reply, completed_at = ChatReply.from_dict(cached), cached["completed_at"]
+        elif self.collect is not None:
+            raise self.collect.missing(self._batch_request(key, payload, request, params, role))
         else:
             if key not in self._in_flight:  # identical payloads (e.g. two identical merges to score) are sent once
                 sending = asyncio.ensure_future(self._send(key, payload, request, params, role))
@@ -76,6 +82,18 @@ class RequestScheduler:
         if usage is not None:
             usage.add(reply.usage)
         return reply, completed_at
+
+    def _batch_request(
+        self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any], role: str
+    ) -> BatchRequest:
+        batch_line = getattr(self.backend, "batch_line", None)
+        if batch_line is None or not isinstance(request, list):
+            raise EndpointConfigError(
+                f"--batch needs an OpenAI-compatible chat endpoint; {role} requests go to "
+                f"{self.backend.describe()['kind']}, which has no batch API here"
+            )
+        route, body = batch_line(request, params)
+        return BatchRequest(key, payload, route, body, role)
 
     async def _send(
         self, key: str, payload: dict[str, Any], request: Request, params: dict[str, Any], role: str

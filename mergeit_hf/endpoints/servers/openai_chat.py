@@ -34,6 +34,10 @@ class OpenAIChatBackend(ServedBackend):
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": self._formats.form}
 
+    def batch_line(self, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The route and body of this request as a line of a batch file: what ``chat`` would post now."""
+        return CHAT_ROUTE, {"model": self.model_id, "messages": messages, **in_form(params, self._formats.form)}
+
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> ChatReply:
         formatted = "response_format" in params
         while True:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.base import ChatBackend, TokenUsage
 from mergeit_hf.endpoints.connect import EndpointSettings, open_chat_backend, open_completion_backend
+from mergeit_hf.endpoints.sending.collect import BatchCollector
 from mergeit_hf.endpoints.sending.ledger import RequestLedger
 from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
@@ -32,7 +33,7 @@ from mergeit_hf.endpoints.sending.senders import Senders
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
-from mergeit_hf.errors import TemplateError
+from mergeit_hf.errors import AnswerPending, TemplateError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.merge.columns import outcome_columns, typed_for_map
 from mergeit_hf.stage2.merge.pair import PairRun, merge_one, with_complexity
@@ -97,6 +98,8 @@ class Merger:
     use_cache: bool = True
     show_progress: bool = False
     share_fixed_limit: bool = True
+    #: A batch round's collector (``run.batch_rounds``): uncached requests are collected, not sent.
+    collector: BatchCollector | None = field(default=None, compare=False, repr=False)
     #: What this merger's sessions sent (by role, retried, throttled); not part of what ``map`` fingerprints.
     ledger: RequestLedger = field(default_factory=RequestLedger, compare=False, repr=False)
 
@@ -116,7 +119,7 @@ class Merger:
         # Endpoints and model taken from the environment are part of what datasets fingerprints, so changing
         # MERGEIT_ENDPOINT, MERGEIT_SCORER_ENDPOINT or MERGEIT_MODEL never reuses another server's map results.
         resolved = (self.resolved_endpoint, self.resolved_scorer_endpoint, self.resolved_model)
-        state = {name: value for name, value in self.__dict__.items() if name != "ledger"}
+        state = {name: value for name, value in self.__dict__.items() if name not in ("ledger", "collector")}
         return {**state, "_resolved": resolved}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -227,7 +230,7 @@ class Merger:
         size_pool = getattr(backend, "size_pool", None)
         if size_pool is not None:
             await size_pool(load.current if load.fixed else MAX_LIMIT)
-        return RequestScheduler(backend, cache, load)
+        return RequestScheduler(backend, cache, load, collect=self.collector)
 
     @asynccontextmanager
     async def session(
@@ -347,9 +350,12 @@ async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) ->
     usage = TokenUsage()
     current_usage.set(usage)  # this pair's task (and the requests it starts) count into ``usage``
     sources = merge_sources(pair)
-    outcome = await merge_one(run, sources, pair.get("system") or "")
-    if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
-        outcome = await with_complexity(run.complexity, sources, outcome)
+    try:
+        outcome = await merge_one(run, sources, pair.get("system") or "")
+        if run.complexity is not None and outcome.merged is not None and outcome.status != "failed":
+            outcome = await with_complexity(run.complexity, sources, outcome)
+    except AnswerPending:  # a batch round: its requests are collected; the pair ends in a later round
+        outcome = MergeOutcome("pending", "waiting for the batch's answers")
     if usage.replies:
         outcome = dataclasses.replace(outcome, tokens=(usage.prompt, usage.completion))
     progress.set_postfix_str(f"limit {run.merges.concurrency}", refresh=False)  # the endpoint's limit now

@@ -18,7 +18,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.batcher import EmbeddingBatcher
 from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, request_priority
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, read_outcome
-from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
+from mergeit_hf.errors import AnswerPending, EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.gate import SIDES, AttemptScores, GateDecision, choose, decide
 from mergeit_hf.stage2.merge.answer import MergeParseError, parse_merge_output
@@ -66,13 +66,33 @@ async def _at(priority: int, work: Awaitable[T]) -> T:
     return await work
 
 
+async def gather_all(*works: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather`` that lets every work end before raising the first error: in a batch round each of
+    them then collects its request (a plain gather stops waiting at the first ``AnswerPending``). A work may
+    return an error as its value (a score does): only what a work raised is raised."""
+    raised: list[BaseException] = []
+
+    async def settled(work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except BaseException as exc:
+            raised.append(exc)
+            return None
+
+    results = await asyncio.gather(*(settled(work) for work in works))
+    if raised:
+        raise raised[0]
+    return results
+
+
 async def merge_one(run: PairRun, sources: list[dict[str, str]], system: str = "") -> MergeOutcome:
     """The pair's outcome. A refused key or model, or too many scores without digits, stops the run (every
-    pair would fail alike); anything else that goes wrong fails this pair only, keeping the attempts made."""
+    pair would fail alike); anything else that goes wrong fails this pair only, keeping the attempts made.
+    In a batch round, a pair needing an answer not yet in the cache raises ``AnswerPending``."""
     attempts: list[MergeAttempt] = []
     try:
         return await _merge(run, sources, attempts, system)
-    except (EndpointConfigError, QualityScoringError):
+    except (EndpointConfigError, QualityScoringError, AnswerPending):
         raise
     except Exception as exc:  # a bug or a library's surprise in one pair must not cancel the others
         reason = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -84,7 +104,11 @@ async def _merge(
 ) -> MergeOutcome:
     first_merge = asyncio.ensure_future(_request_merge(run, sources, 0, system))
     try:
-        scores = await asyncio.gather(*(_at(LEAF, run.scorer.score(source)) for source in sources))
+        scores = await gather_all(*(_at(LEAF, run.scorer.score(source)) for source in sources))
+    except AnswerPending:
+        # The merge goes into the same round's batch as the scores: let it collect its request.
+        await asyncio.gather(first_merge, return_exceptions=True)
+        raise
     except BaseException:
         abandon(first_merge)
         raise
@@ -120,7 +144,7 @@ async def with_complexity(scorer: QualityScorer, sources: list[dict[str, str]], 
     """Deita's complexity of the sources and the merge, for information: a complexity that cannot be scored
     leaves the columns empty and says so in the reason; the gate's decision stands."""
     assert outcome.merged is not None
-    scores = await asyncio.gather(*(_at(FINISHING, scorer.score(row)) for row in [*sources, outcome.merged]))
+    scores = await gather_all(*(_at(FINISHING, scorer.score(row)) for row in [*sources, outcome.merged]))
     for label, score in zip([*SIDES[: len(sources)], "merged"], scores, strict=True):
         problem = _score_problem(label, score, "complexity")
         if problem:
@@ -137,12 +161,12 @@ async def _attempt(
     seed = merge_params(run.config, 0, gate_attempt)["seed"]
     try:
         merged, sent, completed_at = await merge
-    except EndpointConfigError:
-        raise  # the key, model or URL is wrong: every pair would fail the same way, so the run stops
+    except (EndpointConfigError, AnswerPending):
+        raise  # the key, model or URL is wrong (every pair would fail the same way); or wait for the batch
     except (MergeParseError, EndpointError) as exc:
         kind = "unparseable merge" if isinstance(exc, MergeParseError) else "endpoint error"
         return MergeAttempt(seed, error=f"{kind}: {exc}"), run.config.parse_retries + 1, "", None
-    score_m, retentions, verdict = await asyncio.gather(
+    score_m, retentions, verdict = await gather_all(
         _at(FINISHING, run.scorer.score(merged)),
         _retentions(run, sources, merged),
         _at(FINISHING, _verdict(run, sources, merged)),

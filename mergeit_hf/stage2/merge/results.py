@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from mergeit_hf.stage2.gate import AttemptScores
 
-MergeStatus = Literal["accepted", "rejected", "failed", "skipped"]
+MergeStatus = Literal["accepted", "rejected", "failed", "skipped", "pending"]  # pending: a batch round only
 
 
 @dataclass(frozen=True)

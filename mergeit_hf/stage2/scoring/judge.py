@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler
-from mergeit_hf.errors import EndpointConfigError, EndpointError
+from mergeit_hf.errors import AnswerPending, EndpointConfigError, EndpointError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.scoring.scorer import score_params
 
@@ -67,7 +67,7 @@ class Judge:
         request = content if self.raw else [{"role": "user", "content": content}]
         try:  # one token at temperature 1, as a quality score: the model's own probabilities
             reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config), "judge")
-        except EndpointConfigError:
+        except (EndpointConfigError, AnswerPending):
             raise
         except EndpointError as exc:
             return exc

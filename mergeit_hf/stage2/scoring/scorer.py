@@ -9,7 +9,7 @@ from typing import Any
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.embedder import join_text
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler
-from mergeit_hf.errors import EndpointConfigError, EndpointError, QualityScoringError
+from mergeit_hf.errors import AnswerPending, EndpointConfigError, EndpointError, QualityScoringError
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.scoring.deita import QualityScore, expected_score
 
@@ -72,8 +72,8 @@ class QualityScorer:
         request = content if self.raw else [{"role": "user", "content": content}]
         try:
             reply, _ = await self.scheduler.complete(self.template, request, score_params(self.config), self.role)
-        except EndpointConfigError:
-            raise  # a refused key or model stops the run; it is not one row's problem
+        except (EndpointConfigError, AnswerPending):
+            raise  # a refused key or model stops the run (not one row's problem); a pending one waits its round
         except EndpointError as exc:
             return exc
         except Exception as exc:  # anything else fails this score only, named, never the run

@@ -1,0 +1,159 @@
+"""One batch round at the provider: the collected requests written as JSON lines files, uploaded, a batch
+created over each, polled with backoff until it ends, and every answer written into the request cache.
+
+Each step is recorded in ``BatchState`` as soon as the provider has acted on it, so ``finish`` resumes a round
+a killed client left: it uploads only files with no id, creates a batch only over a file that has none (after
+asking the provider whether one was created just before the kill), and polls the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mergeit_hf.endpoints.base import reply_from_chat_completion
+from mergeit_hf.endpoints.batch.api import BatchApi, BatchInfo
+from mergeit_hf.endpoints.batch.limits import COMPLETION_WINDOW, BatchLimits
+from mergeit_hf.endpoints.batch.state import BatchState, RoundRecord, SubmittedFile
+from mergeit_hf.endpoints.sending.collect import BatchCollector
+from mergeit_hf.endpoints.sending.request_cache import RequestCache
+
+logger = logging.getLogger(__name__)
+MAX_POLL_S = 600.0  # polls slow down to one every ten minutes: a batch may take its whole 24 hours
+
+
+@dataclass
+class BatchRounds:
+    """The provider's batch API, the run's batch state, and the request cache answers go into.
+
+    retries: failed lines a request may have before it is given up (``request_retries``).
+    poll_s: the first wait between polls; each next one is 1.5 × longer, up to ``MAX_POLL_S``.
+    """
+
+    api: BatchApi
+    state: BatchState
+    cache: RequestCache
+    retries: int
+    poll_s: float = 30.0
+    limits: BatchLimits = BatchLimits()  # noqa: RUF009 (frozen, shared safely)
+    window: str = COMPLETION_WINDOW
+
+    def submit(self, collector: BatchCollector) -> RoundRecord:
+        """Write the round's files beside the state and record the round (nothing is sent yet: ``finish``)."""
+        requests = sorted(collector.requests.values(), key=lambda request: request.key)
+        number = len(self.state.rounds) + 1
+        record = RoundRecord(number, len(requests), collector.by_role())
+        by_key = {request.key: request for request in requests}
+        for index, lines in enumerate(self.limits.split([request.line() for request in requests]), start=1):
+            name = f"round-{number}-part-{index}.jsonl"
+            (self.state.folder / name).write_bytes(b"".join(lines))
+            keys = [json.loads(line)["custom_id"] for line in lines]
+            payloads = "".join(json.dumps({"key": k, "payload": by_key[k].payload}) + "\n" for k in keys)
+            (self.state.folder / _payloads_name(name)).write_text(payloads)
+            record.files.append(SubmittedFile(name, len(lines)))
+        self.state.rounds.append(record)
+        self.state.save()
+        return record
+
+    async def finish(self, record: RoundRecord) -> None:
+        """Upload, create, poll and ingest every file of ``record`` not done yet."""
+        try:
+            await self._finish(record)
+        finally:
+            await self.api.aclose()  # its connections belong to this event loop
+
+    async def _finish(self, record: RoundRecord) -> None:
+        route = "/v1/chat/completions"
+        for part in record.files:
+            if part.input_file_id is None:
+                part.input_file_id = await self.api.upload(part.name, (self.state.folder / part.name).read_bytes())
+                part.status = "uploaded"
+                self.state.save()
+            if part.batch_id is None:
+                found = await self.api.find(part.input_file_id)
+                metadata = {"mergeit_round": str(record.round), "file": part.name}
+                batch = found or await self.api.create(part.input_file_id, route, self.window, metadata)
+                part.batch_id, part.status = batch.id, batch.status
+                self.state.save()
+                logger.info(
+                    "batch round %d: %s has %d requests in batch %s", record.round, part.name, part.requests, batch.id
+                )
+        await asyncio.gather(*(self._wait_and_ingest(record, part) for part in record.files if not part.ingested))
+
+    async def _wait_and_ingest(self, record: RoundRecord, part: SubmittedFile) -> None:
+        assert part.batch_id is not None
+        wait = self.poll_s
+        while True:
+            batch = await self.api.get(part.batch_id)
+            if batch.status != part.status:
+                part.status = batch.status
+                self.state.save()
+            if batch.done:
+                break
+            await asyncio.sleep(wait)
+            wait = min(MAX_POLL_S, wait * 1.5)
+        await self._ingest(record, part, batch)
+
+    async def _ingest(self, record: RoundRecord, part: SubmittedFile, batch: BatchInfo) -> None:
+        payloads = _read_payloads(self.state.folder / _payloads_name(part.name))
+        seen: set[str] = set()
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id:
+                for line in (await self.api.content(file_id)).splitlines():
+                    if line.strip():
+                        self._take(record, json.loads(line), payloads, seen)
+        if batch.status == "failed":  # the file itself was refused: every line failed with the batch's errors
+            for key in payloads.keys() - seen:
+                self._failed(record, key, f"the batch failed validation ({batch.errors or 'no reason given'})")
+                seen.add(key)
+        record.unanswered += len(payloads.keys() - seen)  # an expired or cancelled batch: asked again next round
+        part.ingested = True
+        self.state.save()
+
+    def _take(self, record: RoundRecord, line: dict[str, Any], payloads: dict[str, Any], seen: set[str]) -> None:
+        key = line.get("custom_id")
+        if key not in payloads or key in seen:
+            return  # not a line of ours (or a repeat): nothing to store it under
+        seen.add(key)
+        response = line.get("response") or {}
+        status, body = response.get("status_code"), response.get("body")
+        if status != 200 or not isinstance(body, dict):
+            error = line.get("error") or (body.get("error") if isinstance(body, dict) else None)
+            self._failed(record, key, f"HTTP {status}: {_message(error) or 'no message'}")
+            return
+        try:
+            reply = reply_from_chat_completion(body)
+        except Exception as exc:  # a malformed answer fails this line, never the round
+            self._failed(record, key, f"malformed answer: {type(exc).__name__}: {exc}")
+            return
+        completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.cache.put(key, payloads[key], {**reply.to_dict(), "completed_at": completed_at})
+        record.answered += 1
+        if reply.usage:
+            record.prompt_tokens += reply.usage[0]
+            record.completion_tokens += reply.usage[1]
+
+    def _failed(self, record: RoundRecord, key: str, reason: str) -> None:
+        record.failed_lines += 1
+        self.state.attempts[key] = self.state.attempts.get(key, 0) + 1
+        if self.state.attempts[key] >= self.retries:
+            self.state.given_up[key] = f"{reason} ({self.state.attempts[key]} batch attempts)"
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or "")
+    return str(error or "")
+
+
+def _payloads_name(name: str) -> str:
+    return name.removesuffix(".jsonl") + ".payloads.jsonl"
+
+
+def _read_payloads(path: Path) -> dict[str, Any]:
+    return {entry["key"]: entry["payload"] for entry in map(json.loads, path.read_text().splitlines())}

@@ -1,0 +1,131 @@
+"""Where a ``--batch`` run stands, in the output folder (``OUT/batch/state.json``): each round's files and batch
+ids, the answers, failed lines and tokens it brought, and the requests that failed too often to send again.
+
+Written (atomically) after every step that creates something at the provider, so a client killed at any point
+and started again picks up the batch it was waiting on instead of submitting a second one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class SubmittedFile:
+    """One input file of a round: its local copy, its id at the provider, and the batch over it."""
+
+    name: str  # round-N-part-M.jsonl, beside state.json (its payloads in round-N-part-M.payloads.jsonl)
+    requests: int
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    status: str = "not uploaded"
+    ingested: bool = False
+
+
+@dataclass
+class RoundRecord:
+    """One round: what it sent, and what came back."""
+
+    round: int
+    requests: int
+    by_role: dict[str, int]
+    files: list[SubmittedFile] = field(default_factory=list)
+    answered: int = 0
+    failed_lines: int = 0
+    unanswered: int = 0  # in a batch that expired, was cancelled or failed before answering them
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(part.ingested for part in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundRecord:
+        files = [SubmittedFile(**part) for part in data.pop("files")]
+        return cls(**data, files=files)
+
+
+@dataclass
+class BatchState:
+    """endpoint: the URL the batches went to (a run against another endpoint starts afresh, keeping nothing).
+    attempts: failed lines by request key; given_up: the keys that failed ``request_retries`` times, with the
+    last reason."""
+
+    folder: Path
+    endpoint: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    given_up: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def in_flight(self) -> RoundRecord | None:
+        """The last round, if its answers are not all in the cache yet."""
+        return self.rounds[-1] if self.rounds and not self.rounds[-1].done else None
+
+    @classmethod
+    def open(cls, folder: Path, endpoint: str) -> BatchState:
+        path = folder / STATE_FILE
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data["endpoint"] == endpoint:
+                rounds = [RoundRecord.from_dict(r) for r in data["rounds"]]
+                return cls(folder, endpoint, rounds, data["attempts"], data["given_up"])
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder, endpoint)
+
+    @classmethod
+    def read(cls, folder: Path) -> BatchState:
+        """The state as a run left it (``mergeit batch-status``)."""
+        path = folder / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: no `mergeit run --batch` wrote to this folder")
+        data = json.loads(path.read_text())
+        rounds = [RoundRecord.from_dict(r) for r in data["rounds"]]
+        return cls(folder, data["endpoint"], rounds, data["attempts"], data["given_up"])
+
+    def save(self) -> None:
+        data = {
+            "endpoint": self.endpoint,
+            "rounds": [r.to_dict() for r in self.rounds],
+            "attempts": self.attempts,
+            "given_up": self.given_up,
+        }
+        temporary = self.folder / (STATE_FILE + ".tmp")
+        temporary.write_text(json.dumps(data, indent=1))
+        os.replace(temporary, self.folder / STATE_FILE)  # never half a file, whenever the client is killed
+
+    def summary(self) -> dict[str, Any]:
+        """What run.json and the card record: the rounds, requests and tokens sent through the batch API."""
+        return {
+            "rounds": len(self.rounds),
+            "requests": sum(r.requests for r in self.rounds),
+            "answered": sum(r.answered for r in self.rounds),
+            "failed_lines": sum(r.failed_lines for r in self.rounds),
+            "unanswered": sum(r.unanswered for r in self.rounds),
+            "given_up": len(self.given_up),
+            "by_round": [
+                {
+                    "round": r.round,
+                    "requests": r.requests,
+                    "by_role": r.by_role,
+                    "batches": [part.batch_id for part in r.files],
+                    "answered": r.answered,
+                    "failed_lines": r.failed_lines,
+                    "unanswered": r.unanswered,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                }
+                for r in self.rounds
+            ],
+        }

@@ -1,0 +1,223 @@
+"""Issue 27: stage 2 through OpenAI-compatible batch APIs, in rounds over the request cache.
+
+Against a scripted Batch API (``tests/helpers/batch_server.py``) whose lines are answered by the same scripted
+model as its synchronous route: a ``--batch`` run ends with the rows, statuses and accounting of a synchronous
+run; a client killed while a batch is in progress resumes it without a second batch; an expired batch and
+failed lines end with every pair decided and only the failed lines sent again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mergeit_hf import MergeItConfig
+from mergeit_hf.endpoints.batch.limits import BatchLimits
+from mergeit_hf.errors import ConfigError
+from mergeit_hf.output.folder import OutputFolder
+from mergeit_hf.run.cli import main
+from tests.helpers.batch_server import ScriptedBatchServer
+from tests.helpers.pairs import real_rows, restate_all
+from tests.helpers.scripted import ScriptedServer, peaked
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG = "scorer_check_rows: 8\nbatch_poll_s: 0.01\nrequest_retries: 3\n"
+STATUSES = {"accepted", "rejected", "failed"}
+
+
+def scripts(rows: list[dict]):
+    """A merge that restates the sources its prompt quotes (found by their whole instruction); merges score 6
+    or, for every third pair, 2 (the gate rejects those); sources score 3."""
+    instructions = [(row["instruction"], row) for row in rows]
+
+    def merge(prompt: str, body: dict) -> dict:
+        found = sorted((prompt.find(text), -len(text), i) for i, (text, _) in enumerate(instructions) if text in prompt)
+        chosen = [instructions[i][1] for _, _, i in found][:2]
+        return restate_all(*chosen)
+
+    def score(instruction: str, output: str) -> dict[str, float]:
+        if "as a second task" not in instruction:
+            return peaked(3)
+        return peaked(2) if len(instruction) % 3 == 0 else peaked(6)
+
+    return merge, score
+
+
+def _run(folder: Path, rows_path: Path, endpoint: str, *flags: str, output: str = "out") -> Path:
+    config = folder / "config.yaml"
+    config.write_text(CONFIG)
+    args = ["run", str(rows_path), "--output", str(folder / output), "--endpoint", endpoint, "--config", str(config)]
+    assert main([*args, "--cache-dir", str(folder / f"cache-{output}"), *flags]) == 0
+    return folder / output
+
+
+def _rows_file(folder: Path, count: int) -> tuple[list[dict], Path]:
+    rows = real_rows("gpteacher_toolformer.json", list(range(count)))
+    path = folder / "rows.json"
+    path.write_text(json.dumps(rows))
+    return rows, path
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("merged_at", "created_at")} for row in rows]
+
+
+def test_a_batch_run_gives_the_rows_statuses_and_accounting_of_a_synchronous_run(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 2500)
+    synchronous = ScriptedServer(*scripts(rows), slots=64, serves_info=False).start()
+    batch = ScriptedBatchServer(*scripts(rows), slots=64).start()
+    try:
+        # The synchronous server names its model like the batch one (no /info): pass it
+        sync_out = _run(tmp_path, rows_path, synchronous.url, "--model", batch.model_id, output="sync")
+        batch_out = _run(tmp_path, rows_path, batch.url, "--batch", output="batch")
+    finally:
+        synchronous.stop()
+        batch.stop()
+    sync, batched = OutputFolder.open(sync_out), OutputFolder.open(batch_out)
+    statuses = Counter(batched.pairs["merge_status"])
+    assert set(statuses) <= STATUSES and statuses["accepted"] > 50 and statuses["rejected"] > 10, statuses
+    assert _without_times(batched.final.to_list()) == _without_times(sync.final.to_list())
+    keep = ["pair_id", "merge_status", "merge_reason", "quality_merged", "quality_a", "quality_b", "merged_output"]
+    assert batched.pairs.select_columns(keep).to_list() == sync.pairs.select_columns(keep).to_list()
+    assert batched.accounting.to_list() == sync.accounting.to_list()
+    assert batched.record.counts == sync.record.counts
+    # Nothing went synchronously but the scorer check; every batch line was answered once
+    assert batched.record.requests["by_role"] == {"scorer check": sync.record.requests["by_role"]["scorer check"]}
+    summary = batched.record.batch
+    assert summary["rounds"] == 2 and summary["failed_lines"] == 0 and summary["unanswered"] == 0
+    assert summary["requests"] == sum(batch.lines_answered.values()) == len(batch.lines_answered)
+    assert batch.requests["merge"] == sync.record.counts["pairs"] == synchronous.requests["merge"]
+    assert sum(r["prompt_tokens"] for r in summary["by_round"]) == summary["answered"]  # 1 a reply, scripted
+    card = (batch_out / "README.md").read_text()
+    assert "Stage 2 through the endpoint's batch API: 2 round(s)" in card
+
+
+def test_a_client_killed_while_its_batch_runs_resumes_that_batch_and_merges_every_pair_once(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    server = ScriptedBatchServer(*scripts(rows), slots=8).start()
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("batch_poll_s: 0.01", "batch_poll_s: 0.3"))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    command = [
+        sys.executable,
+        "-m",
+        "mergeit_hf",
+        "run",
+        str(rows_path),
+        "--output",
+        str(out),
+        "--endpoint",
+        server.url,
+        "--config",
+        str(config),
+        "--cache-dir",
+        str(cache),
+        "--batch",
+    ]
+    try:
+        client = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not any(b["status"] == "in_progress" for b in server.batches.values()):
+            assert client.poll() is None, client.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no batch in progress after 300 s"
+            time.sleep(0.05)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        assert len(server.batches) == 1 and server.requests["merge"] == 0  # killed mid-round, nothing answered
+
+        status = subprocess.run(
+            [sys.executable, "-m", "mergeit_hf", "batch-status", str(out)],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "round 1 (in flight)" in status and "the provider says batch_" in status, status
+
+        config.write_text(CONFIG)
+        args = ["run", str(rows_path), "--output", str(out), "--endpoint", server.url, "--config", str(config)]
+        assert main([*args, "--cache-dir", str(cache), "--batch"]) == 0
+    finally:
+        server.stop()
+    created = [b["metadata"]["mergeit_round"] for b in server.batches.values()]
+    assert created == ["1", "2"]  # round 1 resumed, not submitted twice
+    merged = OutputFolder.open(out)
+    assert set(merged.pairs["merge_status"]) <= STATUSES
+    assert server.requests["merge"] == len(merged.pairs)  # every pair merged once
+    assert set(server.lines_answered.values()) == {1}
+
+
+def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_those_sent_again(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    server = ScriptedBatchServer(*scripts(rows), slots=8).start()
+    server.expire_next, server.fail_next_lines = True, 5  # the first batch: half answered, five of those failed
+    try:
+        out = _run(tmp_path, rows_path, server.url, "--batch")
+    finally:
+        server.stop()
+    merged = OutputFolder.open(out)
+    assert set(merged.pairs["merge_status"]) <= STATUSES and len(merged.pairs) > 10
+    summary = merged.record.batch
+    first = summary["by_round"][0]
+    assert first["failed_lines"] == 5 and first["unanswered"] == first["requests"] - first["requests"] // 2
+    again = {key for key, times in server.lines_answered.items() if times > 1}
+    assert len(again) == 5  # only the failed lines were answered twice; the expired half went once, later
+    assert sorted(merged.accounting["source_index"]) == list(range(len(rows)))  # every row accounted for
+
+
+def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+
+    class AlwaysFailing(ScriptedBatchServer):
+        def _finish(self, batch, lines, failing):  # the merges' lines fail in every batch
+            merges = sum(1 for line in lines if "response_format" in line["body"])
+            super()._finish(batch, sorted(lines, key=lambda line: "response_format" not in line["body"]), merges)
+
+    server = AlwaysFailing(*scripts(rows), slots=8).start()
+    try:
+        out = _run(tmp_path, rows_path, server.url, "--batch")
+    finally:
+        server.stop()
+    merged = OutputFolder.open(out)
+    assert set(merged.pairs["merge_status"]) == {"failed"}
+    reason = merged.pairs["merge_reason"][0]
+    assert "batch request failed: HTTP 500: The server had an error" in reason and "(3 batch attempts)" in reason
+    assert merged.record.batch["given_up"] == len(merged.pairs)
+
+
+def test_batch_is_refused_where_it_cannot_run(tmp_path):
+    with pytest.raises(ConfigError, match="batch sends every request to the merge endpoint"):
+        MergeItConfig(batch=True, scorer_endpoint="http://127.0.0.1:9")
+    rows_path = _rows_file(tmp_path, 50)[1]
+    assert main(["run", str(rows_path), "--output", str(tmp_path / "o"), "--batch"]) == 2  # the embedded model
+
+
+def test_a_server_without_a_batch_api_stops_the_run_before_stage_1(tmp_path, capsys):
+    rows, rows_path = _rows_file(tmp_path, 50)
+    server = ScriptedServer(*scripts(rows), slots=8, serves_info=True).start()
+    try:
+        args = ["run", str(rows_path), "--output", str(tmp_path / "o"), "--endpoint", server.url, "--batch"]
+        assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
+    finally:
+        server.stop()
+    said = capsys.readouterr()
+    assert "has no usable batch API (GET /v1/batches)" in said.err and "Embedding" not in said.err
+
+
+def test_a_round_is_split_into_files_at_the_limits():
+    lines = [b"x" * 10 + b"\n"] * 7
+    assert [len(part) for part in BatchLimits(max_requests=3).split(lines)] == [3, 3, 1]
+    assert [len(part) for part in BatchLimits(max_bytes=25).split(lines)] == [2, 2, 2, 1]
+    with pytest.raises(ValueError, match="above the 5 a file holds"):
+        BatchLimits(max_bytes=5).split(lines)
+
+
+def test_batch_status_without_a_batch_run_says_so(tmp_path):
+    assert main(["batch-status", str(tmp_path)]) == 2
