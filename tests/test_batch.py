@@ -154,9 +154,10 @@ def test_a_client_killed_while_its_batch_runs_resumes_that_batch_and_merges_ever
     assert set(server.lines_answered.values()) == {1}
 
 
-def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_those_sent_again(tmp_path):
+def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_those_sent_again(tmp_path, monkeypatch):
     rows, rows_path = _rows_file(tmp_path, 400)
-    server = ScriptedBatchServer(*scripts(rows), slots=8).start()
+    monkeypatch.setenv("MERGEIT_API_KEY", "sk-batch-test")  # every route refuses a request without it
+    server = ScriptedBatchServer(*scripts(rows), slots=8, required_key="sk-batch-test").start()
     server.expire_next, server.fail_next_lines = True, 5  # the first batch: half answered, five of those failed
     try:
         out = _run(tmp_path, rows_path, server.url, "--batch")

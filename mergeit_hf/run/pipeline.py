@@ -74,13 +74,13 @@ def run_pipeline(
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
     if on_loaded is not None:  # the CLI prints what was read before the long stages start
         on_loaded(report)
-    # Every endpoint (merge, scorer, judge) probed before the long stages: a refused key, an unknown model or
-    # a server that is not there stops the run in seconds, not after hours of embedding.
-    merger.check_endpoints()
-    if config.batch:
+    if config.batch:  # before the probes: the embedded model would load only to be refused
         if output is None:
             raise ConfigError("batch runs keep their state in the output folder: pass output=")
         check_batch_api(merger, engine)
+    # Every endpoint (merge, scorer, judge) probed before the long stages: a refused key, an unknown model or
+    # a server that is not there stops the run in seconds, not after hours of embedding.
+    merger.check_endpoints()
     prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())

@@ -37,6 +37,7 @@ class ScriptedBatchServer(ScriptedServer):
 
     def routes(self, app: web.Application) -> None:
         super().routes(app)
+        app.middlewares.append(self._key_check)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/files", self._upload)
         app.router.add_get("/v1/files/{id}/content", self._content)
@@ -44,17 +45,19 @@ class ScriptedBatchServer(ScriptedServer):
         app.router.add_get("/v1/batches", self._list)
         app.router.add_get("/v1/batches/{id}", self._get)
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        if self.required_key is not None and request.headers.get("Authorization") != f"Bearer {self.required_key}":
+    @web.middleware
+    async def _key_check(self, request: web.Request, handler):
+        """The files and batches routes answer 401 without the key (the chat route checks its own)."""
+        batch_route = request.path.startswith(("/v1/files", "/v1/batches"))
+        keyed = self.required_key is None or request.headers.get("Authorization") == f"Bearer {self.required_key}"
+        if batch_route and not keyed:
             return web.json_response({"error": {"message": "Invalid API key"}}, status=401)
-        return None
+        return await handler(request)
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.model_id, "object": "model"}]})
 
     async def _upload(self, request: web.Request) -> web.Response:
-        if (refusal := self._refused(request)) is not None:
-            return refusal
         form = await request.post()
         if form.get("purpose") != "batch":
             return web.json_response({"error": {"message": "purpose must be batch"}}, status=400)
@@ -74,16 +77,12 @@ class ScriptedBatchServer(ScriptedServer):
         )
 
     async def _content(self, request: web.Request) -> web.Response:
-        if (refusal := self._refused(request)) is not None:
-            return refusal
         content = self.files.get(request.match_info["id"])
         if content is None:
             return web.json_response({"error": {"message": "No such File object"}}, status=404)
         return web.Response(body=content, content_type="application/octet-stream")
 
     async def _create(self, request: web.Request) -> web.Response:
-        if (refusal := self._refused(request)) is not None:
-            return refusal
         body = await request.json()
         if body.get("input_file_id") not in self.files:
             return web.json_response({"error": {"message": "No such File object"}}, status=400)
@@ -111,15 +110,11 @@ class ScriptedBatchServer(ScriptedServer):
         return web.json_response(self.batches[batch_id])
 
     async def _list(self, request: web.Request) -> web.Response:
-        if (refusal := self._refused(request)) is not None:
-            return refusal
         limit = int(request.query.get("limit", 20))
         newest = list(reversed(self.batches.values()))[:limit]
         return web.json_response({"object": "list", "data": newest, "has_more": len(self.batches) > limit})
 
     async def _get(self, request: web.Request) -> web.Response:
-        if (refusal := self._refused(request)) is not None:
-            return refusal
         batch = self.batches.get(request.match_info["id"])
         if batch is None:
             return web.json_response({"error": {"message": "No such Batch object"}}, status=404)

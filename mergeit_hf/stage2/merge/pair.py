@@ -67,21 +67,20 @@ async def _at(priority: int, work: Awaitable[T]) -> T:
 
 
 async def gather_all(*works: Awaitable[Any]) -> list[Any]:
-    """``asyncio.gather`` that lets every work end before raising the first error: in a batch round each of
-    them then collects its request (a plain gather stops waiting at the first ``AnswerPending``). A work may
-    return an error as its value (a score does): only what a work raised is raised."""
-    raised: list[BaseException] = []
+    """``asyncio.gather``, except that an ``AnswerPending`` (a batch round) is raised only once every work has
+    ended, so each of them collects its request; any other error is raised at once, as ``gather`` does."""
+    pending: list[AnswerPending] = []
 
     async def settled(work: Awaitable[Any]) -> Any:
         try:
             return await work
-        except BaseException as exc:
-            raised.append(exc)
+        except AnswerPending as exc:
+            pending.append(exc)
             return None
 
     results = await asyncio.gather(*(settled(work) for work in works))
-    if raised:
-        raise raised[0]
+    if pending:
+        raise pending[0]
     return results
 
 
