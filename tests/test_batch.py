@@ -8,6 +8,7 @@ failed lines end with every pair decided and only the failed lines sent again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -19,7 +20,11 @@ from pathlib import Path
 import pytest
 
 from mergeit_hf import MergeItConfig
+from mergeit_hf.endpoints.batch.api import BatchApi, BatchInfo
 from mergeit_hf.endpoints.batch.limits import BatchLimits
+from mergeit_hf.endpoints.batch.rounds import BatchRounds
+from mergeit_hf.endpoints.batch.state import BatchState, RoundRecord, SubmittedFile
+from mergeit_hf.endpoints.sending.request_cache import RequestCache
 from mergeit_hf.errors import ConfigError
 from mergeit_hf.output.folder import OutputFolder
 from mergeit_hf.run.cli import main
@@ -177,9 +182,10 @@ def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp
     rows, rows_path = _rows_file(tmp_path, 400)
 
     class AlwaysFailing(ScriptedBatchServer):
-        def _finish(self, batch, lines, failing):  # the merges' lines fail in every batch
+        def _finish(self, batch, lines, failing, never_run=()):  # the merges' lines fail in every batch
             merges = sum(1 for line in lines if "response_format" in line["body"])
-            super()._finish(batch, sorted(lines, key=lambda line: "response_format" not in line["body"]), merges)
+            ordered = sorted(lines, key=lambda line: "response_format" not in line["body"])
+            super()._finish(batch, ordered, merges, never_run)
 
     server = AlwaysFailing(*scripts(rows), slots=8).start()
     try:
@@ -222,3 +228,64 @@ def test_a_round_is_split_into_files_at_the_limits():
 
 def test_batch_status_without_a_batch_run_says_so(tmp_path):
     assert main(["batch-status", str(tmp_path)]) == 2
+
+
+class Killed(Exception):
+    """The client killed while it downloads a batch's error file."""
+
+
+def test_a_kill_while_answers_download_saves_no_count_and_expired_lines_are_not_attempts(tmp_path):
+    state = BatchState.open(tmp_path / "batch", "http://127.0.0.1:9/v1")
+    part = SubmittedFile("round-1-part-1.jsonl", 2, "file-in", "batch-1", "expired")
+    record = RoundRecord(1, 2, {"merge": 2}, files=[part])
+    state.rounds.append(record)
+    payloads = "".join(json.dumps({"key": key, "payload": {"n": key}}) + "\n" for key in ("a", "b"))
+    (state.folder / "round-1-part-1.payloads.jsonl").write_text(payloads)
+    completion = {"choices": [{"message": {"content": "x"}}]}
+    answered = {"custom_id": "a", "response": {"status_code": 200, "body": completion}}
+    expired = {"custom_id": "b", "response": None, "error": {"code": "batch_expired", "message": "window ended"}}
+    files = {"file-out": json.dumps(answered) + "\n", "file-err": json.dumps(expired) + "\n"}
+
+    class Api:
+        kill = True
+
+        async def content(self, file_id: str) -> str:
+            if file_id == "file-err" and self.kill:
+                state.save()  # another part of the round saves while this one awaits its download
+                raise Killed
+            return files[file_id]
+
+    api = Api()
+    batch = BatchInfo("batch-1", "expired", "file-in", "file-out", "file-err", {}, "")
+    rounds = BatchRounds(api, state, RequestCache(tmp_path / "cache"), retries=3)  # type: ignore[arg-type]
+    with pytest.raises(Killed):
+        asyncio.run(rounds._ingest(record, part, batch))
+    saved = BatchState.read(state.folder).rounds[0]
+    assert (saved.answered, saved.failed_lines, saved.files[0].ingested) == (0, 0, False)
+    api.kill = False  # the resumed run ingests the part once
+    resumed = BatchState.read(state.folder)
+    rounds = BatchRounds(api, resumed, RequestCache(tmp_path / "cache"), retries=3)  # type: ignore[arg-type]
+    asyncio.run(rounds._ingest(resumed.rounds[0], resumed.rounds[0].files[0], batch))
+    done = BatchState.read(state.folder)
+    assert (done.rounds[0].answered, done.rounds[0].unanswered, done.rounds[0].failed_lines) == (1, 1, 0)
+    assert done.attempts == {} and done.given_up == {}  # the expired line was never run: not an attempt
+
+
+def test_the_batch_over_a_file_is_found_past_the_first_page_of_the_listing():
+    server = ScriptedBatchServer(*scripts([]), slots=1).start()
+    try:  # 250 batches, newest first: the one over file-0 is on the listing's third page of 100
+        server.batches.update({f"batch_{n}": {"id": f"batch_{n}", "input_file_id": f"file-{n}"} for n in range(250)})
+        server.batches["batch_0"]["status"] = "in_progress"
+        api = BatchApi(server.url, None, key_variable="MERGEIT_API_KEY", timeout_s=10, attempts=1)
+
+        async def find(file_id: str) -> BatchInfo | None:
+            try:
+                return await api.find(file_id)
+            finally:
+                await api.aclose()
+
+        found = asyncio.run(find("file-0"))
+        assert found is not None and (found.id, found.status) == ("batch_0", "in_progress")
+        assert asyncio.run(find("file-none")) is None  # every page read, none over it
+    finally:
+        server.stop()

@@ -111,8 +111,11 @@ class ScriptedBatchServer(ScriptedServer):
 
     async def _list(self, request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", 20))
-        newest = list(reversed(self.batches.values()))[:limit]
-        return web.json_response({"object": "list", "data": newest, "has_more": len(self.batches) > limit})
+        newest = list(reversed(self.batches.values()))
+        after = request.query.get("after")
+        if after:  # the page after the batch with this id (OpenAI's cursor)
+            newest = newest[[batch["id"] for batch in newest].index(after) + 1 :]
+        return web.json_response({"object": "list", "data": newest[:limit], "has_more": len(newest) > limit})
 
     async def _get(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["id"])
@@ -134,14 +137,16 @@ class ScriptedBatchServer(ScriptedServer):
         expire, failing = self._faults[batch["id"]]
         step = STEPS[STEPS.index(batch["status"]) + 1]
         if step == "finalizing" and expire:
-            self._finish(batch, lines[: len(lines) // 2], failing)
+            self._finish(batch, lines[: len(lines) // 2], failing, never_run=lines[len(lines) // 2 :])
             batch["status"] = "expired"
             return
         if step == "completed":
             self._finish(batch, lines, failing)
         batch["status"] = step
 
-    def _finish(self, batch: dict[str, Any], lines: list[dict[str, Any]], failing: int) -> None:
+    def _finish(
+        self, batch: dict[str, Any], lines: list[dict[str, Any]], failing: int, never_run: list[dict[str, Any]] = ()
+    ) -> None:
         output, errors = [], []
         for index, line in enumerate(lines):
             self.lines_answered[line["custom_id"]] += 1
@@ -170,9 +175,19 @@ class ScriptedBatchServer(ScriptedServer):
                 "error": None,
             }
             (output if status == 200 else errors).append(entry)
+        for index, line in enumerate(never_run, start=len(lines)):  # OpenAI lists these in the error file
+            message = "This request could not be executed before the completion window expired."
+            errors.append(
+                {
+                    "id": f"req_{index}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {"code": "batch_expired", "message": message},
+                }
+            )
         batch["output_file_id"] = self._store(output)
         batch["error_file_id"] = self._store(errors) if errors else None
-        batch["request_counts"].update(completed=len(output), failed=len(errors))
+        batch["request_counts"].update(completed=len(output), failed=len(errors) - len(never_run))
 
     def _store(self, entries: list[dict[str, Any]]) -> str:
         file_id = f"file-{next(self._ids)}"

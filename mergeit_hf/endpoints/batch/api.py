@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -90,11 +91,16 @@ class BatchApi:
 
     async def find(self, input_file_id: str) -> BatchInfo | None:
         """The batch created over ``input_file_id``, if one was (a client killed right after creating it)."""
-        answer = await self._call("/v1/batches", lambda: self._client.get("/v1/batches", params={"limit": 100}))
-        for batch in answer.json().get("data") or []:
-            if batch.get("input_file_id") == input_file_id:
-                return BatchInfo.of(batch)
-        return None
+        params: dict[str, Any] = {"limit": 100}
+        while True:  # newest first, a page at a time: an account with many batches lists more than one page
+            page = (await self._call("/v1/batches", partial(self._client.get, "/v1/batches", params=params))).json()
+            batches = page.get("data") or []
+            for batch in batches:
+                if batch.get("input_file_id") == input_file_id:
+                    return BatchInfo.of(batch)
+            if not page.get("has_more") or not batches:
+                return None
+            params = {"limit": 100, "after": batches[-1]["id"]}
 
     async def content(self, file_id: str) -> bytes:
         path = f"/v1/files/{file_id}/content"

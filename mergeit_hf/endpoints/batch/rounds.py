@@ -24,6 +24,7 @@ from mergeit_hf.endpoints.sending.collect import BatchCollector
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
 
 logger = logging.getLogger(__name__)
+NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-file codes of lines the provider never ran
 MAX_POLL_S = 600.0  # polls slow down to one every ten minutes: a batch may take its whole 24 hours
 
 
@@ -101,12 +102,14 @@ class BatchRounds:
 
     async def _ingest(self, record: RoundRecord, part: SubmittedFile, batch: BatchInfo) -> None:
         payloads = _read_payloads(self.state.folder / _payloads_name(part.name))
+        # Both files are downloaded before anything is counted: other parts save the state while this one
+        # awaits, and a count saved before ``ingested`` would be counted again by the run that resumes.
+        texts = [await self.api.content(file_id) for file_id in (batch.output_file_id, batch.error_file_id) if file_id]
         seen: set[str] = set()
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                for line in (await self.api.content(file_id)).splitlines():
-                    if line.strip():
-                        self._take(record, json.loads(line), payloads, seen)
+        for text in texts:
+            for line in text.splitlines():
+                if line.strip():
+                    self._take(record, json.loads(line), payloads, seen)
         if batch.status == "failed":  # the file itself was refused: every line failed with the batch's errors
             for key in payloads.keys() - seen:
                 self._failed(record, key, f"the batch failed validation ({batch.errors or 'no reason given'})")
@@ -119,6 +122,8 @@ class BatchRounds:
         key = line.get("custom_id")
         if key not in payloads or key in seen:
             return  # not a line of ours (or a repeat): nothing to store it under
+        if not line.get("response") and _code(line.get("error")) in NOT_RUN:
+            return  # never run (the window ended first): unanswered, asked again next round, not an attempt
         seen.add(key)
         response = line.get("response") or {}
         status, body = response.get("status_code"), response.get("body")
@@ -143,6 +148,10 @@ class BatchRounds:
         self.state.attempts[key] = self.state.attempts.get(key, 0) + 1
         if self.state.attempts[key] >= self.retries:
             self.state.given_up[key] = f"{reason} ({self.state.attempts[key]} batch attempts)"
+
+
+def _code(error: Any) -> str:
+    return str(error.get("code") or "") if isinstance(error, dict) else ""
 
 
 def _message(error: Any) -> str:
