@@ -25,7 +25,7 @@ from mergeit_hf.endpoints.batch.limits import BatchLimits
 from mergeit_hf.endpoints.batch.rounds import BatchRounds
 from mergeit_hf.endpoints.batch.state import BatchState, RoundRecord, SubmittedFile
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
-from mergeit_hf.errors import ConfigError
+from mergeit_hf.errors import ConfigError, EndpointConfigError, EndpointError
 from mergeit_hf.output.folder import OutputFolder
 from mergeit_hf.run.cli import main
 from tests.helpers.batch_server import ScriptedBatchServer
@@ -289,3 +289,34 @@ def test_the_batch_over_a_file_is_found_past_the_first_page_of_the_listing():
         assert asyncio.run(find("file-none")) is None  # every page read, none over it
     finally:
         server.stop()
+
+
+def test_polls_go_on_through_an_unreachable_provider_and_stop_at_a_refused_key(tmp_path):
+    state = BatchState.open(tmp_path / "batch", "http://127.0.0.1:9/v1")
+    part = SubmittedFile("round-1-part-1.jsonl", 1, "file-in", "batch-1", "in_progress")
+    record = RoundRecord(1, 1, {"merge": 1}, files=[part])
+    state.rounds.append(record)
+    (state.folder / "round-1-part-1.payloads.jsonl").write_text(json.dumps({"key": "a", "payload": {}}) + "\n")
+    completion = {"choices": [{"message": {"content": "merged"}}]}
+    answer = {"custom_id": "a", "response": {"status_code": 200, "body": completion}}
+
+    class Api:
+        def __init__(self, failures: list[Exception]) -> None:
+            self.failures = failures
+
+        async def get(self, batch_id: str) -> BatchInfo:
+            if self.failures:
+                raise self.failures.pop(0)
+            return BatchInfo(batch_id, "completed", "file-in", "file-out", None, {}, "")
+
+        async def content(self, file_id: str) -> str:
+            return json.dumps(answer) + "\n"
+
+    outage = [EndpointError(f"http://x/v1/batches/batch-1 failed (ConnectError {n}) after retries") for n in range(3)]
+    rounds = BatchRounds(Api(outage), state, RequestCache(tmp_path / "cache"), retries=3, poll_s=0)  # type: ignore[arg-type]
+    asyncio.run(rounds._wait_and_ingest(record, part))
+    assert part.ingested and record.answered == 1  # three failed polls in a row, then the batch's answers
+    part.ingested, refused = False, [EndpointConfigError("http://x answered HTTP 401: invalid key")]
+    rounds = BatchRounds(Api(refused), state, RequestCache(tmp_path / "cache"), retries=3, poll_s=0)  # type: ignore[arg-type]
+    with pytest.raises(EndpointConfigError, match="401"):
+        asyncio.run(rounds._wait_and_ingest(record, part))

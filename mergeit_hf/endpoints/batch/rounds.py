@@ -22,10 +22,12 @@ from mergeit_hf.endpoints.batch.limits import COMPLETION_WINDOW, BatchLimits
 from mergeit_hf.endpoints.batch.state import BatchState, RoundRecord, SubmittedFile
 from mergeit_hf.endpoints.sending.collect import BatchCollector
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
+from mergeit_hf.errors import EndpointConfigError, EndpointError
 
 logger = logging.getLogger(__name__)
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-file codes of lines the provider never ran
 MAX_POLL_S = 600.0  # polls slow down to one every ten minutes: a batch may take its whole 24 hours
+MAX_POLL_FAILURES = 10  # polls failed in a row (each after its retries) before the run stops: about an hour
 
 
 @dataclass
@@ -88,9 +90,21 @@ class BatchRounds:
 
     async def _wait_and_ingest(self, record: RoundRecord, part: SubmittedFile) -> None:
         assert part.batch_id is not None
-        wait = self.poll_s
+        wait, failures = self.poll_s, 0
         while True:
-            batch = await self.api.get(part.batch_id)
+            try:
+                batch = await self.api.get(part.batch_id)
+            except EndpointConfigError:
+                raise  # a key or URL refused: polling again cannot help
+            except EndpointError as exc:  # the provider unreachable a while (after retries): the batch runs on there
+                failures += 1
+                if failures >= MAX_POLL_FAILURES:
+                    raise
+                logger.warning("batch %s: poll %d failed in a row, polling on (%s)", part.batch_id, failures, exc)
+                await asyncio.sleep(wait)
+                wait = min(MAX_POLL_S, wait * 1.5)
+                continue
+            failures = 0
             if batch.status != part.status:
                 part.status = batch.status
                 self.state.save()
