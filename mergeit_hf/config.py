@@ -120,7 +120,8 @@ class MergeItConfig:
         batch: stage 2 through the endpoint's OpenAI-compatible batch API (``/v1/files`` + ``/v1/batches``,
             half the price at OpenAI; answers within 24 h) in rounds, resumable from the output folder
             (``mergeit run --batch``). An endpoint URL only; every request goes to it (no scorer or judge
-            endpoint of its own); the scorer check's few requests are sent synchronously, before any batch.
+            endpoint of its own); the scorer check's few requests are sent synchronously, before any batch. Not
+            with ``prefilter_top`` (its calls, two a row, would all be synchronous).
         batch_poll_s: the first wait between polls of a batch; each next wait is 1.5 × longer, up to 10 min.
     """
 
@@ -228,6 +229,11 @@ class MergeItConfig:
             yield (
                 "batch sends every request to the merge endpoint's batch API: drop provider, scorer_endpoint "
                 "and judge_endpoint, or run without batch"
+            )
+        if self.batch and self.prefilter_top is not None:
+            yield (
+                "batch cannot run the prefilter: it scores every valid row (two calls a row) synchronously, before "
+                "stage 1, at the synchronous price; drop prefilter_top, or run without batch"
             )
         if self.concurrency is not None and self.concurrency < 1:
             yield f"concurrency must be >= 1 or None, got {self.concurrency}"

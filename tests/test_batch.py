@@ -202,6 +202,8 @@ def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp
 def test_batch_is_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(ConfigError, match="batch sends every request to the merge endpoint"):
         MergeItConfig(batch=True, scorer_endpoint="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="batch cannot run the prefilter"):
+        MergeItConfig(batch=True, prefilter_top=0.5)
     rows_path = _rows_file(tmp_path, 50)[1]
     assert main(["run", str(rows_path), "--output", str(tmp_path / "o"), "--batch"]) == 2  # the embedded model
 
