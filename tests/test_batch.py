@@ -232,17 +232,23 @@ def test_batch_status_without_a_batch_run_says_so(tmp_path):
     assert main(["batch-status", str(tmp_path)]) == 2
 
 
+def _one_part_round(tmp_path: Path, keys: list[str], status: str) -> tuple[BatchState, RoundRecord, SubmittedFile]:
+    """A round of one file, submitted as batch-1, with a merge request under each key."""
+    state = BatchState.open(tmp_path / "batch", "http://127.0.0.1:9/v1")
+    part = SubmittedFile("round-1-part-1.jsonl", len(keys), "file-in", "batch-1", status)
+    record = RoundRecord(1, len(keys), {"merge": len(keys)}, files=[part])
+    state.rounds.append(record)
+    payloads = "".join(json.dumps({"key": key, "payload": {"n": key}}) + "\n" for key in keys)
+    (state.folder / "round-1-part-1.payloads.jsonl").write_text(payloads)
+    return state, record, part
+
+
 class Killed(Exception):
     """The client killed while it downloads a batch's error file."""
 
 
 def test_a_kill_while_answers_download_saves_no_count_and_expired_lines_are_not_attempts(tmp_path):
-    state = BatchState.open(tmp_path / "batch", "http://127.0.0.1:9/v1")
-    part = SubmittedFile("round-1-part-1.jsonl", 2, "file-in", "batch-1", "expired")
-    record = RoundRecord(1, 2, {"merge": 2}, files=[part])
-    state.rounds.append(record)
-    payloads = "".join(json.dumps({"key": key, "payload": {"n": key}}) + "\n" for key in ("a", "b"))
-    (state.folder / "round-1-part-1.payloads.jsonl").write_text(payloads)
+    state, record, part = _one_part_round(tmp_path, ["a", "b"], "expired")
     completion = {"choices": [{"message": {"content": "x"}}]}
     answered = {"custom_id": "a", "response": {"status_code": 200, "body": completion}}
     expired = {"custom_id": "b", "response": None, "error": {"code": "batch_expired", "message": "window ended"}}
@@ -294,11 +300,7 @@ def test_the_batch_over_a_file_is_found_past_the_first_page_of_the_listing():
 
 
 def test_polls_go_on_through_an_unreachable_provider_and_stop_at_a_refused_key(tmp_path):
-    state = BatchState.open(tmp_path / "batch", "http://127.0.0.1:9/v1")
-    part = SubmittedFile("round-1-part-1.jsonl", 1, "file-in", "batch-1", "in_progress")
-    record = RoundRecord(1, 1, {"merge": 1}, files=[part])
-    state.rounds.append(record)
-    (state.folder / "round-1-part-1.payloads.jsonl").write_text(json.dumps({"key": "a", "payload": {}}) + "\n")
+    state, record, part = _one_part_round(tmp_path, ["a"], "in_progress")
     completion = {"choices": [{"message": {"content": "merged"}}]}
     answer = {"custom_id": "a", "response": {"status_code": 200, "body": completion}}
 
