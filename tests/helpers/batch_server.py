@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,7 @@ class ScriptedBatchServer(ScriptedServer):
         batch["status"] = step
 
     def _finish(
-        self, batch: dict[str, Any], lines: list[dict[str, Any]], failing: int, never_run: list[dict[str, Any]] = ()
+        self, batch: dict[str, Any], lines: list[dict[str, Any]], failing: int, never_run: Sequence[dict[str, Any]] = ()
     ) -> None:
         output, errors = [], []
         for index, line in enumerate(lines):

@@ -101,15 +101,13 @@ class BatchRounds:
                 if failures >= MAX_POLL_FAILURES:
                     raise
                 logger.warning("batch %s: poll %d failed in a row, polling on (%s)", part.batch_id, failures, exc)
-                await asyncio.sleep(wait)
-                wait = min(MAX_POLL_S, wait * 1.5)
-                continue
-            failures = 0
-            if batch.status != part.status:
-                part.status = batch.status
-                self.state.save()
-            if batch.done:
-                break
+            else:
+                failures = 0
+                if batch.status != part.status:
+                    part.status = batch.status
+                    self.state.save()
+                if batch.done:
+                    break
             await asyncio.sleep(wait)
             wait = min(MAX_POLL_S, wait * 1.5)
         await self._ingest(record, part, batch)
