@@ -178,6 +178,48 @@ def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_
     assert sorted(merged.accounting["source_index"]) == list(range(len(rows)))  # every row accounted for
 
 
+def test_lines_refused_for_their_response_format_step_down_the_form_and_are_not_attempts(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    refused = frozenset({"json_schema", "json_object+schema"})  # a model taking plain json_object only
+    server = ScriptedBatchServer(*scripts(rows), slots=8, refused_formats=refused).start()
+    try:
+        out = _run(tmp_path, rows_path, server.url, "--batch")
+    finally:
+        server.stop()
+    merged = OutputFolder.open(out)
+    statuses = Counter(merged.pairs["merge_status"])
+    assert set(statuses) <= {"accepted", "rejected"} and statuses["accepted"] > 5, statuses
+    summary = merged.record.batch
+    first, second = summary["by_round"][:2]
+    assert (first["structured_output"], second["structured_output"]) == ("json_schema", "json_object+schema")
+    assert first["format_refused"] == server.requests["refused json_schema"] == len(merged.pairs)
+    assert second["format_refused"] == server.requests["refused json_object+schema"] == len(merged.pairs)
+    assert summary["structured_output"] == "json_object" and summary["failed_lines"] == summary["given_up"] == 0
+    assert json.loads((out / "batch" / "state.json").read_text())["attempts"] == {}
+    assert server.requests["merge"] >= len(merged.pairs)  # every pair merged, in the form the model takes
+    assert "refused for their response_format and sent again as json_object" in (out / "README.md").read_text()
+
+
+def test_a_format_refusal_once_a_line_in_that_form_was_answered_is_the_lines_own_failure(tmp_path):
+    state, record, part = _one_part_round(tmp_path, ["a"], "completed")
+    state.format_settled = True
+    (state.folder / "round-1-part-1.payloads.jsonl").write_text(
+        json.dumps({"key": "a", "payload": {"params": {"response_format": {"type": "json_schema"}}}}) + "\n"
+    )
+    error = {"error": {"message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported"}}
+    refused = {"custom_id": "a", "response": {"status_code": 400, "body": error}, "error": None}
+
+    class Api:
+        async def content(self, file_id: str) -> str:
+            return json.dumps(refused) + "\n"
+
+    batch = BatchInfo("batch-1", "completed", "file-in", None, "file-err", {}, "")
+    rounds = BatchRounds(Api(), state, RequestCache(tmp_path / "cache"), retries=3)  # type: ignore[arg-type]
+    asyncio.run(rounds._ingest(record, part, batch))
+    assert (record.format_refused, record.failed_lines, state.attempts) == (0, 1, {"a": 1})
+    assert state.structured_output == "json_schema"  # settled: the form stays
+
+
 def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp_path):
     rows, rows_path = _rows_file(tmp_path, 400)
 

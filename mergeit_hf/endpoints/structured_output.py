@@ -52,14 +52,24 @@ def in_form(params: dict[str, Any], form: str) -> dict[str, Any]:
     return rest
 
 
-class FormatLadder:
-    """The form an OpenAI-compatible server gets, stepping down on refusals until one request succeeds."""
+def refuses_format(status: int | None, message: str) -> bool:
+    """Whether an answer (its HTTP status and the server's message) refuses the structured-output form."""
+    return status in (400, 422, 500) and any(word in message.lower() for word in _FORMAT_WORDS)
 
-    def __init__(self, server: str, forms: tuple[str, ...] = OPENAI_LADDER) -> None:
+
+class FormatLadder:
+    """The form an OpenAI-compatible server gets, stepping down on refusals until one request succeeds.
+
+    form, settled: where to start (a ``--batch`` run's state carries them from round to round).
+    """
+
+    def __init__(
+        self, server: str, forms: tuple[str, ...] = OPENAI_LADDER, form: str | None = None, settled: bool = False
+    ) -> None:
         self._server = server
         self._forms = forms
-        self._step = 0
-        self.settled = False
+        self._step = forms.index(form) if form is not None else 0
+        self.settled = settled
 
     @property
     def form(self) -> str:
@@ -67,10 +77,7 @@ class FormatLadder:
 
     def is_refusal(self, response: httpx.Response) -> bool:
         """An answer refusing the structured-output form, while the form is not settled yet."""
-        if self.settled or response.status_code not in (400, 422, 500):
-            return False
-        said = server_message(response).lower()
-        return any(word in said for word in _FORMAT_WORDS)
+        return not self.settled and refuses_format(response.status_code, server_message(response))
 
     def refused(self, form: str) -> bool:
         """After a refusal of ``form``: whether to send the request again, in the form now current."""

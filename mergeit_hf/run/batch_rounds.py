@@ -82,11 +82,11 @@ def merge_in_rounds(
             run_sync(rounds.finish(left))
         stalled = 0
         while True:
-            collector = BatchCollector(given_up=dict(state.given_up))
+            collector = BatchCollector(given_up=dict(state.given_up), structured_output=state.structured_output)
             merged_pairs, batch = engine.merge_stage(pairs, dataclasses.replace(merger, collector=collector), max_pairs)
             if not collector.requests:
                 return merged_pairs, batch, {"used": True, **state.summary()}
-            given_up = len(state.given_up)
+            given_up, form = len(state.given_up), state.structured_output
             record = rounds.submit(collector)
             logger.info(
                 "batch round %d: %d requests (%s)",
@@ -95,7 +95,8 @@ def merge_in_rounds(
                 ", ".join(f"{role} {n}" for role, n in record.by_role.items()),
             )
             run_sync(rounds.finish(record))
-            stalled = stalled + 1 if record.answered == 0 and len(state.given_up) == given_up else 0
+            moved = record.answered or len(state.given_up) != given_up or state.structured_output != form
+            stalled = 0 if moved else stalled + 1
             if stalled >= STALLED_ROUNDS:
                 raise EndpointError(
                     f"{STALLED_ROUNDS} batch rounds in a row brought no answer from {api.url}; "

@@ -5,7 +5,9 @@ A batch moves one status per poll (GET ``/v1/batches/{id}``): validating → in_
 completed, or failed at validation (a line without custom_id, a custom_id twice, another URL or method,
 two models), expired. Output lines carry ``response.status_code`` and ``body``; failed lines go to the error
 file. Faults for the next batch created: ``expire_next`` (it expires with the first half of its lines
-answered), ``fail_next_lines`` (that many of its first lines fail with HTTP 500 in the error file).
+answered), ``fail_next_lines`` (that many of its first lines fail with HTTP 500 in the error file). A model
+that takes only some structured-output forms: ``refused_formats`` (lines whose response_format is one of them
+fail with OpenAI's HTTP 400 naming the parameter).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ScriptedBatchServer(ScriptedServer):
     serves_info: bool = False  # an OpenAI-shaped API: no TGI /info
     expire_next: bool = False
     fail_next_lines: int = 0
+    refused_formats: frozenset[str] = frozenset()  # "json_schema", "json_object+schema", "json_object"
     files: dict[str, bytes] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     lines_answered: Counter = field(default_factory=Counter)  # custom_id → times answered (output or error)
@@ -165,7 +168,7 @@ class ScriptedBatchServer(ScriptedServer):
                 )
                 continue
             try:
-                answer = self.answer_body(line["body"])
+                answer = self._format_refusal(line["body"]) or self.answer_body(line["body"])
                 status, body = answer.status, json.loads(answer.body)
             except web.HTTPException as exc:
                 status, body = exc.status, {"error": {"message": exc.text}}
@@ -189,6 +192,19 @@ class ScriptedBatchServer(ScriptedServer):
         batch["output_file_id"] = self._store(output)
         batch["error_file_id"] = self._store(errors) if errors else None
         batch["request_counts"].update(completed=len(output), failed=len(errors) - len(never_run))
+
+    def _format_refusal(self, body: dict[str, Any]) -> web.Response | None:
+        response_format = body.get("response_format")
+        if response_format is None:
+            return None
+        kind = response_format.get("type", "") + ("+schema" if "schema" in response_format else "")
+        if kind not in self.refused_formats:
+            return None
+        self.requests[f"refused {kind}"] += 1
+        kind_named = response_format.get("type")
+        message = f"Invalid parameter: 'response_format' of type '{kind_named}' is not supported with this model."
+        error = {"message": message, "type": "invalid_request_error", "param": "response_format", "code": None}
+        return web.json_response({"error": error}, status=400)
 
     def _store(self, entries: list[dict[str, Any]]) -> str:
         file_id = f"file-{next(self._ids)}"

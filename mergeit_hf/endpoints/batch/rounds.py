@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,10 @@ from mergeit_hf.endpoints.base import reply_from_chat_completion
 from mergeit_hf.endpoints.batch.api import BatchApi, BatchInfo
 from mergeit_hf.endpoints.batch.limits import COMPLETION_WINDOW, BatchLimits
 from mergeit_hf.endpoints.batch.state import BatchState, RoundRecord, SubmittedFile
+from mergeit_hf.endpoints.http.transport import body_message
 from mergeit_hf.endpoints.sending.collect import BatchCollector
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
+from mergeit_hf.endpoints.structured_output import FormatLadder, refuses_format
 from mergeit_hf.errors import EndpointConfigError, EndpointError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ class BatchRounds:
 
     retries: failed lines a request may have before it is given up (``request_retries``).
     poll_s: the first wait between polls; each next one is 1.5 × longer, up to ``MAX_POLL_S``.
+
+    A line refused for its response_format form (as a synchronous request can be: ``FormatLadder``) is not an
+    attempt: the state's form steps down one, and the next round writes the line in it.
     """
 
     api: BatchApi
@@ -45,12 +50,23 @@ class BatchRounds:
     poll_s: float = 30.0
     limits: BatchLimits = BatchLimits()  # noqa: RUF009 (frozen, shared safely)
     window: str = COMPLETION_WINDOW
+    _formats: FormatLadder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._formats = FormatLadder(
+            self.state.endpoint, form=self.state.structured_output, settled=self.state.format_settled
+        )
 
     def submit(self, collector: BatchCollector) -> RoundRecord:
         """Write the round's files beside the state and record the round (nothing is sent yet: ``finish``)."""
         requests = sorted(collector.requests.values(), key=lambda request: request.key)
         number = len(self.state.rounds) + 1
-        record = RoundRecord(number, len(requests), collector.by_role())
+        record = RoundRecord(
+            number,
+            len(requests),
+            collector.by_role(),
+            structured_output=collector.structured_output or self._formats.form,
+        )
         by_key = {request.key: request for request in requests}
         for index, lines in enumerate(self.limits.split([request.line() for request in requests]), start=1):
             name = f"round-{number}-part-{index}.jsonl"
@@ -127,6 +143,7 @@ class BatchRounds:
                 self._failed(record, key, f"the batch failed validation ({batch.errors or 'no reason given'})")
                 seen.add(key)
         record.unanswered += len(payloads.keys() - seen)  # an expired or cancelled batch: asked again next round
+        self.state.structured_output, self.state.format_settled = self._formats.form, self._formats.settled
         part.ingested = True
         self.state.save()
 
@@ -140,14 +157,19 @@ class BatchRounds:
         response = line.get("response") or {}
         status, body = response.get("status_code"), response.get("body")
         if status != 200 or not isinstance(body, dict):
-            error = line.get("error") or (body.get("error") if isinstance(body, dict) else None)
-            self._failed(record, key, f"HTTP {status}: {_message(error) or 'no message'}")
+            said = _message(line.get("error")) or body_message(body)
+            if self._refused_form(record, payloads[key], status, said):
+                record.format_refused += 1
+                return
+            self._failed(record, key, f"HTTP {status}: {said or 'no message'}")
             return
         try:
             reply = reply_from_chat_completion(body)
         except Exception as exc:  # a malformed answer fails this line, never the round
             self._failed(record, key, f"malformed answer: {type(exc).__name__}: {exc}")
             return
+        if _formatted(payloads[key]):
+            self._formats.succeeded(record.structured_output)
         completed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.cache.put(key, payloads[key], {**reply.to_dict(), "completed_at": completed_at})
         record.answered += 1
@@ -155,11 +177,22 @@ class BatchRounds:
             record.prompt_tokens += reply.usage[0]
             record.completion_tokens += reply.usage[1]
 
+    def _refused_form(self, record: RoundRecord, payload: Any, status: Any, said: str) -> bool:
+        """A line refused for its form while the form is unsettled: the form steps down (once for the round)."""
+        if not _formatted(payload) or self._formats.settled or not refuses_format(status, said):
+            return False
+        return self._formats.refused(record.structured_output)  # False at the last form: the line failed
+
     def _failed(self, record: RoundRecord, key: str, reason: str) -> None:
         record.failed_lines += 1
         self.state.attempts[key] = self.state.attempts.get(key, 0) + 1
         if self.state.attempts[key] >= self.retries:
             self.state.given_up[key] = f"{reason} ({self.state.attempts[key]} batch attempts)"
+
+
+def _formatted(payload: Any) -> bool:
+    params = payload.get("params") if isinstance(payload, dict) else None
+    return isinstance(params, dict) and "response_format" in params
 
 
 def _code(error: Any) -> str:

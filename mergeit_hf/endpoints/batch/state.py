@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergeit_hf.endpoints.structured_output import JSON_SCHEMA
+
 STATE_FILE = "state.json"
 
 
@@ -37,9 +39,11 @@ class RoundRecord:
     requests: int
     by_role: dict[str, int]
     files: list[SubmittedFile] = field(default_factory=list)
+    structured_output: str = JSON_SCHEMA  # the response_format form its lines were written in
     answered: int = 0
     failed_lines: int = 0
     unanswered: int = 0  # in a batch that expired, was cancelled or failed before answering them
+    format_refused: int = 0  # lines refused for their response_format form: sent again, a form lower
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -60,13 +64,16 @@ class RoundRecord:
 class BatchState:
     """endpoint: the URL the batches went to (a run against another endpoint starts afresh, keeping nothing).
     attempts: failed lines by request key; given_up: the keys that failed ``request_retries`` times, with the
-    last reason."""
+    last reason. structured_output, format_settled: the response_format form the next round's lines are written
+    in, and whether a line in it was answered (from then on a refusal is the line's own failure)."""
 
     folder: Path
     endpoint: str
     rounds: list[RoundRecord] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)
     given_up: dict[str, str] = field(default_factory=dict)
+    structured_output: str = JSON_SCHEMA
+    format_settled: bool = False
 
     @property
     def in_flight(self) -> RoundRecord | None:
@@ -79,8 +86,7 @@ class BatchState:
         if path.exists():
             data = json.loads(path.read_text())
             if data["endpoint"] == endpoint:
-                rounds = [RoundRecord.from_dict(r) for r in data["rounds"]]
-                return cls(folder, endpoint, rounds, data["attempts"], data["given_up"])
+                return cls._of(folder, data)
         folder.mkdir(parents=True, exist_ok=True)
         return cls(folder, endpoint)
 
@@ -90,9 +96,14 @@ class BatchState:
         path = folder / STATE_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: no `mergeit run --batch` wrote to this folder")
-        data = json.loads(path.read_text())
+        return cls._of(folder, json.loads(path.read_text()))
+
+    @classmethod
+    def _of(cls, folder: Path, data: dict[str, Any]) -> BatchState:
         rounds = [RoundRecord.from_dict(r) for r in data["rounds"]]
-        return cls(folder, data["endpoint"], rounds, data["attempts"], data["given_up"])
+        form = data.get("structured_output", JSON_SCHEMA)  # a state written before the form was kept
+        settled = data.get("format_settled", False)
+        return cls(folder, data["endpoint"], rounds, data["attempts"], data["given_up"], form, settled)
 
     def save(self) -> None:
         data = {
@@ -100,6 +111,8 @@ class BatchState:
             "rounds": [r.to_dict() for r in self.rounds],
             "attempts": self.attempts,
             "given_up": self.given_up,
+            "structured_output": self.structured_output,
+            "format_settled": self.format_settled,
         }
         temporary = self.folder / (STATE_FILE + ".tmp")
         temporary.write_text(json.dumps(data, indent=1))
@@ -113,7 +126,9 @@ class BatchState:
             "answered": sum(r.answered for r in self.rounds),
             "failed_lines": sum(r.failed_lines for r in self.rounds),
             "unanswered": sum(r.unanswered for r in self.rounds),
+            "format_refused": sum(r.format_refused for r in self.rounds),
             "given_up": len(self.given_up),
+            "structured_output": self.structured_output,
             "by_round": [
                 {
                     "round": r.round,
@@ -123,6 +138,8 @@ class BatchState:
                     "answered": r.answered,
                     "failed_lines": r.failed_lines,
                     "unanswered": r.unanswered,
+                    "format_refused": r.format_refused,
+                    "structured_output": r.structured_output,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
                 }

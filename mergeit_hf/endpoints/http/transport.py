@@ -61,13 +61,18 @@ def server_message(response: Any) -> str:
         body = response.json()
     except Exception:
         body = None
-    found: Any = None
+    return body_message(body) or body_message(getattr(response, "text", "") or "")
+
+
+def body_message(body: Any) -> str:
+    """``server_message`` of an answer's parsed body (a batch file's line carries the body, not a response)."""
+    found: Any = body if isinstance(body, str) else None
     if isinstance(body, dict):
         error = body.get("error")
         found = error.get("message") if isinstance(error, dict) else error
         found = found or body.get("message") or body.get("detail")
     if found is None:
-        found = getattr(response, "text", "") or ""
+        return ""
     text = found if isinstance(found, str) else str(found)
     return " ".join(text.split())[:_MESSAGE_CHARS]
 

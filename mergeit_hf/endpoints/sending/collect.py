@@ -31,9 +31,12 @@ class BatchCollector:
 
     given_up: keys whose lines failed ``request_retries`` times, with the last reason: their request now fails
         (its pair fails with that reason, as a request failing after its retries does in a synchronous run).
+    structured_output: the response_format form the lines are written in (the provider refused the ones above
+        it in earlier rounds: ``endpoints.structured_output``); None leaves the server's own first form.
     """
 
     given_up: dict[str, str] = field(default_factory=dict)
+    structured_output: str | None = None
     requests: dict[str, BatchRequest] = field(default_factory=dict)
 
     def missing(self, request: BatchRequest) -> Exception:

@@ -34,6 +34,11 @@ class OpenAIChatBackend(ServedBackend):
     def describe(self) -> dict[str, str]:
         return {"kind": self.kind, "model": model_label(self.model_id), "structured_output": self._formats.form}
 
+    def start_form(self, form: str) -> None:
+        """Write response_format in ``form`` from now on (a ``--batch`` round's lines, in the form earlier
+        rounds' refusals stepped down to)."""
+        self._formats = FormatLadder(self.url, form=form)
+
     def batch_line(self, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The route and body of this request as a line of a batch file: what ``chat`` would post now."""
         return CHAT_ROUTE, {"model": self.model_id, "messages": messages, **in_form(params, self._formats.form)}

@@ -230,6 +230,9 @@ class Merger:
         size_pool = getattr(backend, "size_pool", None)
         if size_pool is not None:
             await size_pool(load.current if load.fixed else MAX_LIMIT)
+        start_form = getattr(backend, "start_form", None)
+        if self.collector is not None and self.collector.structured_output and start_form is not None:
+            start_form(self.collector.structured_output)
         return RequestScheduler(backend, cache, load, collect=self.collector)
 
     @asynccontextmanager
