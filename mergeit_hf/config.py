@@ -123,6 +123,11 @@ class MergeItConfig:
             endpoint of its own); the scorer check's few requests are sent synchronously, before any batch. Not
             with ``prefilter_top`` (its calls, two a row, would all be synchronous).
         batch_poll_s: the first wait between polls of a batch; each next wait is 1.5 × longer, up to 10 min.
+        batch_enqueued_tokens: the provider's enqueued-token limit for ``model`` at your tier (OpenAI's limits
+            page: "Batch queue limit", e.g. 90,000 for gpt-4o at tier 1). A round is then split into files of at
+            most this many estimated input tokens, sent one after another (the next once the one before has
+            finished), so the queue never holds more. None: no split for tokens; a batch the provider refuses
+            for its queue (``token_limit_exceeded``) is created again with the poll backoff.
     """
 
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
@@ -170,6 +175,7 @@ class MergeItConfig:
     provider: str | None = None
     batch: bool = False
     batch_poll_s: float = 30.0
+    batch_enqueued_tokens: int | None = None
     preset: str = field(default="paper")  # one of PRESETS; "authors_scripts" starts from ``authors_scripts()``
 
     def __post_init__(self) -> None:
@@ -225,6 +231,8 @@ class MergeItConfig:
                 yield f"{name} must lie in [0, 1], got {getattr(self, name)}"
         if self.batch_poll_s <= 0:
             yield f"batch_poll_s must be > 0, got {self.batch_poll_s}"
+        if self.batch_enqueued_tokens is not None and self.batch_enqueued_tokens < 1:
+            yield f"batch_enqueued_tokens must be >= 1 or None, got {self.batch_enqueued_tokens}"
         if self.batch and (self.provider or self.scorer_endpoint or self.judge_endpoint):
             yield (
                 "batch sends every request to the merge endpoint's batch API: drop provider, scorer_endpoint "

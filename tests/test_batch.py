@@ -220,6 +220,71 @@ def test_a_format_refusal_once_a_line_in_that_form_was_answered_is_the_lines_own
     assert state.structured_output == "json_schema"  # settled: the form stays
 
 
+def test_a_round_above_the_enqueued_token_limit_goes_in_files_under_it_one_batch_at_a_time(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    limit = 6000  # the server's count of input tokens its queue takes; the config states it
+    server = ScriptedBatchServer(*scripts(rows), slots=8, enqueued_token_limit=limit).start()
+    try:
+        out = _run(tmp_path, rows_path, server.url, "--batch", "--batch-enqueued-tokens", str(limit))
+    finally:
+        server.stop()
+    merged = OutputFolder.open(out)
+    assert set(merged.pairs["merge_status"]) <= STATUSES and len(merged.pairs) > 10
+    summary = merged.record.batch
+    first = summary["by_round"][0]
+    assert len(first["batches"]) >= 3  # the round went in several files ...
+    assert server.queue_refusals == 0 and 0 < server.queue_peak <= limit  # ... the queue never held more
+    assert summary["queue_refused"] == 0 and summary["enqueued_token_limit"] == limit
+    assert set(server.lines_answered.values()) == {1}  # every line answered once
+    assert server.requests["merge"] == len(merged.pairs)
+    assert f"files kept under {limit} enqueued tokens and sent one at a time" in (out / "README.md").read_text()
+
+
+def test_a_batch_refused_for_a_full_queue_is_created_again_and_the_run_ends_as_usual(tmp_path):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    server = ScriptedBatchServer(*scripts(rows), slots=8).start()
+    server.refuse_queue_next = 2  # other jobs of the account hold the queue for the next two batches
+    try:
+        out = _run(tmp_path, rows_path, server.url, "--batch")
+    finally:
+        server.stop()
+    merged = OutputFolder.open(out)
+    summary = merged.record.batch
+    assert summary["by_round"][0]["queue_refused"] == 2 and summary["queue_refused"] == 2
+    assert summary["failed_lines"] == summary["unanswered"] == 0
+    assert len(server.batches) == summary["rounds"] + 2  # the refused file created again, nothing else
+    assert set(server.lines_answered.values()) == {1} and server.requests["merge"] == len(merged.pairs)
+    assert "2 batch(es) refused for the enqueued-token limit and created again" in (out / "README.md").read_text()
+
+
+def test_a_file_the_queue_never_takes_stops_the_run_naming_the_setting(tmp_path, capsys):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    server = ScriptedBatchServer(*scripts(rows), slots=8, enqueued_token_limit=2000).start()
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG)
+        args = ["run", str(rows_path), "--output", str(tmp_path / "out"), "--endpoint", server.url]
+        assert main([*args, "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--batch"]) == 2
+    finally:
+        server.stop()
+    said = capsys.readouterr().err
+    assert "refused 10 times in a row for the provider's enqueued-token limit" in said, said[-2000:]
+    assert "Limit: 2,000 enqueued tokens" in said and "--batch-enqueued-tokens" in said
+    assert server.requests["merge"] == 0 and len(server.batches) == 10
+
+
+def test_a_dry_run_with_the_enqueued_token_limit_says_how_many_files_the_first_round_needs(tmp_path, capsys):
+    rows_path = _rows_file(tmp_path, 400)[1]
+    args = ["run", str(rows_path), "--output", str(tmp_path / "o"), "--dry-run", "--batch"]
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1", "--model", "gpt-4o", "--batch-enqueued-tokens", "1000"]
+    assert main([*args, *endpoint]) == 0
+    said = capsys.readouterr().out
+    assert "with --batch: 2 rounds at the least" in said
+    assert "go in about" in said and "file(s) under batch_enqueued_tokens (1,000), one batch at a time" in said
+    with pytest.raises(ConfigError, match="batch_enqueued_tokens must be >= 1"):
+        MergeItConfig(batch=True, batch_enqueued_tokens=0)
+
+
 def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp_path):
     rows, rows_path = _rows_file(tmp_path, 400)
 
@@ -268,6 +333,11 @@ def test_a_round_is_split_into_files_at_the_limits():
     assert [len(part) for part in BatchLimits(max_bytes=25).split(lines)] == [2, 2, 2, 1]
     with pytest.raises(ValueError, match="above the 5 a file holds"):
         BatchLimits(max_bytes=5).split(lines)
+    # 11 bytes a line: 4 estimated tokens (a token per 3 bytes, rounded up), so 3 lines fit under 12
+    assert [len(part) for part in BatchLimits(max_tokens=12).split(lines)] == [3, 3, 1]
+    assert not BatchLimits().sequential and BatchLimits(max_tokens=12).sequential
+    with pytest.raises(ValueError, match="about 4 tokens, above batch_enqueued_tokens"):
+        BatchLimits(max_tokens=3).split(lines)
 
 
 def test_batch_status_without_a_batch_run_says_so(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 from datasets import Dataset
 
 from mergeit_hf.endpoints.batch.api import BatchApi
+from mergeit_hf.endpoints.batch.limits import BatchLimits
 from mergeit_hf.endpoints.batch.rounds import BatchRounds
 from mergeit_hf.endpoints.batch.state import BatchState
 from mergeit_hf.endpoints.http.transport import api_key, base_url
@@ -74,7 +75,9 @@ def merge_in_rounds(
     api = batch_api(merger, engine)
     state = BatchState.open(output / BATCH_FOLDER, api.url)
     cache = merger.open_cache()
-    rounds = BatchRounds(api, state, cache, merger.config.request_retries, merger.config.batch_poll_s)
+    config = merger.config
+    limits = BatchLimits(max_tokens=config.batch_enqueued_tokens)
+    rounds = BatchRounds(api, state, cache, config.request_retries, config.batch_poll_s, limits=limits)
     try:
         left = state.in_flight
         if left is not None:  # a killed run's round: wait for it, submit nothing new for it
@@ -85,7 +88,8 @@ def merge_in_rounds(
             collector = BatchCollector(given_up=dict(state.given_up), structured_output=state.structured_output)
             merged_pairs, batch = engine.merge_stage(pairs, dataclasses.replace(merger, collector=collector), max_pairs)
             if not collector.requests:
-                return merged_pairs, batch, {"used": True, **state.summary()}
+                summary = {"used": True, "enqueued_token_limit": config.batch_enqueued_tokens, **state.summary()}
+                return merged_pairs, batch, summary
             given_up, form = len(state.given_up), state.structured_output
             record = rounds.submit(collector)
             logger.info(

@@ -21,7 +21,8 @@ def batch_status(output: Path, ask_provider: bool = True) -> str:
         lines.append(
             f"round {record.round} ({where}): {record.requests} requests ({roles}); {record.answered} answered, "
             f"{record.failed_lines} failed lines, {record.unanswered} unanswered, {record.format_refused} refused "
-            f"their response_format ({record.structured_output}); tokens {record.prompt_tokens} / "
+            f"their response_format ({record.structured_output}), {record.queue_refused} batch(es) refused for the "
+            f"enqueued-token limit; tokens {record.prompt_tokens} / "
             f"{record.completion_tokens}"
         )
         for part in record.files:

@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import ENGINES, Engine
 from mergeit_hf.errors import ConfigError, EndpointError, MergeItError, QualityScoringError
 from mergeit_hf.inputs.loading import InputFormat
+
+if TYPE_CHECKING:
+    from mergeit_hf.run.request_plan import RequestPlan
 
 EXIT_ERROR = 2
 INPUT_FORMATS = list(get_args(InputFormat))  # auto, alpaca, messages, sharegpt, seed_tasks
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="run stage 1 and report the LLM calls, make none")
     run.add_argument(
         "--batch", action="store_true", help="stage 2 through the endpoint's OpenAI-compatible batch API, in rounds"
+    )
+    run.add_argument(
+        "--batch-enqueued-tokens",
+        type=int,
+        metavar="N",
+        help="with --batch: your tier's enqueued-token limit for the model; files stay under it, one at a time",
     )
     run.add_argument(
         "--engine", default="datasets", choices=ENGINES, help="datasets (one machine) or ray (a Ray cluster)"
@@ -187,6 +196,7 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
         "scorer_check_rows": 0 if getattr(args, "no_scorer_check", False) else None,
         "scorer_check_min_accuracy": getattr(args, "min_accuracy", None),
         "batch": True if getattr(args, "batch", False) else None,
+        "batch_enqueued_tokens": getattr(args, "batch_enqueued_tokens", None),
     }
     values.update({name: value for name, value in flags.items() if value is not None})
     if getattr(args, "preset", None) == "authors_scripts":
@@ -237,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
             f"scores of sources and merges, {check} for the scorer check), up to {most + check} with parse and gate "
             "retries; none made"
         )
-        _print_request_plan(groups, config, args)
+        plan = _print_request_plan(groups, config, args)
         if config.batch:
             rounds, judged = 2 + config.gate_retries * 2, " and judgements" if config.judge else ""
             print(
@@ -246,6 +256,14 @@ def _run(args: argparse.Namespace) -> int:
                 "second, each gate retry two more); parse retries and failed lines add a round each; the scorer "
                 f"check's {check} requests are sent synchronously before the first"
             )
+            if config.batch_enqueued_tokens:
+                first = plan.merge_prompt_tokens + plan.score_prompt_tokens
+                # The split estimates a token per 3 bytes of the JSON line: about twice a tokenizer's count
+                files = max(1, -(-2 * first // config.batch_enqueued_tokens))
+                print(
+                    f"the first round's {first:,} prompt tokens go in about {files} file(s) under "
+                    f"batch_enqueued_tokens ({config.batch_enqueued_tokens:,}), one batch at a time"
+                )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")
     print(f"LLM: {endpoint or 'embedded llama.cpp model (no endpoint given)'}", file=sys.stderr)
@@ -274,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace) -> None:
+def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace) -> RequestPlan:
     from mergeit_hf.endpoints.servers.local_llama import resolve_local_model
     from mergeit_hf.run.request_plan import plan_requests, token_counter
 
@@ -290,6 +308,7 @@ def _print_request_plan(groups, config: MergeItConfig, args: argparse.Namespace)
         where = endpoint or (f"HF Inference Providers ({config.provider})" if config.provider else "the embedded model")
         print(f"the first merge request for {where}, before it is written in that server's dialect:")
         print(json.dumps(plan.example, indent=2, ensure_ascii=False))
+    return plan
 
 
 def _batch_status(args: argparse.Namespace) -> int:

@@ -101,7 +101,9 @@ class PipelineResult:
                 f"{'batch API':<{width}}  {batch['rounds']} round(s), {batch['requests']} requests "
                 f"({batch['answered']} answered, {batch['failed_lines']} failed lines, "
                 f"{batch['unanswered']} unanswered, {batch.get('format_refused', 0)} refused their response_format; "
-                f"lines written as {batch.get('structured_output', 'json_schema')})"
+                f"lines written as {batch.get('structured_output', 'json_schema')}"
+                + (f"; {batch['queue_refused']} batch(es) refused for the queue" if batch.get("queue_refused") else "")
+                + ")"
             )
         for role, described in record.endpoints.items():
             lines.append(f"{role + ' endpoint':<{width}}  " + ", ".join(f"{k}: {v}" for k, v in described.items()))

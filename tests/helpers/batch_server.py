@@ -7,7 +7,10 @@ two models), expired. Output lines carry ``response.status_code`` and ``body``; 
 file. Faults for the next batch created: ``expire_next`` (it expires with the first half of its lines
 answered), ``fail_next_lines`` (that many of its first lines fail with HTTP 500 in the error file). A model
 that takes only some structured-output forms: ``refused_formats`` (lines whose response_format is one of them
-fail with OpenAI's HTTP 400 naming the parameter).
+fail with OpenAI's HTTP 400 naming the parameter). A queue: ``enqueued_token_limit`` (a batch whose input tokens,
+a token per 4 characters of its messages, would take the tokens of the batches not finished above it fails at
+validation with OpenAI's ``token_limit_exceeded``; ``queue_peak`` is the most the queue held), and
+``refuse_queue_next`` (that many next batches fail so, as when other jobs of the account hold the queue).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class ScriptedBatchServer(ScriptedServer):
     expire_next: bool = False
     fail_next_lines: int = 0
     refused_formats: frozenset[str] = frozenset()  # "json_schema", "json_object+schema", "json_object"
+    enqueued_token_limit: int | None = None
+    refuse_queue_next: int = 0
+    queue_peak: int = 0
+    queue_refusals: int = 0
+    _queue: dict[str, int] = field(default_factory=dict)  # batch id → its input tokens, while it is not finished
     files: dict[str, bytes] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     lines_answered: Counter = field(default_factory=Counter)  # custom_id → times answered (output or error)
@@ -133,7 +141,7 @@ class ScriptedBatchServer(ScriptedServer):
     def _advance(self, batch: dict[str, Any]) -> None:
         lines = [json.loads(line) for line in self.files[batch["input_file_id"]].splitlines() if line.strip()]
         if batch["status"] == "validating":
-            problem = _invalid(lines, batch["endpoint"])
+            problem = _invalid(lines, batch["endpoint"]) or self._over_queue(batch["id"], lines)
             if problem:
                 batch["status"], batch["errors"] = "failed", {"object": "list", "data": [problem]}
                 return
@@ -143,10 +151,29 @@ class ScriptedBatchServer(ScriptedServer):
         if step == "finalizing" and expire:
             self._finish(batch, lines[: len(lines) // 2], failing, never_run=lines[len(lines) // 2 :])
             batch["status"] = "expired"
+            self._queue.pop(batch["id"], None)
             return
         if step == "completed":
             self._finish(batch, lines, failing)
+            self._queue.pop(batch["id"], None)
         batch["status"] = step
+
+    def _over_queue(self, batch_id: str, lines: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """OpenAI's refusal of a batch the model's queue cannot take; else the batch joins the queue."""
+        tokens = sum(len(str(m.get("content", ""))) for line in lines for m in line["body"]["messages"]) // 4
+        limit = self.enqueued_token_limit
+        refused = self.refuse_queue_next > 0 or (limit is not None and sum(self._queue.values()) + tokens > limit)
+        if refused:
+            self.refuse_queue_next = max(0, self.refuse_queue_next - 1)
+            self.queue_refusals += 1
+            message = (
+                f"Enqueued token limit reached for {self.model_id} in organization org-test. Limit: {limit or 0:,} "
+                "enqueued tokens. Please try again once some in_progress batches have been completed."
+            )
+            return {"code": "token_limit_exceeded", "message": message, "param": None, "line": None}
+        self._queue[batch_id] = tokens
+        self.queue_peak = max(self.queue_peak, sum(self._queue.values()))
+        return None
 
     def _finish(
         self, batch: dict[str, Any], lines: list[dict[str, Any]], failing: int, never_run: Sequence[dict[str, Any]] = ()

@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 #: The statuses after which a batch changes no more; its output and error files are then final.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+#: The error code of a batch refused because the provider's queue for the model holds too many tokens
+#: ("Enqueued token limit reached ... try again once some in_progress batches have been completed").
+QUEUE_FULL = "token_limit_exceeded"
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,16 @@ class BatchInfo:
     error_file_id: str | None
     counts: dict[str, int]
     errors: str  # why the batch failed validation, where it did
+    error_codes: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def queue_full(self) -> bool:
+        """Failed for the enqueued-token limit: nothing in it ran, the same file may be created again later."""
+        return self.status == "failed" and QUEUE_FULL in self.error_codes
 
     @classmethod
     def of(cls, answer: dict[str, Any]) -> BatchInfo:
@@ -49,6 +58,7 @@ class BatchInfo:
             answer.get("error_file_id"),
             dict(answer.get("request_counts") or {}),
             said,
+            tuple(str(e.get("code")) for e in errors if e.get("code")),
         )
 
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-file codes of lines the provider never ran
 MAX_POLL_S = 600.0  # polls slow down to one every ten minutes: a batch may take its whole 24 hours
 MAX_POLL_FAILURES = 10  # polls failed in a row (each after its retries) before the run stops: about an hour
+MAX_QUEUE_REFUSALS = 10  # batches refused for the enqueued-token limit in a row: about 45 min at the default poll
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 @dataclass
@@ -87,27 +89,39 @@ class BatchRounds:
             await self.api.aclose()  # its connections belong to this event loop
 
     async def _finish(self, record: RoundRecord) -> None:
-        route = "/v1/chat/completions"
+        if self.limits.sequential:  # within the enqueued-token limit: the queue holds one file at a time
+            for part in record.files:
+                if not part.ingested:
+                    await self._send(record, part)
+                    await self._wait_and_ingest(record, part)
+            return
         for part in record.files:
-            if part.input_file_id is None:
-                part.input_file_id = await self.api.upload(part.name, (self.state.folder / part.name).read_bytes())
-                part.status = "uploaded"
-                self.state.save()
-            if part.batch_id is None:
-                found = await self.api.find(part.input_file_id)
-                metadata = {"mergeit_round": str(record.round), "file": part.name}
-                batch = found or await self.api.create(part.input_file_id, route, self.window, metadata)
-                part.batch_id, part.status = batch.id, batch.status
-                self.state.save()
-                logger.info(
-                    "batch round %d: %s has %d requests in batch %s", record.round, part.name, part.requests, batch.id
-                )
+            await self._send(record, part)
         await asyncio.gather(*(self._wait_and_ingest(record, part) for part in record.files if not part.ingested))
 
+    async def _send(self, record: RoundRecord, part: SubmittedFile, *, find_first: bool = True) -> None:
+        """Upload the part's file and create its batch, each once; a resumed run first looks for the batch a
+        killed run created just before it could record it."""
+        if part.input_file_id is None:
+            part.input_file_id = await self.api.upload(part.name, (self.state.folder / part.name).read_bytes())
+            part.status = "uploaded"
+            self.state.save()
+        if part.batch_id is None:
+            found = await self.api.find(part.input_file_id) if find_first else None
+            metadata = {"mergeit_round": str(record.round), "file": part.name}
+            batch = found or await self.api.create(part.input_file_id, CHAT_ROUTE, self.window, metadata)
+            part.batch_id, part.status = batch.id, batch.status
+            self.state.save()
+            logger.info(
+                "batch round %d: %s has %d requests in batch %s", record.round, part.name, part.requests, batch.id
+            )
+
     async def _wait_and_ingest(self, record: RoundRecord, part: SubmittedFile) -> None:
-        assert part.batch_id is not None
-        wait, failures = self.poll_s, 0
+        wait, failures, queue_refusals = self.poll_s, 0, 0
         while True:
+            if part.batch_id is None:  # refused for the queue last time: a new batch over the same file
+                await self._send(record, part, find_first=False)
+            assert part.batch_id is not None
             try:
                 batch = await self.api.get(part.batch_id)
             except EndpointConfigError:
@@ -122,11 +136,35 @@ class BatchRounds:
                 if batch.status != part.status:
                     part.status = batch.status
                     self.state.save()
-                if batch.done:
+                if batch.queue_full:
+                    queue_refusals += 1
+                    self._queue_refused(record, part, batch, queue_refusals)
+                elif batch.done:
                     break
             await asyncio.sleep(wait)
             wait = min(MAX_POLL_S, wait * 1.5)
         await self._ingest(record, part, batch)
+
+    def _queue_refused(self, record: RoundRecord, part: SubmittedFile, batch: BatchInfo, refusals: int) -> None:
+        """A batch failed for the provider's enqueued-token limit ran nothing: create it again after the wait,
+        up to ``MAX_QUEUE_REFUSALS`` times in a row."""
+        record.queue_refused += 1
+        advice = (
+            "set batch_enqueued_tokens (--batch-enqueued-tokens) to your tier's limit for the model, so each file "
+            "stays under it and the files go one at a time"
+            if self.limits.max_tokens is None
+            else "other batches of yours hold the queue, or batch_enqueued_tokens is above the provider's limit"
+        )
+        if refusals >= MAX_QUEUE_REFUSALS:
+            raise EndpointError(
+                f"batch round {record.round}: {part.name} was refused {refusals} times in a row for the provider's "
+                f"enqueued-token limit ({batch.errors}); {advice}. The state is kept: the same command resumes"
+            )
+        logger.warning(
+            "batch %s refused for the queue (%s); created again after the wait: %s", batch.id, batch.errors, advice
+        )
+        part.batch_id, part.status = None, "refused for the queue: created again"
+        self.state.save()
 
     async def _ingest(self, record: RoundRecord, part: SubmittedFile, batch: BatchInfo) -> None:
         payloads = _read_payloads(self.state.folder / _payloads_name(part.name))

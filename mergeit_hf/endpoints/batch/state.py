@@ -44,6 +44,7 @@ class RoundRecord:
     failed_lines: int = 0
     unanswered: int = 0  # in a batch that expired, was cancelled or failed before answering them
     format_refused: int = 0  # lines refused for their response_format form: sent again, a form lower
+    queue_refused: int = 0  # batches refused for the provider's enqueued-token limit: created again
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -127,6 +128,7 @@ class BatchState:
             "failed_lines": sum(r.failed_lines for r in self.rounds),
             "unanswered": sum(r.unanswered for r in self.rounds),
             "format_refused": sum(r.format_refused for r in self.rounds),
+            "queue_refused": sum(r.queue_refused for r in self.rounds),
             "given_up": len(self.given_up),
             "structured_output": self.structured_output,
             "by_round": [
@@ -139,6 +141,7 @@ class BatchState:
                     "failed_lines": r.failed_lines,
                     "unanswered": r.unanswered,
                     "format_refused": r.format_refused,
+                    "queue_refused": r.queue_refused,
                     "structured_output": r.structured_output,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
