@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -195,7 +196,8 @@ def test_lines_refused_for_their_response_format_step_down_the_form_and_are_not_
     assert first["format_refused"] == server.requests["refused json_schema"] == len(merged.pairs)
     assert second["format_refused"] == server.requests["refused json_object+schema"] == len(merged.pairs)
     assert summary["structured_output"] == "json_object" and summary["failed_lines"] == summary["given_up"] == 0
-    assert json.loads((out / "batch" / "state.json").read_text())["attempts"] == {}
+    saved = json.loads((out / "batch" / "state.json").read_text())  # what a resumed run reads
+    assert saved["attempts"] == {} and (saved["structured_output"], saved["format_settled"]) == ("json_object", True)
     assert server.requests["merge"] >= len(merged.pairs)  # every pair merged, in the form the model takes
     assert "refused for their response_format and sent again as json_object" in (out / "README.md").read_text()
 
@@ -234,6 +236,7 @@ def test_a_round_above_the_enqueued_token_limit_goes_in_files_under_it_one_batch
     first = summary["by_round"][0]
     assert len(first["batches"]) >= 3  # the round went in several files ...
     assert server.queue_refusals == 0 and 0 < server.queue_peak <= limit  # ... the queue never held more
+    assert server.most_batches_queued == 1  # one batch at a time
     assert summary["queue_refused"] == 0 and summary["enqueued_token_limit"] == limit
     assert set(server.lines_answered.values()) == {1}  # every line answered once
     assert server.requests["merge"] == len(merged.pairs)
@@ -257,20 +260,31 @@ def test_a_batch_refused_for_a_full_queue_is_created_again_and_the_run_ends_as_u
     assert "2 batch(es) refused for the enqueued-token limit and created again" in (out / "README.md").read_text()
 
 
-def test_a_file_the_queue_never_takes_stops_the_run_naming_the_setting(tmp_path, capsys):
+def test_a_file_the_queue_never_takes_stops_the_run_naming_the_setting_which_then_resumes_it(tmp_path, capsys):
     rows, rows_path = _rows_file(tmp_path, 400)
     server = ScriptedBatchServer(*scripts(rows), slots=8, enqueued_token_limit=2000).start()
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    args = ["run", str(rows_path), "--output", str(tmp_path / "out"), "--endpoint", server.url, "--batch"]
+    args += ["--config", str(config), "--cache-dir", str(tmp_path / "cache")]
     try:
-        config = tmp_path / "config.yaml"
-        config.write_text(CONFIG)
-        args = ["run", str(rows_path), "--output", str(tmp_path / "out"), "--endpoint", server.url]
-        assert main([*args, "--config", str(config), "--cache-dir", str(tmp_path / "cache"), "--batch"]) == 2
+        assert main(args) == 2
+        said = capsys.readouterr().err
+        assert "refused 10 times in a row for the provider's enqueued-token limit" in said, said[-2000:]
+        assert "Limit: 2,000 enqueued tokens" in said and "--batch-enqueued-tokens" in said
+        assert server.requests["merge"] == 0 and len(server.batches) == 10
+        # The advice taken: the same command with the limit splits the refused round's files under it
+        assert main([*args, "--batch-enqueued-tokens", "2000"]) == 0
     finally:
         server.stop()
-    said = capsys.readouterr().err
-    assert "refused 10 times in a row for the provider's enqueued-token limit" in said, said[-2000:]
-    assert "Limit: 2,000 enqueued tokens" in said and "--batch-enqueued-tokens" in said
-    assert server.requests["merge"] == 0 and len(server.batches) == 10
+    merged = OutputFolder.open(tmp_path / "out")
+    summary = merged.record.batch
+    first = summary["by_round"][0]
+    assert first["queue_refused"] == 10 and len(first["batches"]) >= 3 and first["enqueued_token_limit"] == 2000
+    assert set(server.lines_answered.values()) == {1} and server.requests["merge"] == len(merged.pairs)
+    assert server.most_batches_queued == 1
+    assert main(["run", str(rows_path), "--output", str(tmp_path / "o2"), "--batch-enqueued-tokens", "9"]) == 2
+    assert "--batch-enqueued-tokens sizes batch files: add --batch" in capsys.readouterr().err
 
 
 def test_a_dry_run_with_the_enqueued_token_limit_says_how_many_files_the_first_round_needs(tmp_path, capsys):
@@ -280,9 +294,28 @@ def test_a_dry_run_with_the_enqueued_token_limit_says_how_many_files_the_first_r
     assert main([*args, *endpoint]) == 0
     said = capsys.readouterr().out
     assert "with --batch: 2 rounds at the least" in said
-    assert "go in about" in said and "file(s) under batch_enqueued_tokens (1,000), one batch at a time" in said
+    planned = re.search(r"first round's ([\d,]+) prompt tokens go in (\d+) file\(s\) at the least under", said)
+    assert planned and int(planned[2]) == -(-int(planned[1].replace(",", "")) // 1000), said
     with pytest.raises(ConfigError, match="batch_enqueued_tokens must be >= 1"):
         MergeItConfig(batch=True, batch_enqueued_tokens=0)
+
+
+def test_a_resumed_run_creates_a_new_batch_over_a_file_whose_batch_the_queue_refused(tmp_path):
+    state, record, part = _one_part_round(tmp_path, ["a"], "refused for the queue: created again after the wait")
+    part.batch_id, part.refused_batches = None, ["batch-1"]  # killed during the wait after the refusal
+    created = []
+
+    class Api:
+        async def find(self, input_file_id: str) -> BatchInfo:  # the newest over the file: the refused one
+            return BatchInfo("batch-1", "failed", input_file_id, None, None, {}, "", ("token_limit_exceeded",))
+
+        async def create(self, input_file_id: str, route: str, window: str, metadata: dict) -> BatchInfo:
+            created.append(input_file_id)
+            return BatchInfo("batch-2", "validating", input_file_id, None, None, {}, "")
+
+    rounds = BatchRounds(Api(), state, RequestCache(tmp_path / "cache"), retries=3)  # type: ignore[arg-type]
+    asyncio.run(rounds._send(record, part))
+    assert created == ["file-in"] and part.batch_id == "batch-2" and record.queue_refused == 0
 
 
 def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp_path):

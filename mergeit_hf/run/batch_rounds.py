@@ -88,8 +88,7 @@ def merge_in_rounds(
             collector = BatchCollector(given_up=dict(state.given_up), structured_output=state.structured_output)
             merged_pairs, batch = engine.merge_stage(pairs, dataclasses.replace(merger, collector=collector), max_pairs)
             if not collector.requests:
-                summary = {"used": True, "enqueued_token_limit": config.batch_enqueued_tokens, **state.summary()}
-                return merged_pairs, batch, summary
+                return merged_pairs, batch, {"used": True, **state.summary()}
             given_up, form = len(state.given_up), state.structured_output
             record = rounds.submit(collector)
             logger.info(

@@ -199,6 +199,8 @@ def _config(args: argparse.Namespace) -> MergeItConfig:
         "batch_enqueued_tokens": getattr(args, "batch_enqueued_tokens", None),
     }
     values.update({name: value for name, value in flags.items() if value is not None})
+    if flags["batch_enqueued_tokens"] is not None and not values.get("batch"):
+        raise ConfigError("--batch-enqueued-tokens sizes batch files: add --batch (or config batch: true), or drop it")
     if getattr(args, "preset", None) == "authors_scripts":
         return MergeItConfig.authors_scripts(**{k: v for k, v in values.items() if k != "preset"})
     return MergeItConfig.from_dict(values) if values else MergeItConfig()
@@ -258,11 +260,11 @@ def _run(args: argparse.Namespace) -> int:
             )
             if config.batch_enqueued_tokens:
                 first = plan.merge_prompt_tokens + plan.score_prompt_tokens
-                # The split estimates a token per 3 bytes of the JSON line: about twice a tokenizer's count
-                files = max(1, -(-2 * first // config.batch_enqueued_tokens))
+                files = max(1, -(-first // config.batch_enqueued_tokens))
                 print(
-                    f"the first round's {first:,} prompt tokens go in about {files} file(s) under "
-                    f"batch_enqueued_tokens ({config.batch_enqueued_tokens:,}), one batch at a time"
+                    f"the first round's {first:,} prompt tokens go in {files} file(s) at the least under "
+                    f"batch_enqueued_tokens ({config.batch_enqueued_tokens:,}), one batch at a time (the split "
+                    "over-counts tokens, so expect more)"
                 )
         return 0
     endpoint = args.endpoint or os.environ.get("MERGEIT_ENDPOINT")

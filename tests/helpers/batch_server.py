@@ -9,7 +9,8 @@ answered), ``fail_next_lines`` (that many of its first lines fail with HTTP 500 
 that takes only some structured-output forms: ``refused_formats`` (lines whose response_format is one of them
 fail with OpenAI's HTTP 400 naming the parameter). A queue: ``enqueued_token_limit`` (a batch whose input tokens,
 a token per 4 characters of its messages, would take the tokens of the batches not finished above it fails at
-validation with OpenAI's ``token_limit_exceeded``; ``queue_peak`` is the most the queue held), and
+validation with OpenAI's ``token_limit_exceeded``; ``queue_peak`` and ``most_batches_queued``: the most tokens
+and batches the queue held), and
 ``refuse_queue_next`` (that many next batches fail so, as when other jobs of the account hold the queue).
 """
 
@@ -38,6 +39,7 @@ class ScriptedBatchServer(ScriptedServer):
     enqueued_token_limit: int | None = None
     refuse_queue_next: int = 0
     queue_peak: int = 0
+    most_batches_queued: int = 0
     queue_refusals: int = 0
     _queue: dict[str, int] = field(default_factory=dict)  # batch id → its input tokens, while it is not finished
     files: dict[str, bytes] = field(default_factory=dict)
@@ -173,6 +175,7 @@ class ScriptedBatchServer(ScriptedServer):
             return {"code": "token_limit_exceeded", "message": message, "param": None, "line": None}
         self._queue[batch_id] = tokens
         self.queue_peak = max(self.queue_peak, sum(self._queue.values()))
+        self.most_batches_queued = max(self.most_batches_queued, len(self._queue))
         return None
 
     def _finish(

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 COMPLETION_WINDOW = "24h"
-#: Bytes of a JSON line per estimated input token. Tokenizers count about 4 characters of English a token;
-#: 3 bytes of the whole line (keys, schema and escapes included) over-counts, so a file estimated under the
-#: provider's enqueued-token limit is under it.
+#: ASCII bytes of a JSON line per estimated input token. Tokenizers read about 4 characters of English or
+#: code a token; 3 bytes of the whole line (keys, schema and escapes included) count more than they do.
 BYTES_PER_TOKEN = 3
 
 
 def estimated_tokens(line: bytes) -> int:
-    """An upper estimate of the input tokens the provider counts for one batch line."""
-    return -(-len(line) // BYTES_PER_TOKEN)
+    """An upper estimate of the input tokens the provider counts for one batch line: a token per 3 ASCII
+    bytes, and one per byte of non-ASCII text (a byte-level BPE tokenizer never needs more for it)."""
+    non_ascii = 0 if line.isascii() else len(line) - len(line.decode("utf-8").encode("ascii", "ignore"))
+    return -(-(len(line) - non_ascii) // BYTES_PER_TOKEN) + non_ascii
 
 
 @dataclass(frozen=True)

@@ -68,22 +68,62 @@ class BatchRounds:
             len(requests),
             collector.by_role(),
             structured_output=collector.structured_output or self._formats.form,
+            enqueued_token_limit=self.limits.max_tokens,
         )
-        by_key = {request.key: request for request in requests}
-        for index, lines in enumerate(self.limits.split([request.line() for request in requests]), start=1):
-            name = f"round-{number}-part-{index}.jsonl"
-            (self.state.folder / name).write_bytes(b"".join(lines))
-            keys = [json.loads(line)["custom_id"] for line in lines]
-            payloads = "".join(json.dumps({"key": k, "payload": by_key[k].payload}) + "\n" for k in keys)
-            (self.state.folder / _payloads_name(name)).write_text(payloads)
-            record.files.append(SubmittedFile(name, len(lines)))
+        payloads = {request.key: request.payload for request in requests}
+        self._write_parts(record, [request.line() for request in requests], payloads)
         self.state.rounds.append(record)
         self.state.save()
         return record
 
+    def _write_parts(self, record: RoundRecord, lines: list[bytes], payloads: dict[str, Any], first: int = 1) -> None:
+        """The lines as files within the limits, numbered from ``first``, each with its payloads."""
+        for index, part_lines in enumerate(self.limits.split(lines), start=first):
+            name = f"round-{record.round}-part-{index}.jsonl"
+            (self.state.folder / name).write_bytes(b"".join(part_lines))
+            keys = [json.loads(line)["custom_id"] for line in part_lines]
+            entries = "".join(json.dumps({"key": key, "payload": payloads[key]}) + "\n" for key in keys)
+            (self.state.folder / _payloads_name(name)).write_text(entries)
+            record.files.append(SubmittedFile(name, len(part_lines)))
+
+    async def _split_again_if_the_limit_moved(self, record: RoundRecord) -> None:
+        """A round resumed under another ``batch_enqueued_tokens`` (its files refused for the queue, say): the
+        files the provider has not taken are split again under the limit now set."""
+        if record.enqueued_token_limit == self.limits.max_tokens:
+            return
+        untaken = [p for p in record.files if not p.ingested and not await self._taken(p)]
+        lines = [line for p in untaken for line in (self.state.folder / p.name).read_bytes().splitlines(True)]
+        payloads = {
+            k: v for p in untaken for k, v in _read_payloads(self.state.folder / _payloads_name(p.name)).items()
+        }
+        after = 1 + max(_part_number(part.name) for part in record.files)  # new names: the old may be listed
+        record.files = [p for p in record.files if all(p is not gone for gone in untaken)]
+        self._write_parts(record, lines, payloads, first=after)
+        record.enqueued_token_limit = self.limits.max_tokens
+        self.state.save()
+        for part in untaken:  # their lines are in the new files now
+            (self.state.folder / part.name).unlink(missing_ok=True)
+            (self.state.folder / _payloads_name(part.name)).unlink(missing_ok=True)
+        logger.info(
+            "batch round %d: %d untaken file(s) split again under batch_enqueued_tokens %s",
+            record.round,
+            len(untaken),
+            self.limits.max_tokens,
+        )
+
+    async def _taken(self, part: SubmittedFile) -> bool:
+        """Whether the provider has a batch over the part that its queue did not refuse (one a killed run created
+        without recording it included)."""
+        if part.batch_id is None and part.input_file_id is not None:
+            found = await self.api.find(part.input_file_id)
+            if found is not None and found.id not in part.refused_batches:
+                part.batch_id, part.status = found.id, found.status
+        return part.batch_id is not None and part.batch_id not in part.refused_batches
+
     async def finish(self, record: RoundRecord) -> None:
         """Upload, create, poll and ingest every file of ``record`` not done yet."""
         try:
+            await self._split_again_if_the_limit_moved(record)
             await self._finish(record)
         finally:
             await self.api.aclose()  # its connections belong to this event loop
@@ -99,15 +139,18 @@ class BatchRounds:
             await self._send(record, part)
         await asyncio.gather(*(self._wait_and_ingest(record, part) for part in record.files if not part.ingested))
 
-    async def _send(self, record: RoundRecord, part: SubmittedFile, *, find_first: bool = True) -> None:
-        """Upload the part's file and create its batch, each once; a resumed run first looks for the batch a
-        killed run created just before it could record it."""
+    async def _send(self, record: RoundRecord, part: SubmittedFile) -> None:
+        """Upload the part's file and create its batch, each once; for a file uploaded before, first look for
+        the batch a killed run created just before it could record it (the newest over the file)."""
+        fresh = part.input_file_id is None
         if part.input_file_id is None:
             part.input_file_id = await self.api.upload(part.name, (self.state.folder / part.name).read_bytes())
             part.status = "uploaded"
             self.state.save()
         if part.batch_id is None:
-            found = await self.api.find(part.input_file_id) if find_first else None
+            found = None if fresh else await self.api.find(part.input_file_id)
+            if found is not None and found.id in part.refused_batches:
+                found = None  # the batch the queue refused: a new one is due
             metadata = {"mergeit_round": str(record.round), "file": part.name}
             batch = found or await self.api.create(part.input_file_id, CHAT_ROUTE, self.window, metadata)
             part.batch_id, part.status = batch.id, batch.status
@@ -120,7 +163,7 @@ class BatchRounds:
         wait, failures, queue_refusals = self.poll_s, 0, 0
         while True:
             if part.batch_id is None:  # refused for the queue last time: a new batch over the same file
-                await self._send(record, part, find_first=False)
+                await self._send(record, part)
             assert part.batch_id is not None
             try:
                 batch = await self.api.get(part.batch_id)
@@ -149,6 +192,9 @@ class BatchRounds:
         """A batch failed for the provider's enqueued-token limit ran nothing: create it again after the wait,
         up to ``MAX_QUEUE_REFUSALS`` times in a row."""
         record.queue_refused += 1
+        part.refused_batches.append(batch.id)
+        part.batch_id, part.status = None, "refused for the queue: created again after the wait"
+        self.state.save()  # a resumed run creates a new batch; it neither waits on nor counts this one again
         advice = (
             "set batch_enqueued_tokens (--batch-enqueued-tokens) to your tier's limit for the model, so each file "
             "stays under it and the files go one at a time"
@@ -158,13 +204,12 @@ class BatchRounds:
         if refusals >= MAX_QUEUE_REFUSALS:
             raise EndpointError(
                 f"batch round {record.round}: {part.name} was refused {refusals} times in a row for the provider's "
-                f"enqueued-token limit ({batch.errors}); {advice}. The state is kept: the same command resumes"
+                f"enqueued-token limit ({batch.errors}); {advice}. The state is kept: the same command resumes the "
+                "round (a new batch_enqueued_tokens splits its files not taken yet under it)"
             )
         logger.warning(
             "batch %s refused for the queue (%s); created again after the wait: %s", batch.id, batch.errors, advice
         )
-        part.batch_id, part.status = None, "refused for the queue: created again"
-        self.state.save()
 
     async def _ingest(self, record: RoundRecord, part: SubmittedFile, batch: BatchInfo) -> None:
         payloads = _read_payloads(self.state.folder / _payloads_name(part.name))
@@ -241,6 +286,10 @@ def _message(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("code") or "")
     return str(error or "")
+
+
+def _part_number(name: str) -> int:
+    return int(name.removesuffix(".jsonl").rsplit("-", 1)[1])
 
 
 def _payloads_name(name: str) -> str:

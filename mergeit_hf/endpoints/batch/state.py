@@ -29,6 +29,7 @@ class SubmittedFile:
     batch_id: str | None = None
     status: str = "not uploaded"
     ingested: bool = False
+    refused_batches: list[str] = field(default_factory=list)  # refused for the provider's queue: ran nothing
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RoundRecord:
     unanswered: int = 0  # in a batch that expired, was cancelled or failed before answering them
     format_refused: int = 0  # lines refused for their response_format form: sent again, a form lower
     queue_refused: int = 0  # batches refused for the provider's enqueued-token limit: created again
+    enqueued_token_limit: int | None = None  # the limit its files were split under (batch_enqueued_tokens)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -129,6 +131,7 @@ class BatchState:
             "unanswered": sum(r.unanswered for r in self.rounds),
             "format_refused": sum(r.format_refused for r in self.rounds),
             "queue_refused": sum(r.queue_refused for r in self.rounds),
+            "enqueued_token_limit": self.rounds[-1].enqueued_token_limit if self.rounds else None,
             "given_up": len(self.given_up),
             "structured_output": self.structured_output,
             "by_round": [
@@ -142,6 +145,7 @@ class BatchState:
                     "unanswered": r.unanswered,
                     "format_refused": r.format_refused,
                     "queue_refused": r.queue_refused,
+                    "enqueued_token_limit": r.enqueued_token_limit,
                     "structured_output": r.structured_output,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,
