@@ -64,6 +64,15 @@ def _run(folder: Path, rows_path: Path, endpoint: str, *flags: str, output: str 
     return folder / output
 
 
+def _run_and_stop(server: ScriptedServer, folder: Path, rows_path: Path, *flags: str) -> tuple[Path, OutputFolder]:
+    """A run against ``server`` (stopped after it), and its output folder."""
+    try:
+        out = _run(folder, rows_path, server.url, *flags)
+    finally:
+        server.stop()
+    return out, OutputFolder.open(out)
+
+
 def _rows_file(folder: Path, count: int) -> tuple[list[dict], Path]:
     rows = real_rows("gpteacher_toolformer.json", list(range(count)))
     path = folder / "rows.json"
@@ -165,11 +174,7 @@ def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_
     monkeypatch.setenv("MERGEIT_API_KEY", "sk-batch-test")  # every route refuses a request without it
     server = ScriptedBatchServer(*scripts(rows), slots=8, required_key="sk-batch-test").start()
     server.expire_next, server.fail_next_lines = True, 5  # the first batch: half answered, five of those failed
-    try:
-        out = _run(tmp_path, rows_path, server.url, "--batch")
-    finally:
-        server.stop()
-    merged = OutputFolder.open(out)
+    _out, merged = _run_and_stop(server, tmp_path, rows_path, "--batch")
     assert set(merged.pairs["merge_status"]) <= STATUSES and len(merged.pairs) > 10
     summary = merged.record.batch
     first = summary["by_round"][0]
@@ -183,11 +188,7 @@ def test_lines_refused_for_their_response_format_step_down_the_form_and_are_not_
     rows, rows_path = _rows_file(tmp_path, 400)
     refused = frozenset({"json_schema", "json_object+schema"})  # a model taking plain json_object only
     server = ScriptedBatchServer(*scripts(rows), slots=8, refused_formats=refused).start()
-    try:
-        out = _run(tmp_path, rows_path, server.url, "--batch")
-    finally:
-        server.stop()
-    merged = OutputFolder.open(out)
+    out, merged = _run_and_stop(server, tmp_path, rows_path, "--batch")
     statuses = Counter(merged.pairs["merge_status"])
     assert set(statuses) <= {"accepted", "rejected"} and statuses["accepted"] > 5, statuses
     summary = merged.record.batch
@@ -226,11 +227,7 @@ def test_a_round_above_the_enqueued_token_limit_goes_in_files_under_it_one_batch
     rows, rows_path = _rows_file(tmp_path, 400)
     limit = 6000  # the server's count of input tokens its queue takes; the config states it
     server = ScriptedBatchServer(*scripts(rows), slots=8, enqueued_token_limit=limit).start()
-    try:
-        out = _run(tmp_path, rows_path, server.url, "--batch", "--batch-enqueued-tokens", str(limit))
-    finally:
-        server.stop()
-    merged = OutputFolder.open(out)
+    out, merged = _run_and_stop(server, tmp_path, rows_path, "--batch", "--batch-enqueued-tokens", str(limit))
     assert set(merged.pairs["merge_status"]) <= STATUSES and len(merged.pairs) > 10
     summary = merged.record.batch
     first = summary["by_round"][0]
@@ -247,11 +244,7 @@ def test_a_batch_refused_for_a_full_queue_is_created_again_and_the_run_ends_as_u
     rows, rows_path = _rows_file(tmp_path, 400)
     server = ScriptedBatchServer(*scripts(rows), slots=8).start()
     server.refuse_queue_next = 2  # other jobs of the account hold the queue for the next two batches
-    try:
-        out = _run(tmp_path, rows_path, server.url, "--batch")
-    finally:
-        server.stop()
-    merged = OutputFolder.open(out)
+    out, merged = _run_and_stop(server, tmp_path, rows_path, "--batch")
     summary = merged.record.batch
     assert summary["by_round"][0]["queue_refused"] == 2 and summary["queue_refused"] == 2
     assert summary["failed_lines"] == summary["unanswered"] == 0
@@ -328,11 +321,7 @@ def test_lines_failing_request_retries_times_fail_their_pair_with_the_reason(tmp
             super()._finish(batch, ordered, merges, never_run)
 
     server = AlwaysFailing(*scripts(rows), slots=8).start()
-    try:
-        out = _run(tmp_path, rows_path, server.url, "--batch")
-    finally:
-        server.stop()
-    merged = OutputFolder.open(out)
+    _out, merged = _run_and_stop(server, tmp_path, rows_path, "--batch")
     assert set(merged.pairs["merge_status"]) == {"failed"}
     reason = merged.pairs["merge_reason"][0]
     assert "batch request failed: HTTP 500: The server had an error" in reason and "(3 batch attempts)" in reason
