@@ -169,6 +169,34 @@ def test_a_client_killed_while_its_batch_runs_resumes_that_batch_and_merges_ever
     assert set(server.lines_answered.values()) == {1}
 
 
+def test_a_client_stopped_between_rounds_submits_the_next_round_once_when_started_again(tmp_path, monkeypatch):
+    rows, rows_path = _rows_file(tmp_path, 400)
+    server = ScriptedBatchServer(*scripts(rows), slots=8).start()
+    submit = BatchRounds.submit
+
+    def stopped_before_round_2(self: BatchRounds, collector) -> RoundRecord:
+        if self.state.rounds:  # round 1 is answered and in the cache: the user stops the client here
+            raise KeyboardInterrupt
+        return submit(self, collector)
+
+    try:
+        monkeypatch.setattr(BatchRounds, "submit", stopped_before_round_2)
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG)
+        args = ["run", str(rows_path), "--output", str(tmp_path / "out"), "--endpoint", server.url, "--batch"]
+        args += ["--config", str(config), "--cache-dir", str(tmp_path / "cache")]
+        assert main(args) == 130
+        assert [b["metadata"]["mergeit_round"] for b in server.batches.values()] == ["1"]
+        monkeypatch.setattr(BatchRounds, "submit", submit)
+        assert main(args) == 0
+    finally:
+        server.stop()
+    assert [b["metadata"]["mergeit_round"] for b in server.batches.values()] == ["1", "2"]
+    merged = OutputFolder.open(tmp_path / "out")
+    assert set(merged.pairs["merge_status"]) <= STATUSES and merged.record.batch["rounds"] == 2
+    assert set(server.lines_answered.values()) == {1} and server.requests["merge"] == len(merged.pairs)
+
+
 def test_an_expired_batch_and_failed_lines_end_with_every_pair_decided_and_only_those_sent_again(tmp_path, monkeypatch):
     rows, rows_path = _rows_file(tmp_path, 400)
     monkeypatch.setenv("MERGEIT_API_KEY", "sk-batch-test")  # every route refuses a request without it
