@@ -4,6 +4,7 @@ ships, or any ``local_model`` GGUF."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import importlib.util
 import threading
@@ -44,9 +45,20 @@ def _load_llama(path: Path, n_ctx: int) -> Any:
         if key not in _LLAMA_CACHE:
             from llama_cpp import Llama
 
+            if not _LLAMA_CACHE:
+                atexit.register(_close_loaded)
             # logits_all: chat-completion logprobs need the logits of every position.
             _LLAMA_CACHE[key] = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
         return _LLAMA_CACHE[key]
+
+
+def _close_loaded() -> None:
+    """Free the loaded models while llama_cpp is whole: left to the garbage collector at interpreter exit, a
+    Llama's finaliser can run after the module's globals are gone and print a TypeError traceback."""
+    with _LLAMA_CACHE_LOCK:
+        for llama in _LLAMA_CACHE.values():
+            llama.close()
+        _LLAMA_CACHE.clear()
 
 
 def resolve_local_model(spec: str | Path | None) -> Path:
