@@ -41,8 +41,8 @@ class BatchLimits:
         files: list[list[bytes]] = []
         size = tokens = 0
         for line in lines:
-            self._check_alone(line)
             line_tokens = estimated_tokens(line)
+            self._check_alone(line, line_tokens)
             over_tokens = self.max_tokens is not None and tokens + line_tokens > self.max_tokens
             if not files or len(files[-1]) >= self.max_requests or size + len(line) > self.max_bytes or over_tokens:
                 files.append([])
@@ -52,11 +52,11 @@ class BatchLimits:
             tokens += line_tokens
         return files
 
-    def _check_alone(self, line: bytes) -> None:
+    def _check_alone(self, line: bytes, line_tokens: int) -> None:
         if len(line) > self.max_bytes:
             raise ValueError(f"one batch request is {len(line):,} bytes, above the {self.max_bytes:,} a file holds")
-        if self.max_tokens is not None and estimated_tokens(line) > self.max_tokens:
+        if self.max_tokens is not None and line_tokens > self.max_tokens:
             raise ValueError(
-                f"one batch request is about {estimated_tokens(line):,} tokens, above batch_enqueued_tokens "
+                f"one batch request is about {line_tokens:,} tokens, above batch_enqueued_tokens "
                 f"({self.max_tokens:,}): set it to your tier's limit for the model"
             )

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-file codes of lines the provider never ran
 MAX_POLL_S = 600.0  # polls slow down to one every ten minutes: a batch may take its whole 24 hours
 MAX_POLL_FAILURES = 10  # polls failed in a row (each after its retries) before the run stops: about an hour
-MAX_QUEUE_REFUSALS = 10  # batches refused for the enqueued-token limit in a row: about 45 min at the default poll
+MAX_QUEUE_REFUSALS = 10  # refused for the enqueued-token limit in a row: 35 min to 2 h at the default poll
 CHAT_ROUTE = "/v1/chat/completions"
 
 
@@ -143,7 +143,7 @@ class BatchRounds:
         """Upload the part's file and create its batch, each once; for a file uploaded before, first look for
         the batch a killed run created just before it could record it (the newest over the file)."""
         fresh = part.input_file_id is None
-        if part.input_file_id is None:
+        if fresh:
             part.input_file_id = await self.api.upload(part.name, (self.state.folder / part.name).read_bytes())
             part.status = "uploaded"
             self.state.save()
