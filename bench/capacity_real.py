@@ -150,19 +150,24 @@ def report(results: dict, rows: int, model: str) -> None:
     best = max((rate for setting, rate in rates.items() if setting != "default (adaptive)"), default=0.0)
     print(f"# `mergeit run` on {rows} Toolformer rows, default config, against {model}\n")
     print(
-        "| setting | requests/s while busy | share of the best fixed | mean running | pairs failed | limit | seconds |"
+        "| setting | requests/s while busy | share of the best fixed | mean running | pairs failed | limit "
+        "| timed out / kept past the timeout | seconds |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for setting, (found, (_, mean, _)) in results.items():
         if "error" in found:
-            print(f"| {setting} | error: {found['error']} | | | | | |")
+            print(f"| {setting} | error: {found['error']} | | | | | | |")
             continue
         record = found["record"]
-        counts, limit = record["counts"], record["endpoints"].get("merge", {}).get("concurrency", "?")
+        merge = record["endpoints"].get("merge", {})
+        counts, limit = record["counts"], merge.get("concurrency", "?")
+        timed_out = merge.get("unanswered (timeout or dropped)", "?")
+        kept = merge.get("kept past request_timeout_s (the server was generating)", "0")
         share = rates[setting] / best if best else 0.0
         print(
             f"| {setting} | {rates[setting]:.2f} | {share:.2f} | {mean:.1f} | "
-            f"{counts.get('merges failed', 0)} of {counts.get('pairs', 0)} | {limit} | {found['seconds']:.0f} |"
+            f"{counts.get('merges failed', 0)} of {counts.get('pairs', 0)} | {limit} | {timed_out} / {kept} | "
+            f"{found['seconds']:.0f} |"
         )
 
 

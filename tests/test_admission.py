@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from mergeit_hf import MergeItConfig
-from mergeit_hf.endpoints.http.client import JsonHttpClient
+from mergeit_hf.endpoints.http.client import MOST_TIMEOUTS_WHILE_GENERATING, JsonHttpClient
 from mergeit_hf.endpoints.http.pools import SpreadTransport, pool_sizes
 from mergeit_hf.endpoints.probe import ServerInfo, read_queue
 from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, NEW_WORK, START_LIMIT, EndpointLoad
@@ -20,11 +20,13 @@ from mergeit_hf.endpoints.sending.request_cache import RequestCache
 from mergeit_hf.endpoints.sending.senders import Senders
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend
+from mergeit_hf.endpoints.servers.openai_chat import OpenAIChatBackend
 from mergeit_hf.endpoints.servers.served import ServedBackend
 from mergeit_hf.engines.datasets_engine import merge_stage
+from mergeit_hf.errors import EndpointError
 from mergeit_hf.stage2.merge.merger import Merger
 from tests.helpers.pairs import FAST, pairs_dataset, real_rows, restating_scripts
-from tests.helpers.scripted import ScriptedServer
+from tests.helpers.scripted import ScriptedServer, peaked
 
 
 def test_waiting_requests_are_admitted_most_urgent_first_and_a_cancelled_one_loses_no_place():
@@ -98,9 +100,11 @@ vllm:cache_config_info{block_size="16",kv_cache_max_concurrency="22.75"} 1.0
 
 
 def test_vllm_queue_gauges_are_read_and_summed_over_engines():
-    assert read_queue(VLLM_METRICS) == (5.0, 7.0)
+    assert read_queue(VLLM_METRICS) == (5.0, 7.0, None)
     assert read_queue("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.5\n") is None
-    assert read_queue("vllm:num_requests_running{} 4.0\nvllm:num_requests_waiting{} 1") == (4.0, 1.0)
+    assert read_queue("vllm:num_requests_running{} 4.0\nvllm:num_requests_waiting{} 1") == (4.0, 1.0, None)
+    counted = VLLM_METRICS + 'vllm:generation_tokens_total{engine="0",model_name="m"} 1200.0\n'
+    assert read_queue(counted + 'vllm:generation_tokens_total{engine="1",model_name="m"} 34.0\n') == (5.0, 7.0, 1234.0)
 
 
 def _fill(load: EndpointLoad) -> None:
@@ -175,6 +179,64 @@ def test_one_queue_watcher_per_endpoint_limit_however_many_backends_share_it():
         return watching
 
     assert asyncio.run(scenario()) == [True, False, False]
+
+
+def _one_request_to(server: ScriptedServer, timeout_s: float) -> tuple[object, EndpointLoad]:
+    """One chat request through the real backend, its endpoint's limit watching the server's /metrics."""
+
+    async def scenario() -> tuple[object, EndpointLoad]:
+        load = EndpointLoad("vllm", limit=2, fixed=True)
+        http = JsonHttpClient(server.url, None, timeout_s=timeout_s, attempts=1, key_variable="K")
+        backend = OpenAIChatBackend(server.url, ServerInfo(server.model_id, 2, "openai", queue_metrics=True), http)
+        backend.observe(load)
+        try:
+            async with load.slot():  # as the scheduler sends (the watcher reads while requests are in flight)
+                return await backend.chat([{"role": "user", "content": "Say b."}], {}), load
+        except EndpointError as exc:
+            return exc, load
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("generation", ["moving", "stuck"])
+def test_a_request_outlives_its_timeout_while_the_server_generates_and_not_when_it_is_stuck(generation):
+    """A slow answer from a server whose token count rises is waited for (a busy server, not a dead one: a
+    retry would start its work again); from one whose count stands still, the request times out as before."""
+    server = ScriptedServer(
+        lambda prompt, body: {"instruction": "a", "input": "", "output": "b"},
+        lambda instruction, output: peaked(3),
+        latency_s=5.0,
+        serves_info=False,
+        serves_queue_metrics=True,
+        generation=generation,
+    )
+    server.start()
+    try:
+        answer, load = _one_request_to(server, timeout_s=2.0)
+    finally:
+        server.stop()
+    if generation == "moving":
+        assert not isinstance(answer, Exception), answer
+        assert (load.timeouts, load.outwaited) == (0, 1)
+        assert load.describe()["kept past request_timeout_s (the server was generating)"] == "1"
+    else:
+        assert isinstance(answer, EndpointError)
+        assert "ReadTimeout: no answer within request_timeout_s=2 s" in str(answer)
+        assert (load.timeouts, load.outwaited) == (1, 0)
+
+
+def test_a_request_waits_at_most_ten_timeouts_however_long_the_server_generates():
+    http = JsonHttpClient("http://127.0.0.1:9", None, timeout_s=3.0, attempts=1, key_variable="K")
+    assert http._deadline(100.0) == 103.0  # no load: the request timeout alone
+    load = EndpointLoad("vllm")
+    http.observe(load)
+    assert http._deadline(100.0) == 103.0  # a server that has not said it generates
+    load.progressed_at = 110.0
+    assert http._deadline(100.0) == 113.0  # a timeout past its last progress
+    load.progressed_at = 1000.0
+    assert http._deadline(100.0) == 100.0 + MOST_TIMEOUTS_WHILE_GENERATING * 3.0
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,15 @@ class AttemptObserver(Protocol):
 
     def answered(self, status: int | None, latency_s: float, headers: Mapping[str, str] | None = None) -> None: ...
 
-    def server_queue(self, running: float, waiting: float) -> None: ...  # what a server says it holds
+    # What a server says it holds, and how many tokens it has generated so far (None: it does not say).
+    def server_queue(self, running: float, waiting: float, generated_tokens: float | None = None) -> None: ...
+
+    # When the server last generated more tokens (``time.monotonic``); None while it has not said. A request
+    # outlives request_timeout_s while it moves: a busy server is slow, not dead.
+    @property
+    def progressed_at(self) -> float | None: ...
+
+    def kept_past_timeout(self) -> None: ...  # one request outlived request_timeout_s so
 
 
 class ChatBackend(Protocol):

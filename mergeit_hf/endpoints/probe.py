@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import PurePath
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import httpx
 
@@ -27,6 +27,7 @@ Dialect = Literal["tgi", "openai"]
 _PROBE_CONNECT_TIMEOUT_S = 10.0
 _KV_CONCURRENCY = re.compile(r'kv_cache_max_concurrency="([0-9.]+)"')
 _QUEUE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+_GENERATED_COUNTER = "vllm:generation_tokens_total"  # tokens generated since the server started
 
 
 @dataclass(frozen=True)
@@ -95,23 +96,36 @@ async def _sized(http: httpx.AsyncClient, url: str, server: ServerInfo) -> Serve
     return replace(server, concurrency=start, queue_metrics=read_queue(text) is not None)
 
 
-def read_queue(metrics: str) -> tuple[float, float] | None:
-    """(running, waiting) from a Prometheus text that has vLLM's gauges (summed over their label sets)."""
-    counts = {name: 0.0 for name in _QUEUE_GAUGES}
-    seen = False
+class ServerQueue(NamedTuple):
+    """What vLLM's ``/metrics`` counts now, summed over its engines."""
+
+    running: float
+    waiting: float
+    generated_tokens: float | None = None  # None: the text has no such counter
+
+
+def read_queue(metrics: str) -> ServerQueue | None:
+    """Requests running and waiting, and tokens generated so far, from a Prometheus text that has vLLM's
+    gauges (summed over their label sets); None without the gauges."""
+    counts = {name: 0.0 for name in (*_QUEUE_GAUGES, _GENERATED_COUNTER)}
+    seen: set[str] = set()
     for line in metrics.splitlines():
         name, _, rest = line.partition("{")
         if "}" in rest:  # labels, then the value (and perhaps a timestamp)
             rest = rest.split("}", 1)[1]
         else:
             name, _, rest = line.partition(" ")
-        if name.strip() in counts and rest.split():
+        name = name.strip()
+        if name in counts and rest.split():
             try:
-                counts[name.strip()] += float(rest.split()[0])
+                counts[name] += float(rest.split()[0])
             except ValueError:
                 continue
-            seen = True
-    return (counts[_QUEUE_GAUGES[0]], counts[_QUEUE_GAUGES[1]]) if seen else None
+            seen.add(name)
+    if not seen & set(_QUEUE_GAUGES):
+        return None
+    generated = counts[_GENERATED_COUNTER] if _GENERATED_COUNTER in seen else None
+    return ServerQueue(counts[_QUEUE_GAUGES[0]], counts[_QUEUE_GAUGES[1]], generated)
 
 
 async def _quiet_get(http: httpx.AsyncClient, address: str) -> httpx.Response:

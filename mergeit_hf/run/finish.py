@@ -85,9 +85,12 @@ class PipelineResult:
             by_role = ", ".join(f"{role} {n}" for role, n in requests["by_role"].items())
             # (``unanswered`` is absent from records written before it was counted)
             unanswered = requests.get("unanswered", 0)
+            kept = requests.get("kept_past_timeout", 0)
             lines.append(
                 f"{'':<{width}}  ({by_role}; {requests['retried']} retried, {requests['throttled']} throttled, "
-                f"{unanswered} unanswered)"
+                f"{unanswered} unanswered"
+                + (f", {kept} kept past request_timeout_s while generating" if kept else "")
+                + ")"
             )
         tokens = record.tokens
         if tokens:

@@ -57,6 +57,10 @@ class ScriptedServer(LoopbackServer):
     slot_seconds: float = 0.0  # time slots spent answering
     serves_info: bool = True  # TGI's /info; servers of other kinds have none
     serves_queue_metrics: bool = False  # vLLM's /metrics: requests running and waiting for a slot
+    # ... and its count of tokens generated: it rises by the requests running at each reading, or (a stuck
+    # server) not at all; None: /metrics has no such counter
+    generation: str | None = None  # "moving" / "stuck" / None
+    _generated: float = 0.0
     # judge prompt → P(yes), or a first-token distribution of its own; None: judge prompts are refused
     judge: Callable[[str], float | dict[str, float]] | None = None
     # Every Nth chat request is answered HTTP 200 with something that is not a chat completion, the kinds
@@ -129,6 +133,9 @@ class ScriptedServer(LoopbackServer):
             "# TYPE vllm:num_requests_waiting gauge\n"
             f"vllm:num_requests_waiting{labels} {float(waiting)}\n"
         )
+        if self.generation is not None:
+            self._generated += running if self.generation == "moving" else 0
+            text += f"vllm:generation_tokens_total{labels} {self._generated}\n"
         return web.Response(text=text, content_type="text/plain")
 
     async def _info(self, request: web.Request) -> web.Response:

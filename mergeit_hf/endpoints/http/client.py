@@ -3,8 +3,9 @@ the bearer key, a pool as large as the concurrency, transient failures retried (
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -23,6 +24,8 @@ from mergeit_hf.endpoints.http.transport import (
 
 T = TypeVar("T")
 _DEFAULT_CONNECTIONS = 100  # httpx's own default, until a session sizes the pool
+#: However long the server keeps generating, no request waits more than this many request timeouts.
+MOST_TIMEOUTS_WHILE_GENERATING = 10
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class JsonHttpClient:
             context = httpx.create_ssl_context()  # one for all (each client would build its own)
             self._pools = [
                 httpx.AsyncClient(
-                    timeout=self._timeout_s,
+                    timeout=self._httpx_timeout(),
                     headers=self._headers,
                     verify=context,
                     limits=pool_limits(httpx, size),
@@ -82,6 +85,13 @@ class JsonHttpClient:
             ]
         self._turn = (self._turn + 1) % len(self._pools)
         return self._pools[self._turn]
+
+    def _httpx_timeout(self) -> httpx.Timeout:
+        """Without a load to say whether the server progresses, httpx times a request out; with one, the
+        read waits up to the cap and ``_answer_while_generating`` decides (connecting is timed as before)."""
+        if self.load is None:
+            return httpx.Timeout(self._timeout_s)
+        return httpx.Timeout(self._timeout_s, read=MOST_TIMEOUTS_WHILE_GENERATING * self._timeout_s)
 
     async def post(
         self,
@@ -116,12 +126,53 @@ class JsonHttpClient:
         self.load.attempt(first)
         started = time.perf_counter()
         try:
-            response = await self._client().post(self.url + path, json=body)
+            response = await self._answer_while_generating(self._client().post(self.url + path, json=body))
         except httpx.TransportError:
             self.load.answered(None, time.perf_counter() - started)
             raise
         self.load.answered(response.status_code, time.perf_counter() - started, response.headers)
         return response
+
+    async def _answer_while_generating(self, posting: Awaitable[httpx.Response]) -> httpx.Response:
+        """The answer, waited for request_timeout_s past the later of the request's start and the server's
+        last progress (``load.progressed_at``), never more than ``MOST_TIMEOUTS_WHILE_GENERATING`` timeouts.
+
+        Why: a CPU or overloaded GPU server with many requests running answers each slowly; cutting one at
+        the timeout throws its work away (vLLM aborts a request whose client went), and its retry starts
+        from scratch on a server that is no less busy. A server that generates nothing for a whole timeout
+        is stuck, and its requests time out as before."""
+        started = time.monotonic()
+        answer = asyncio.ensure_future(posting)
+        kept = False
+        try:
+            while True:
+                deadline = self._deadline(started)
+                done, _ = await asyncio.wait({answer}, timeout=max(0.0, deadline - time.monotonic()))
+                if done:
+                    return answer.result()
+                if time.monotonic() >= self._deadline(started):
+                    raise httpx.ReadTimeout(self._timed_out(started))
+                if not kept and self.load is not None:
+                    kept = True
+                    self.load.kept_past_timeout()
+        finally:
+            answer.cancel()
+
+    def _deadline(self, started: float) -> float:
+        progressed = getattr(self.load, "progressed_at", None) or started
+        latest = started + MOST_TIMEOUTS_WHILE_GENERATING * self._timeout_s
+        return min(latest, max(started, progressed) + self._timeout_s)
+
+    def _timed_out(self, started: float) -> str:
+        waited = time.monotonic() - started
+        if waited >= MOST_TIMEOUTS_WHILE_GENERATING * self._timeout_s:
+            return (
+                f"no answer in {waited:.0f} s ({MOST_TIMEOUTS_WHILE_GENERATING} × request_timeout_s, the most "
+                "a request waits while the server generates)"
+            )
+        if waited < 1.5 * self._timeout_s:
+            return f"no answer within request_timeout_s={self._timeout_s:g} s"
+        return f"no answer in {waited:.0f} s, the last {self._timeout_s:g} s (request_timeout_s) with no progress"
 
     def check(self, path: str, response: httpx.Response) -> None:
         """Any error status raised as the endpoint's error, with what the server said."""

@@ -17,12 +17,14 @@ class RequestLedger:
     retried: int = 0
     throttled: int = 0
     unanswered: int = 0  # no answer: a timeout or a dropped connection
+    kept_past_timeout: int = 0  # answered after request_timeout_s, the server generating all the while
 
     def add(self, load: EndpointLoad) -> None:
         self.sent.update(load.sent)
         self.retried += sum(load.retried.values())
         self.throttled += load.throttled
         self.unanswered += load.timeouts
+        self.kept_past_timeout += load.outwaited
 
     def merge(self, other: RequestLedger) -> None:
         """Add what another process (a Ray actor) sent."""
@@ -30,6 +32,7 @@ class RequestLedger:
         self.retried += other.retried
         self.throttled += other.throttled
         self.unanswered += other.unanswered
+        self.kept_past_timeout += other.kept_past_timeout
 
     def since(self, earlier: RequestLedger) -> RequestLedger:
         """What was sent after ``earlier`` (a snapshot of the same counts): a Ray actor reports it per batch."""
@@ -38,6 +41,7 @@ class RequestLedger:
             self.retried - earlier.retried,
             self.throttled - earlier.throttled,
             self.unanswered - earlier.unanswered,
+            self.kept_past_timeout - earlier.kept_past_timeout,
         )
 
     @property
@@ -55,4 +59,5 @@ class RequestLedger:
             "retried": self.retried,
             "throttled": self.throttled,
             "unanswered": self.unanswered,
+            "kept_past_timeout": self.kept_past_timeout,
         }

@@ -88,6 +88,11 @@ class EndpointLoad:
     _window_spent: bool = False  # an answer this round said the rate window has nothing left
     _queue_read_at: float = float("-inf")  # when the server last counted its queue (``server_queue``)
     watched: bool = False  # a watcher reads the server's queue for this limit (one per endpoint)
+    # When the server last said it had generated more tokens (vLLM's counter, read by the watcher), on
+    # ``time.monotonic``; None while it has not said. A request outlives its timeout while this moves.
+    progressed_at: float | None = None
+    outwaited: int = 0  # requests kept past request_timeout_s because the server was generating
+    _generated: float | None = None
     # How many processes of this machine send here now (``senders.Senders.count``): a fixed limit is split
     # among them. Read again at most once a second, as workers start and end.
     count_senders: Callable[[], int] | None = None
@@ -205,8 +210,10 @@ class EndpointLoad:
                 self._window_spent = True
             self._observe(request_role.get(), latency_s)
 
-    def server_queue(self, running: float, waiting: float) -> None:
-        """What the server says it holds now: requests ``running`` and ``waiting`` for room (all clients')."""
+    def server_queue(self, running: float, waiting: float, generated_tokens: float | None = None) -> None:
+        """What the server says it holds now: requests ``running`` and ``waiting`` for room (all clients'),
+        and how many tokens it has generated since it started (None: it does not say)."""
+        self._read_progress(generated_tokens)
         if self.fixed or running <= 0:
             return  # (a server that runs nothing yet is starting: its queue says nothing of its size)
         full_before, self._server_full = self._server_full, waiting > 0
@@ -222,6 +229,17 @@ class EndpointLoad:
             self.limit = min(MAX_LIMIT, self.limit * 2)
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
+
+    def _read_progress(self, generated_tokens: float | None) -> None:
+        if generated_tokens is None:
+            return
+        if self._generated is not None and generated_tokens > self._generated:
+            self.progressed_at = time.monotonic()
+        self._generated = generated_tokens
+
+    def kept_past_timeout(self) -> None:
+        """A request ran past request_timeout_s and was kept: the server was generating all the while."""
+        self.outwaited += 1
 
     @property
     def _queue_read(self) -> bool:
@@ -282,6 +300,8 @@ class EndpointLoad:
         how = "fixed" if self.fixed else "adaptive"
         shared = f", shared by up to {self.peak_sharing} processes" if self.fixed and self.peak_sharing > 1 else ""
         counts = counts_described(self.sent, sum(self.retried.values()), self.throttled, self.timeouts)
+        if self.outwaited:
+            counts["kept past request_timeout_s (the server was generating)"] = str(self.outwaited)
         return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
 
 

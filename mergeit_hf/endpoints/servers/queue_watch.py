@@ -3,6 +3,8 @@
 vLLM announces no size, but its ``/metrics`` counts requests running and waiting. Nothing waiting while
 this client fills its limit says there is room, sooner than answers' latency can (a round of them takes a
 whole request's time); requests waiting say the server is full. ``EndpointLoad.server_queue`` acts on it.
+Its count of tokens generated says the server is working: while it rises, no request is cut at its
+timeout (``http.client``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class QueueWatch:
                     response = await http.get(self._url)
                     queue = read_queue(response.text) if response.status_code == 200 else None
                     if queue is not None:
-                        self._load.server_queue(*queue)
+                        self._load.server_queue(queue.running, queue.waiting, queue.generated_tokens)
                 except Exception:  # advisory only: the requests themselves report what matters
                     continue
 

@@ -21,11 +21,12 @@ class ServedBackend:
         self._watch: QueueWatch | None = None
 
     def observe(self, load: AttemptObserver) -> None:
-        """Report every attempt to the endpoint's limit, and (a server that counts its queue, to a limit
-        that adapts) what the server says it holds."""
+        """Report every attempt to the endpoint's limit, and (a server that counts its queue) what the
+        server says it holds and generates: an adaptive limit moves by it, and any request outlives its
+        timeout while the server generates."""
         self._http.observe(load)
         # One watcher per limit: a scorer or judge on the same server shares it (and its readings).
-        if self._queue_metrics and not getattr(load, "fixed", False) and not getattr(load, "watched", True):
+        if self._queue_metrics and not getattr(load, "watched", True):
             load.watched = True  # type: ignore[attr-defined]
             self._watch = QueueWatch(self.url, self._http.headers, load)
             self._watch.start()
