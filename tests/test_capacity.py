@@ -218,12 +218,13 @@ def test_a_wrong_key_is_refused_before_stage_1_naming_the_variable(rows, monkeyp
     monkeypatch.setenv("MERGEIT_API_KEY", "sk-wrong")
     server = DialectServer(*restating_scripts(rows), dialect="openai", served=("gpt-4o",), api_key="sk-right").start()
     try:
-        with pytest.raises(EndpointConfigError, match="set MERGEIT_API_KEY"):
+        with pytest.raises(EndpointConfigError, match="set MERGEIT_API_KEY") as stopped:
             pipeline.run_pipeline(
                 shared("gpteacher_toolformer.json"), MergeItConfig(model="gpt-4o"), endpoint=server.url
             )
     finally:
         server.stop()
+    assert not getattr(stopped.value, "__notes__", None)  # nothing was received: no word of resuming
 
 
 def test_a_parameter_every_request_carries_stops_the_run_at_the_first_refusal(rows, tmp_path):
@@ -246,11 +247,12 @@ def test_a_scorer_without_digits_stops_before_merging(rows, tmp_path):
         config = MergeItConfig(
             n_clusters=4, selection_budget=1.0, tau=0.5, scorer_check_rows=4, compute_retention=False, min_retention=0.0
         )
-        with pytest.raises(QualityScoringError, match="no digit 1-6"):
+        with pytest.raises(QualityScoringError, match="no digit 1-6") as stopped:
             pipeline.run_pipeline(rows_in.select(range(60)), config, endpoint=server.url, cache_dir=str(tmp_path))
     finally:
         server.stop()
     assert server.requests["merge"] == 0
+    assert stopped.value.__notes__ == [pipeline.RESUME_NOTE]  # the CLI prints how to resume under the error
 
 
 def test_peaked_helper_is_a_distribution():

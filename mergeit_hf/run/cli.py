@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, get_args
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import ENGINES, Engine
-from mergeit_hf.errors import ConfigError, EndpointError, MergeItError, QualityScoringError
+from mergeit_hf.errors import ConfigError, MergeItError
 from mergeit_hf.inputs.loading import InputFormat
 
 if TYPE_CHECKING:
@@ -165,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (MergeItError, KeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if args.command == "run" and isinstance(exc, EndpointError | QualityScoringError):
-            print(
-                "every answer received so far is in the request cache: the same command resumes from there",
-                file=sys.stderr,
-            )
+        for note in getattr(exc, "__notes__", ()):  # how to resume, where answers were received (``pipeline``)
+            print(note, file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the request cache", file=sys.stderr)

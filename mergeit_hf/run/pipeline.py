@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import Engine
-from mergeit_hf.errors import ConfigError, QualityScoringError
+from mergeit_hf.errors import ConfigError, EndpointError, QualityScoringError
 from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.run.batch_rounds import check_batch_api, merge_in_rounds
 from mergeit_hf.run.finish import PipelineResult, finish_run, publish, save, token_totals
@@ -85,13 +86,14 @@ def run_pipeline(
     if prefiltered:
         logger.info(prefiltered.summary())
     stage1 = engine.run_stage1(prefiltered.kept if prefiltered else rows, config)
-    check = check_scorer_before_merging(stage1, merger)
     batched: dict[str, Any] | None = None
-    if config.batch:
-        assert output is not None
-        merged_pairs, batch, batched = merge_in_rounds(stage1.pairs, merger, engine, Path(output), max_pairs)
-    else:
-        merged_pairs, batch = engine.merge_stage(stage1.pairs, merger, max_pairs)
+    with _resumable():
+        check = check_scorer_before_merging(stage1, merger)
+        if config.batch:
+            assert output is not None
+            merged_pairs, batch, batched = merge_in_rounds(stage1.pairs, merger, engine, Path(output), max_pairs)
+        else:
+            merged_pairs, batch = engine.merge_stage(stage1.pairs, merger, max_pairs)
     return finish_run(
         source,
         report,
@@ -109,6 +111,21 @@ def run_pipeline(
         engine=engine.description,
         batch=batched,
     )
+
+
+#: Added to an error that stops the run once answers have come back (the CLI prints it under the error).
+RESUME_NOTE = "every answer received so far is in the request cache: the same command resumes from there"
+
+
+@contextmanager
+def _resumable() -> Iterator[None]:
+    """Errors from the scorer check on (answers are cached as they come) say how to resume; an error before
+    (a probe's refusal, bad input) does not, as nothing was received."""
+    try:
+        yield
+    except (EndpointError, QualityScoringError) as exc:
+        exc.add_note(RESUME_NOTE)
+        raise
 
 
 def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerCheck | None:
