@@ -82,7 +82,8 @@ def run_pipeline(
     # Every endpoint (merge, scorer, judge) probed before the long stages: a refused key, an unknown model or
     # a server that is not there stops the run in seconds, not after hours of embedding.
     merger.check_endpoints()
-    prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
+    with _resumable():  # the prefilter's scores are cached as they come
+        prefiltered = prefilter_rows(rows, merger, config.prefilter_top) if config.prefilter_top is not None else None
     if prefiltered:
         logger.info(prefiltered.summary())
     stage1 = engine.run_stage1(prefiltered.kept if prefiltered else rows, config)
@@ -119,12 +120,14 @@ RESUME_NOTE = "every answer received so far is in the request cache: the same co
 
 @contextmanager
 def _resumable() -> Iterator[None]:
-    """Errors from the scorer check on (answers are cached as they come) say how to resume; an error before
-    (a probe's refusal, bad input) does not, as nothing was received."""
+    """Errors once requests are sent (the prefilter, the scorer check, the merges: answers are cached as they
+    come) say how to resume; an error before (a probe's refusal, bad input) does not: nothing was received."""
     try:
         yield
     except (EndpointError, QualityScoringError) as exc:
-        exc.add_note(RESUME_NOTE)
+        notes = list(getattr(exc, "__notes__", ()))  # (``add_note`` is Python 3.11's; this runs on 3.10 too)
+        if RESUME_NOTE not in notes:
+            exc.__notes__ = [*notes, RESUME_NOTE]
         raise
 
 

@@ -149,14 +149,17 @@ class JsonHttpClient:
                 deadline = self._deadline(started)
                 done, _ = await asyncio.wait({answer}, timeout=max(0.0, deadline - time.monotonic()))
                 if done:
-                    return answer.result()
+                    response = answer.result()
+                    if kept and self.load is not None:  # counted once answered: a request kept, then cut, is not
+                        self.load.kept_past_timeout()
+                    return response
                 if time.monotonic() >= self._deadline(started):
                     raise httpx.ReadTimeout(self._timed_out(started))
-                if not kept and self.load is not None:
-                    kept = True
-                    self.load.kept_past_timeout()
+                kept = True
         finally:
-            answer.cancel()
+            if not answer.done():
+                answer.cancel()
+                await asyncio.gather(answer, return_exceptions=True)  # its connection closed before we go on
 
     def _deadline(self, started: float) -> float:
         progressed = getattr(self.load, "progressed_at", None) or started

@@ -50,7 +50,7 @@ class RequestLedger:
 
     def described(self) -> dict[str, str]:
         """The counts as ``EndpointLoad.describe`` words them for the card and run.json."""
-        return counts_described(self.sent, self.retried, self.throttled, self.unanswered)
+        return counts_described(self.sent, self.retried, self.throttled, self.unanswered, self.kept_past_timeout)
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -91,7 +91,7 @@ class EndpointLoad:
     # When the server last said it had generated more tokens (vLLM's counter, read by the watcher), on
     # ``time.monotonic``; None while it has not said. A request outlives its timeout while this moves.
     progressed_at: float | None = None
-    outwaited: int = 0  # requests kept past request_timeout_s because the server was generating
+    outwaited: int = 0  # requests answered past request_timeout_s, kept as the server was generating
     _generated: float | None = None
     # How many processes of this machine send here now (``senders.Senders.count``): a fixed limit is split
     # among them. Read again at most once a second, as workers start and end.
@@ -238,7 +238,7 @@ class EndpointLoad:
         self._generated = generated_tokens
 
     def kept_past_timeout(self) -> None:
-        """A request ran past request_timeout_s and was kept: the server was generating all the while."""
+        """A request was answered past request_timeout_s, kept as the server was generating all the while."""
         self.outwaited += 1
 
     @property
@@ -299,18 +299,19 @@ class EndpointLoad:
         """For the card and run.json: how the limit was set and what it reached, and what was sent."""
         how = "fixed" if self.fixed else "adaptive"
         shared = f", shared by up to {self.peak_sharing} processes" if self.fixed and self.peak_sharing > 1 else ""
-        counts = counts_described(self.sent, sum(self.retried.values()), self.throttled, self.timeouts)
-        if self.outwaited:
-            counts["kept past request_timeout_s (the server was generating)"] = str(self.outwaited)
+        counts = counts_described(self.sent, sum(self.retried.values()), self.throttled, self.timeouts, self.outwaited)
         return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
 
 
-def counts_described(sent: Counter, retried: int, throttled: int, unanswered: int) -> dict[str, str]:
+def counts_described(sent: Counter, retried: int, throttled: int, unanswered: int, kept: int = 0) -> dict[str, str]:
     """What was sent, in the words of the card and run.json (one endpoint's counts, or a sum of them)."""
     by_role = ", ".join(f"{role} {n}" for role, n in sorted(sent.items()))
-    return {
+    counts = {
         "requests": f"{sum(sent.values())} ({by_role})" if by_role else "0",
         "retried": str(retried),
         "throttled (429/503)": str(throttled),
         "unanswered (timeout or dropped)": str(unanswered),
     }
+    if kept:
+        counts["kept past request_timeout_s (the server was generating)"] = str(kept)
+    return counts
