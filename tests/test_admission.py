@@ -5,10 +5,12 @@ pools. Orders and counts only: no timing is asserted."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from mergeit_hf import MergeItConfig
@@ -237,6 +239,28 @@ def test_a_request_waits_at_most_ten_timeouts_however_long_the_server_generates(
     assert http._deadline(100.0) == 113.0  # a timeout past its last progress
     load.progressed_at = 1000.0
     assert http._deadline(100.0) == 100.0 + MOST_TIMEOUTS_WHILE_GENERATING * 3.0
+
+
+def test_a_request_cancelled_as_its_answer_fails_leaves_no_unread_error():
+    """A pair abandons a request in the same turn of the loop as the request fails (a dropped connection):
+    the failure is read, not logged by asyncio as "Task exception was never retrieved" (seen in CI)."""
+    unread: list[dict] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: unread.append(context))
+        http = JsonHttpClient("http://127.0.0.1:9", None, timeout_s=30.0, attempts=1, key_variable="K")
+        posting: asyncio.Future = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(http._answer_while_generating(posting))
+        await asyncio.sleep(0)  # the request now waits for its answer
+        posting.set_exception(httpx.ReadError("dropped"))
+        waiting.cancel()  # in the same turn: the wait is cancelled with the answer already failed
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        del posting, waiting
+        gc.collect()  # an unread exception is reported when its future is collected
+
+    asyncio.run(main())
+    assert [c for c in unread if "never retrieved" in c.get("message", "")] == []
 
 
 @pytest.fixture(scope="module")

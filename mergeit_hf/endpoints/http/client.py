@@ -157,7 +157,12 @@ class JsonHttpClient:
                     raise httpx.ReadTimeout(self._timed_out(started))
                 kept = True
         finally:
-            if not answer.done():
+            if answer.done():
+                # Cancelled (a pair abandons a request) just as the answer failed: its error is read here, or
+                # asyncio logs "Task exception was never retrieved".
+                if not answer.cancelled():
+                    answer.exception()
+            else:
                 answer.cancel()
                 await asyncio.gather(answer, return_exceptions=True)  # its connection closed before we go on
 
