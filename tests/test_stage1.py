@@ -198,3 +198,36 @@ def test_pca_before_kmeans_keeps_the_asked_share_of_variance(roleplay_stage1, sm
     assert len(set(labels)) == topics.n_clusters == small_config.n_clusters
     nearest = ((projected[:, None, :] - topics.centroids[None]) ** 2).sum(-1).argmin(1)
     assert list(nearest) == list(labels)  # rows go to the nearest centroid in the PCA space
+
+
+def _topic_mixture(n_rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n_rows, 384)).astype(np.float32)
+    vectors[: n_rows // 2] += rng.normal(size=384).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_stage1_s_products_do_not_change_with_blas_threads_or_batches():
+    """A Ray worker runs one thread, the driver every core: selection, pairs and topics must not change with
+    that. With float32 products the 9,000-row cluster below (cut in pieces) ranked differently; at a million
+    rows k-means on two threads cut large topics into other pieces than on one (8,134 rows apart)."""
+    from threadpoolctl import threadpool_limits
+
+    from mergeit_hf.stage1.topics import TopicClusters
+
+    vectors = _topic_mixture(9_000)
+    topics = TopicClusters(vectors[::450].copy())
+    many_threads = (
+        facility_location_ranking(vectors, 1_800, 0),
+        match_cluster(vectors[:3_000], 0.2),
+        topics.assign(vectors),
+    )
+    with threadpool_limits(limits=1):  # BLAS and OpenMP, as in a Ray worker
+        one_thread = (
+            facility_location_ranking(vectors, 1_800, 0),
+            match_cluster(vectors[:3_000], 0.2),
+            np.concatenate([topics.assign(vectors[start : start + 700]) for start in range(0, 9_000, 700)]),
+        )
+    assert many_threads[0] == one_thread[0]
+    assert many_threads[1] == one_thread[1]  # the same groups, with bit-identical similarities
+    assert np.array_equal(many_threads[2], one_thread[2])

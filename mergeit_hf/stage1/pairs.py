@@ -25,6 +25,7 @@ from datasets import Dataset, Features, Value
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, take_embeddings
 from mergeit_hf.inputs.loading import MESSAGES_FEATURE
+from mergeit_hf.stage1.dot import dot_products
 
 _TEXT_FIELDS = ("id", "instruction", "input", "output")
 _SIDE_FIELDS = (*_TEXT_FIELDS, "messages")
@@ -65,7 +66,7 @@ def match_cluster(embeddings: np.ndarray, tau: float, max_group_size: int = 2) -
     """Greedy disjoint groups inside one cluster: (local positions, smallest pairwise similarity)."""
     if len(embeddings) < 2:
         return []
-    similarity = embeddings @ embeddings.T
+    similarity = dot_products(embeddings, embeddings)  # the same in both engines (see ``dot``)
     upper_i, upper_j = np.triu_indices(len(embeddings), k=1)
     scores = similarity[upper_i, upper_j]
     keep = scores >= tau

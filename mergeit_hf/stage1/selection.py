@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import column_values, take_embeddings
+from mergeit_hf.stage1.dot import dot_products
 
 #: Above this many rows a cluster is split by k-means into pieces of about ``PIECE_ROWS`` rows, and facility
 #: location runs in each piece on its share of the quota: time and memory grow with n·PIECE_ROWS instead
@@ -115,9 +116,13 @@ def _by_pieces(embeddings: np.ndarray, n_keep: int, seed: int, dense_limit: int)
     """Facility location inside k-means pieces of the cluster, each with its size's share of ``n_keep``;
     the pieces' rankings interleave by the fraction of each quota reached, so a rank stays an order."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     n_pieces = -(-len(embeddings) // min(PIECE_ROWS, dense_limit))
-    labels = KMeans(n_clusters=n_pieces, random_state=seed, n_init=1).fit_predict(embeddings)
+    # One thread: k-means' sums are reduced per thread, so its pieces changed with the thread count (a Ray
+    # worker has one, the driver every core): at a million rows the engines selected 8,134 rows apart.
+    with threadpool_limits(limits=1):
+        labels = KMeans(n_clusters=n_pieces, random_state=seed, n_init=1).fit_predict(embeddings)
     members = [np.flatnonzero(labels == piece) for piece in range(n_pieces)]
     quotas = allocate_budget({piece: len(rows) for piece, rows in enumerate(members)}, n_keep, None)
     ranked: list[tuple[float, int]] = []
@@ -136,7 +141,7 @@ def greedy_by_gain_updates(embeddings: np.ndarray, n_keep: int) -> list[int]:
     """
     if n_keep >= len(embeddings):
         return list(range(len(embeddings)))
-    similarity = (1.0 + embeddings @ embeddings.T) / 2.0
+    similarity = (1.0 + dot_products(embeddings, embeddings)) / 2.0  # the same in both engines (see ``dot``)
     coverage = np.zeros(len(embeddings), dtype=similarity.dtype)
     gains = similarity.sum(axis=0)
     taken = np.zeros(len(embeddings), dtype=bool)

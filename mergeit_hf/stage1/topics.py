@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import STREAM_CHUNK_ROWS, iter_embeddings, take_embeddings
+from mergeit_hf.stage1.dot import dot_products
 
 KMEANS_SAMPLE_ROWS = 100_000
 #: A fitted PCA: the mean and the (dim, kept dims) components that project an embedding.
@@ -34,12 +35,12 @@ class TopicClusters:
     def project(self, embeddings: np.ndarray) -> np.ndarray:
         if self.pca_components is None:
             return embeddings
-        return (embeddings - self.pca_mean) @ self.pca_components
+        return dot_products(embeddings - self.pca_mean, self.pca_components.T)
 
     def assign(self, embeddings: np.ndarray) -> np.ndarray:
         embeddings = self.project(embeddings)
         # Squared euclidean distance minus the per-row constant |x|²: same argmin as KMeans.predict.
-        distances = (self.centroids**2).sum(axis=1) - 2.0 * embeddings @ self.centroids.T
+        distances = (self.centroids**2).sum(axis=1) - 2.0 * dot_products(embeddings, self.centroids)
         return distances.argmin(axis=1).astype(np.int32)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
