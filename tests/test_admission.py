@@ -20,6 +20,7 @@ from mergeit_hf.endpoints.probe import ServerInfo, read_queue
 from mergeit_hf.endpoints.sending.limit import FINISHING, LEAF, NEW_WORK, START_LIMIT, EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache
 from mergeit_hf.endpoints.sending.senders import Senders
+from mergeit_hf.endpoints.sending.shared_cache import SharedRequestCache
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.hf_inference import InferenceClientBackend
 from mergeit_hf.endpoints.servers.openai_chat import OpenAIChatBackend
@@ -361,6 +362,34 @@ def test_the_request_cache_commits_without_waiting_for_the_disk(tmp_path):
     other = sqlite3.connect(tmp_path / "requests.sqlite3")
     assert other.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 1
     other.close()
+
+
+_WRITER = (
+    "import sys; from mergeit_hf.endpoints.sending.shared_cache import SharedRequestCache; "
+    "cache = SharedRequestCache(sys.argv[1]); "
+    "[cache.put(f'{sys.argv[2]}-{i}', {'i': i}, {'text': 'x' * (i * 37 % 5000)}) for i in range(300)]; cache.close()"
+)
+
+
+def test_the_shared_cache_takes_many_writers_at_once_and_skips_what_a_killed_one_left_unfinished(tmp_path):
+    """The Ray engine's cache (issue 25): writers in processes of their own, all at once, each in a file of
+    its own; a cache opened afterwards finds every answer, and a line cut short by a kill is skipped."""
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), name]) for name in "abc"]
+    assert [writer.wait() for writer in writers] == [0, 0, 0]
+    shards = sorted(tmp_path.glob("requests.*.jsonl"))
+    assert len(shards) == 3 and not (tmp_path / "requests.sqlite3").exists()
+    with shards[0].open("ab") as torn:  # a writer killed in the middle of a line
+        torn.write(b'{"key": "a-torn", "response": {"te')
+    reader = SharedRequestCache(tmp_path)
+    assert reader.torn_lines == 1 and reader.get("a-torn") is None
+    assert [reader.get(f"{name}-{i}") for name in "abc" for i in range(300)] == [
+        {"text": "x" * (i * 37 % 5000)} for _ in "abc" for i in range(300)
+    ]
+    reader.put("d-0", {"i": 0}, {"text": "new"})  # appended to a file of the reader's own
+    assert reader.get("d-0") == {"text": "new"} and len(list(tmp_path.glob("requests.*.jsonl"))) == 4
+    reader.close()
+    assert SharedRequestCache(tmp_path).get("d-0") == {"text": "new"}
+    assert SharedRequestCache(None).get("d-0") is None
 
 
 def _sibling(folder, endpoint: str) -> subprocess.Popen:

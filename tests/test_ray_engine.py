@@ -44,6 +44,7 @@ def both_engines(tmp_path_factory):
     finally:
         server.stop()
     outputs["requests after each run"] = sent
+    outputs["ray cache"] = folder / "cache-ray"
     yield outputs
 
 
@@ -67,6 +68,9 @@ def test_a_ray_run_again_sends_nothing(both_engines):
     assert sent["ray"] > sent["datasets"] and sent["ray-again"] == sent["ray"]
     again, first = both_engines["ray-again"], both_engines["ray"]
     assert again.pairs["merge_status"] == first.pairs["merge_status"]
+    # The cache a cluster can share (one append-only file per writer), not SQLite's WAL (unsafe over NFS).
+    cache = both_engines["ray cache"]
+    assert list(cache.glob("requests.*.jsonl")) and not (cache / "requests.sqlite3").exists()
 
 
 def test_the_ray_run_says_ray_ran(both_engines):

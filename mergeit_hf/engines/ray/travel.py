@@ -34,7 +34,9 @@ def merger_for_actors(merger: Merger, concurrency: int | None) -> Merger:
     config = MergeItConfig.from_dict({**merger.config.to_dict(), **changes})
     cache_dir = str(merger.cache_dir or default_cache_dir()) if merger.use_cache else None
     # Each actor has its share already: it must not split it again with the other actors on its node.
-    return Merger(merger.resolved_endpoint, config, cache_dir, merger.use_cache, share_fixed_limit=False)
+    return Merger(
+        merger.resolved_endpoint, config, cache_dir, merger.use_cache, share_fixed_limit=False, shared_cache=True
+    )
 
 
 def actor_keys() -> dict[str, str]:

@@ -30,6 +30,7 @@ from mergeit_hf.endpoints.sending.limit import MAX_LIMIT, EndpointLoad
 from mergeit_hf.endpoints.sending.request_cache import RequestCache, default_cache_dir
 from mergeit_hf.endpoints.sending.scheduler import RequestScheduler, current_usage
 from mergeit_hf.endpoints.sending.senders import Senders
+from mergeit_hf.endpoints.sending.shared_cache import SharedRequestCache
 from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
@@ -88,6 +89,8 @@ class Merger:
     share_fixed_limit: a fixed limit (announced by the server, or ``concurrency``) is split among the
         processes of this machine sending to the same endpoint at once (``num_proc`` workers, runs side by
         side; counted beside the request cache). The Ray engine gives each actor its share and turns it off.
+    shared_cache: the request cache is one append-only file per process (``SharedRequestCache``), safe for
+        many processes on many nodes over a network filesystem; the Ray engine turns it on. Else SQLite.
     The key is read when requests are sent, from ``MERGEIT_API_KEY`` (the scorer: ``MERGEIT_SCORER_API_KEY``),
     else ``HF_TOKEN`` or the HF login; it is never stored, logged or recorded.
     """
@@ -98,6 +101,7 @@ class Merger:
     use_cache: bool = True
     show_progress: bool = False
     share_fixed_limit: bool = True
+    shared_cache: bool = False
     #: A batch round's collector (``run.batch_rounds``): uncached requests are collected, not sent.
     collector: BatchCollector | None = field(default=None, compare=False, repr=False)
     #: What this merger's sessions sent (by role, retried, throttled); not part of what ``map`` fingerprints.
@@ -200,7 +204,8 @@ class Merger:
         )
 
     def open_cache(self) -> RequestCache:
-        return RequestCache((self.cache_dir or default_cache_dir()) if self.use_cache else None)
+        folder = (self.cache_dir or default_cache_dir()) if self.use_cache else None
+        return SharedRequestCache(folder) if self.shared_cache else RequestCache(folder)
 
     async def open_scheduler(
         self,
