@@ -4,7 +4,7 @@ SQLite's WAL needs shared memory between its processes, so it works only on one 
 unreliable over a network filesystem (sqlite.org/wal.html, sqlite.org/faq.html#q5); a Ray job whose actors
 on several nodes shared one ``requests.sqlite3`` on NFS could corrupt it. Here nothing is locked and nothing
 rewritten: each writer (a merge actor, the driver) appends to ``requests.<host>-<pid>-<random>.jsonl``,
-one answer a line, each line one ``write`` on an ``O_APPEND`` descriptor. On opening, every such file in the
+one answer a line, each written whole on an ``O_APPEND`` descriptor. On opening, every such file in the
 folder is indexed (hash → file and offset), so a job started again finds every answer its killed run
 received; a line cut short by a killed writer, the only damage a crash can do, is skipped and counted.
 Answers other writers receive after this one opened are not seen: each pair is merged in one actor, which
@@ -32,12 +32,11 @@ class SharedRequestCache(RequestCache):
     def __init__(self, folder: str | Path | None) -> None:
         self.folder = Path(folder) if folder is not None else None
         self._lock = threading.Lock()
-        self._connection = None  # (RequestCache's SQLite connection: none here)
         self._index: dict[str, tuple[Path, int]] = {}
         self.torn_lines = 0  # lines a killed writer left unfinished, skipped
-        self._own: Path | None = None
-        self._descriptor: int | None = None
+        self._descriptor: int | None = None  # opened on the first answer: a writer with none leaves no file
         if self.folder is not None:
+            self._own = self.folder / f"requests.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
             self.folder.mkdir(parents=True, exist_ok=True)
             for shard in sorted(self.folder.glob(SHARD_GLOB)):
                 self._index_shard(shard)
@@ -69,13 +68,11 @@ class SharedRequestCache(RequestCache):
         line = json.dumps({"key": key, "payload": payload, "response": response}, sort_keys=True) + "\n"
         data = line.encode("utf-8")
         with self._lock:
-            if self._descriptor is None:  # created on the first answer: a writer that receives none leaves no file
-                name = f"requests.{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-                self._own = self.folder / name
+            if self._descriptor is None:
                 self._descriptor = os.open(self._own, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             offset = os.lseek(self._descriptor, 0, os.SEEK_END)
-            os.write(self._descriptor, data)
-            assert self._own is not None
+            while data:  # a short write (a full disk, a signal) leaves the rest to write, not to lose
+                data = data[os.write(self._descriptor, data) :]
             self._index[key] = (self._own, offset)
 
     def close(self) -> None:
