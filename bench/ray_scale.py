@@ -7,7 +7,7 @@ is a fresh process with an empty datasets cache; Ray starts locally inside it (2
 it. Memory is sampled from /proc every half second: the driver's resident memory, and the sum over every
 other process in its tree (Ray's raylet, object store and workers; pages shared between them are counted
 once per process, so the workers' figure is an upper bound).
-Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 1000000]
+Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 300000,1000000]
 """
 
 from __future__ import annotations
@@ -49,14 +49,25 @@ def _tree(pid: int) -> list[int]:
     return tree
 
 
-def _rss_mib(pid: int) -> float:
+_KINDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory (VmRSS) and its parts: private (RssAnon), file pages mapped (RssFile: datasets'
+    memory-mapped Arrow), shared memory (RssShmem: Ray's object store pages the process maps)."""
+    found = dict.fromkeys(_KINDS, 0.0)
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+            kind = line.split(":", 1)[0]
+            if kind in found:
+                found[kind] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return found
+
+
+def _rss_mib(pid: int) -> float:
+    return _memory_mib(pid)["VmRSS"]
 
 
 def dry_run(path: Path, engine: str) -> dict:
@@ -68,13 +79,15 @@ def dry_run(path: Path, engine: str) -> dict:
     process = subprocess.Popen(
         [*command, "--engine", engine], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    peaks = {"driver": 0.0, "workers": 0.0}
+    peaks = {"driver": 0.0, "workers": 0.0, "parts": dict.fromkeys(_KINDS, 0.0)}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             tree = _tree(process.pid)
-            peaks["driver"] = max(peaks["driver"], _rss_mib(process.pid))
+            driver = _memory_mib(process.pid)
+            if driver["VmRSS"] > peaks["driver"]:
+                peaks["driver"], peaks["parts"] = driver["VmRSS"], driver
             peaks["workers"] = max(peaks["workers"], sum(_rss_mib(p) for p in tree[1:]))
             stop.wait(0.5)
 
@@ -94,22 +107,31 @@ def dry_run(path: Path, engine: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", default="1000000", help="comma-separated row counts, each measured in turn")
     args = parser.parse_args()
-    path = as_parquet(args.rows)
-    print(f"## `mergeit run {path.name} --dry-run`, {args.rows:,} rows with embeddings, {os.cpu_count()} CPUs\n")
-    print("| engine | seconds | driver peak RSS (MiB) | other processes' peak RSS, summed (MiB) | stage 1 |")
-    print("|---|---|---|---|---|")
+    for rows in (int(n) for n in args.rows.split(",")):
+        measure(rows)
+
+
+def measure(rows: int) -> None:
+    path = as_parquet(rows)
+    print(f"## `mergeit run {path.name} --dry-run`, {rows:,} rows with embeddings, {os.cpu_count()} CPUs\n")
+    print(
+        "| engine | seconds | driver peak RSS (MiB) | of it: private / file-mapped / shared memory (MiB) "
+        "| other processes' peak RSS, summed (MiB) | stage 1 |"
+    )
+    print("|---|---|---|---|---|---|")
     results = {}
     for engine in ("datasets", "ray"):
         results[engine] = result = dry_run(path, engine)
+        parts = " / ".join(f"{result['parts'][kind]:,.0f}" for kind in _KINDS[1:])
         print(
-            f"| {engine} | {result['seconds']:.0f} | {result['driver']:,.0f} | {result['workers']:,.0f} "
+            f"| {engine} | {result['seconds']:.0f} | {result['driver']:,.0f} | {parts} | {result['workers']:,.0f} "
             f"| {result['summary']} |",
             flush=True,
         )
     ratio = results["ray"]["seconds"] / results["datasets"]["seconds"]
-    print(f"\nRATIO seconds ray / datasets: {ratio:.2f}")
+    print(f"\nRATIO seconds ray / datasets: {ratio:.2f}\n")
 
 
 if __name__ == "__main__":

@@ -222,12 +222,12 @@ def test_a_request_outlives_its_timeout_while_the_server_generates_and_not_when_
         server.stop()
     if generation == "moving":
         assert not isinstance(answer, Exception), answer
-        assert (load.timeouts, load.outwaited) == (0, 1)
+        assert (load.timeouts, load.kept_past_timeout) == (0, 1)
         assert load.describe()["kept past request_timeout_s (the server was generating)"] == "1"
     else:
         assert isinstance(answer, EndpointError)
         assert "ReadTimeout: no answer within request_timeout_s=2 s" in str(answer)
-        assert (load.timeouts, load.outwaited) == (1, 0)
+        assert (load.timeouts, load.kept_past_timeout) == (1, 0)
 
 
 def test_a_request_waits_at_most_ten_timeouts_however_long_the_server_generates():

@@ -97,7 +97,7 @@ class AttemptObserver(Protocol):
     @property
     def progressed_at(self) -> float | None: ...
 
-    def kept_past_timeout(self) -> None: ...  # one request answered after request_timeout_s, kept so
+    def count_kept_past_timeout(self) -> None: ...  # one request answered after request_timeout_s, kept so
 
 
 class ChatBackend(Protocol):

@@ -49,6 +49,12 @@ class Engine:
         return "engine: " + ray_session(self.ray_address)
 
     @property
+    def shares_cache(self) -> bool:
+        """The request cache is written by many processes, maybe on many nodes over a network filesystem (a
+        Ray job's driver and actors): one append-only file per writer (``SharedRequestCache``), not SQLite."""
+        return self.name == "ray"
+
+    @property
     def description(self) -> str:
         """What the run record and the card say ran the stages."""
         if self.name == "datasets":

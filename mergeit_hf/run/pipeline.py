@@ -71,14 +71,13 @@ def run_pipeline(
     runs in rounds through the endpoint's batch API, resumable from ``output`` (the folder ``save`` writes)."""
     config = config or MergeItConfig()
     engine = engine or Engine()
-    # A Ray job's processes (the driver, actors on other nodes) share the cache folder: one file per writer.
     merger = Merger(
         endpoint=endpoint,
         config=config,
         cache_dir=cache_dir,
         use_cache=use_cache,
         show_progress=True,
-        shared_cache=engine.name == "ray",
+        shared_cache=engine.shares_cache,
     )
     rows, report = load_rows(source, input_format=input_format, column_map=column_map)
     if on_loaded is not None:  # the CLI prints what was read before the long stages start

@@ -151,7 +151,7 @@ class JsonHttpClient:
                 if done:
                     response = answer.result()
                     if kept and self.load is not None:  # counted once answered: a request kept, then cut, is not
-                        self.load.kept_past_timeout()
+                        self.load.count_kept_past_timeout()
                     return response
                 if time.monotonic() >= self._deadline(started):
                     raise httpx.ReadTimeout(self._timed_out(started))

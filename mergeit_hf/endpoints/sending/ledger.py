@@ -24,7 +24,7 @@ class RequestLedger:
         self.retried += sum(load.retried.values())
         self.throttled += load.throttled
         self.unanswered += load.timeouts
-        self.kept_past_timeout += load.outwaited
+        self.kept_past_timeout += load.kept_past_timeout
 
     def merge(self, other: RequestLedger) -> None:
         """Add what another process (a Ray actor) sent."""

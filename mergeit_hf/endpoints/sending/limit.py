@@ -91,7 +91,7 @@ class EndpointLoad:
     # When the server last said it had generated more tokens (vLLM's counter, read by the watcher), on
     # ``time.monotonic``; None while it has not said. A request outlives its timeout while this moves.
     progressed_at: float | None = None
-    outwaited: int = 0  # requests answered past request_timeout_s, kept as the server was generating
+    kept_past_timeout: int = 0  # requests answered past request_timeout_s, kept as the server was generating
     _generated: float | None = None
     # How many processes of this machine send here now (``senders.Senders.count``): a fixed limit is split
     # among them. Read again at most once a second, as workers start and end.
@@ -237,9 +237,9 @@ class EndpointLoad:
             self.progressed_at = time.monotonic()
         self._generated = generated_tokens
 
-    def kept_past_timeout(self) -> None:
+    def count_kept_past_timeout(self) -> None:
         """A request was answered past request_timeout_s, kept as the server was generating all the while."""
-        self.outwaited += 1
+        self.kept_past_timeout += 1
 
     @property
     def _queue_read(self) -> bool:
@@ -299,7 +299,9 @@ class EndpointLoad:
         """For the card and run.json: how the limit was set and what it reached, and what was sent."""
         how = "fixed" if self.fixed else "adaptive"
         shared = f", shared by up to {self.peak_sharing} processes" if self.fixed and self.peak_sharing > 1 else ""
-        counts = counts_described(self.sent, sum(self.retried.values()), self.throttled, self.timeouts, self.outwaited)
+        counts = counts_described(
+            self.sent, sum(self.retried.values()), self.throttled, self.timeouts, self.kept_past_timeout
+        )
         return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
 
 
