@@ -79,6 +79,17 @@ def test_a_throttle_cuts_the_limit_once_a_round_and_growth_past_it_is_careful():
     assert ledger.to_dict()["throttled"] == 10 and ledger.to_dict()["unanswered"] == 1  # the run's total too
 
 
+def test_a_429_that_says_the_rate_window_is_spent_cuts_by_a_tenth_not_a_quarter():
+    """A rate limit is a ceiling just crossed: a quarter off would leave a tenth of the window unused."""
+    rate_limited, slot_limited = EndpointLoad("api", limit=40), EndpointLoad("server", limit=40)
+    rate_limited._slow_start = slot_limited._slow_start = False
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "9ms"}
+    rate_limited.answered(429, 0.1, headers=spent)
+    slot_limited.answered(429, 0.1)
+    assert (rate_limited.current, slot_limited.current) == (36, 30)
+    assert rate_limited.throttled == slot_limited.throttled == 1
+
+
 def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():
     load = EndpointLoad("test", limit=20)
     _round(load, 0.1, headers={"x-ratelimit-remaining-requests": "0"})

@@ -16,8 +16,10 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
   sign of load, then grows by a tenth a round;
 - when latency rises (queueing: gradient < 0.75) it shrinks in proportion;
 - a 429 or 503 or a timeout cuts it by a quarter, at most once a round, and growth past that level is
-  additive only; a server that says its rate window is spent (``x-ratelimit-remaining-requests: 0``, as
-  OpenAI's answers do) holds it where it is for the round: that is the limit the window allows.
+  additive only; a 429 that says the rate window is spent (``x-ratelimit-remaining-requests: 0``, as
+  OpenAI's do) cuts it by a tenth only: a rate limit is a ceiling the limit just crossed, not a queue of
+  unknown depth. An answer that says the window is spent holds the limit where it is for the round: that
+  is the limit the window allows.
 
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
 A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
@@ -51,6 +53,9 @@ MAX_LIMIT = 1024
 _GROW = 0.9  # gradient at or above which the server keeps up
 _SHRINK = 0.75  # gradient below which requests queue
 _CUT = 0.75  # the limit after a throttle, as a share of what it was
+# The limit after a 429 that says the rate window is spent: the limit overshot the window by a request or
+# two (a rate is a ceiling, not a queue that fills), so a quarter off would leave a tenth of it unused.
+_RATE_CUT = 0.9
 _RECENT = 0.3  # weight of a new answer in a role's recent latency
 _LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about this many rounds
 _SENDERS_EVERY_S = 1.0
@@ -196,14 +201,14 @@ class EndpointLoad:
         self._read_senders()  # (also while long requests run and no new one asks for a place)
         if status in (429, 503):
             self.throttled += 1
-            self._throttle()
+            self._throttle(_RATE_CUT if _window_spent(headers) else _CUT)
             self._count_answer()  # refusals end rounds too, so a wall of them is cut again each round
         elif status is None:
             self.timeouts += 1
-            self._throttle()
+            self._throttle(_CUT)
             self._count_answer()
         elif 200 <= status < 300:
-            if headers is not None and headers.get("x-ratelimit-remaining-requests") == "0":
+            if _window_spent(headers):
                 # The rate window is exactly spent: the limit is where it should be. Hold it (no growth this
                 # round, no more slow start); a 429 would cut it, as a refusal says it went too far.
                 self._slow_start = False
@@ -285,12 +290,12 @@ class EndpointLoad:
         grown = self.limit * 2 if self._slow_start else self.limit + max(1.0, self.limit * 0.1)
         return min(grown, self._cut_at) if self._cut_at is not None else grown
 
-    def _throttle(self) -> None:
+    def _throttle(self, cut: float) -> None:
         if self.fixed or self._cut_this_round:
             return  # one cut per round: a burst of refusals is one signal
         self._slow_start = False
         self._cut_at = self.limit
-        self.limit = max(1.0, self.limit * _CUT)
+        self.limit = max(1.0, self.limit * cut)
         self._cut_this_round = True
 
     # -- the record -----------------------------------------------------------------------------------------
@@ -303,6 +308,11 @@ class EndpointLoad:
             self.sent, sum(self.retried.values()), self.throttled, self.timeouts, self.kept_past_timeout
         )
         return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
+
+
+def _window_spent(headers: Mapping[str, str] | None) -> bool:
+    """The answer says the server's rate window has no request left (OpenAI's header)."""
+    return headers is not None and headers.get("x-ratelimit-remaining-requests") == "0"
 
 
 def counts_described(sent: Counter, retried: int, throttled: int, unanswered: int, kept: int = 0) -> dict[str, str]:
