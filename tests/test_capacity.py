@@ -90,6 +90,18 @@ def test_a_429_that_says_the_rate_window_is_spent_cuts_by_a_tenth_not_a_quarter(
     assert rate_limited.throttled == slot_limited.throttled == 1
 
 
+def test_slow_start_grows_no_further_than_the_rate_window_has_room_for():
+    """An API admitting 50 a second, the limit at 32: the answers say 18 are left; doubling to 64 would be
+    refused 14 times a second, the limit goes to 50 and slow start ends there."""
+    load, unsaid = EndpointLoad("api", limit=32), EndpointLoad("server", limit=32)
+    _round(load, 1.0, headers={"x-ratelimit-remaining-requests": "18"})
+    _round(unsaid, 1.0)
+    assert (load.current, load.exploring) == (50, False)
+    assert (unsaid.current, unsaid.exploring) == (64, True)  # a server that says nothing: doubled
+    _round(load, 1.0, headers={"x-ratelimit-remaining-requests": "1000"})
+    assert 50 < load.current <= 56  # room again: growth by a tenth, as after any end of slow start
+
+
 def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():
     load = EndpointLoad("test", limit=20)
     _round(load, 0.1, headers={"x-ratelimit-remaining-requests": "0"})

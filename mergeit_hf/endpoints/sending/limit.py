@@ -19,7 +19,8 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
   additive only; a 429 that says the rate window is spent (``x-ratelimit-remaining-requests: 0``, as
   OpenAI's do) cuts it by a tenth only: a rate limit is a ceiling the limit just crossed, not a queue of
   unknown depth. An answer that says the window is spent holds the limit where it is for the round: that
-  is the limit the window allows.
+  is the limit the window allows. Nor does the limit grow by more than the answers of the round said the
+  window has left (``x-ratelimit-remaining-requests``): slow start ends at the window, not at a wall of 429s.
 
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
 A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
@@ -90,7 +91,9 @@ class EndpointLoad:
     _cut_this_round: bool = False
     _busy_at_peak: bool = False  # the limit was reached during this round (so it is what binds)
     _server_full: bool = False  # the server's last reading had requests waiting for room
-    _window_spent: bool = False  # an answer this round said the rate window has nothing left
+    # The fewest requests an answer this round said the rate window has left (``x-ratelimit-remaining-
+    # requests``); None while no answer said. 0: the window is spent.
+    _window_room: int | None = None
     _queue_read_at: float = float("-inf")  # when the server last counted its queue (``server_queue``)
     watched: bool = False  # a watcher reads the server's queue for this limit (one per endpoint)
     # When the server last said it had generated more tokens (vLLM's counter, read by the watcher), on
@@ -208,11 +211,13 @@ class EndpointLoad:
             self._throttle(_CUT)
             self._count_answer()
         elif 200 <= status < 300:
-            if _window_spent(headers):
+            room = _window_room(headers)
+            if room is not None:
+                self._window_room = room if self._window_room is None else min(self._window_room, room)
+            if room == 0:
                 # The rate window is exactly spent: the limit is where it should be. Hold it (no growth this
                 # round, no more slow start); a 429 would cut it, as a refusal says it went too far.
                 self._slow_start = False
-                self._window_spent = True
             self._observe(request_role.get(), latency_s)
 
     def server_queue(self, running: float, waiting: float, generated_tokens: float | None = None) -> None:
@@ -275,20 +280,31 @@ class EndpointLoad:
             if not self._queue_read and self._gradient < _SHRINK:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit * max(0.5, self._gradient / _GROW))
-            elif keeps_up and self._busy_at_peak and not self._window_spent:
+            elif keeps_up and self._busy_at_peak and self._window_room != 0:
                 self.limit = min(MAX_LIMIT, self._grown())
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
         self._answers_this_round = 0
         self._cut_this_round = False
-        self._window_spent = False
+        self._window_room = None
         self._busy_at_peak = self.in_flight >= self.current
 
     def _grown(self) -> float:
         if self._cut_at is not None and self.limit >= self._cut_at:
-            return self.limit + 1  # where the server said no before: carefully
-        grown = self.limit * 2 if self._slow_start else self.limit + max(1.0, self.limit * 0.1)
-        return min(grown, self._cut_at) if self._cut_at is not None else grown
+            grown = self.limit + 1  # where the server said no before: carefully
+        else:
+            grown = self.limit * 2 if self._slow_start else self.limit + max(1.0, self.limit * 0.1)
+            grown = min(grown, self._cut_at) if self._cut_at is not None else grown
+        return self._within_window(grown)
+
+    def _within_window(self, grown: float) -> float:
+        """No more growth than the rate window says is left: past it, the added requests are answered 429.
+        (While the limit is below what the window sustains, limit + room is at least that: the cap binds
+        only near it, so slow start ends there, before the first refusal instead of after a wall of them.)"""
+        if self._window_room is None or grown <= self.limit + self._window_room:
+            return grown
+        self._slow_start = False
+        return self.limit + self._window_room
 
     def _throttle(self, cut: float) -> None:
         if self.fixed or self._cut_this_round:
@@ -310,9 +326,16 @@ class EndpointLoad:
         return {"concurrency": f"{how}, {int(self.peak_limit)} at most{shared}", **counts}
 
 
+def _window_room(headers: Mapping[str, str] | None) -> int | None:
+    """How many requests the server's rate window has left, as the answer says (OpenAI's header); None if
+    it does not say (or says something that is not a count)."""
+    value = (headers or {}).get("x-ratelimit-remaining-requests", "")
+    return int(value) if value.isdigit() else None
+
+
 def _window_spent(headers: Mapping[str, str] | None) -> bool:
-    """The answer says the server's rate window has no request left (OpenAI's header)."""
-    return headers is not None and headers.get("x-ratelimit-remaining-requests") == "0"
+    """The answer says the server's rate window has no request left."""
+    return _window_room(headers) == 0
 
 
 def counts_described(sent: Counter, retried: int, throttled: int, unanswered: int, kept: int = 0) -> dict[str, str]:
