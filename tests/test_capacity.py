@@ -80,14 +80,18 @@ def test_a_throttle_cuts_the_limit_once_a_round_and_growth_past_it_is_careful():
 
 
 def test_a_429_that_says_the_rate_window_is_spent_cuts_by_a_tenth_not_a_quarter():
-    """A rate limit is a ceiling just crossed: a quarter off would leave a tenth of the window unused."""
-    rate_limited, slot_limited = EndpointLoad("api", limit=40), EndpointLoad("server", limit=40)
-    rate_limited._slow_start = slot_limited._slow_start = False
+    """A rate limit is a ceiling just crossed: a quarter off would leave much of the window unused. A 503,
+    headers or not, is a server out of room: a quarter. The round that was cut does not grow it back."""
     spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "9ms"}
-    rate_limited.answered(429, 0.1, headers=spent)
-    slot_limited.answered(429, 0.1)
-    assert (rate_limited.current, slot_limited.current) == (36, 30)
-    assert rate_limited.throttled == slot_limited.throttled == 1
+    rate_limited, slot_limited, unavailable = (EndpointLoad(name, limit=40) for name in ("api", "server", "busy"))
+    for load, status, headers in ((rate_limited, 429, spent), (slot_limited, 429, None), (unavailable, 503, spent)):
+        load._slow_start = False
+        load.answered(status, 0.1, headers=headers)
+        load._busy_at_peak = True  # the limit was in use this round (the places are not held here)
+        for _ in range(load.current):  # the rest of the round answered, the window with room again
+            load.answered(200, 0.1, headers={"x-ratelimit-remaining-requests": "30"})
+    assert (rate_limited.current, slot_limited.current, unavailable.current) == (36, 30, 30)
+    assert rate_limited.throttled == slot_limited.throttled == unavailable.throttled == 1
 
 
 def test_slow_start_grows_no_further_than_the_rate_window_has_room_for():
@@ -98,8 +102,10 @@ def test_slow_start_grows_no_further_than_the_rate_window_has_room_for():
     _round(unsaid, 1.0)
     assert (load.current, load.exploring) == (50, False)
     assert (unsaid.current, unsaid.exploring) == (64, True)  # a server that says nothing: doubled
-    _round(load, 1.0, headers={"x-ratelimit-remaining-requests": "1000"})
-    assert 50 < load.current <= 56  # room again: growth by a tenth, as after any end of slow start
+    _round(load, 1.0, headers={"x-ratelimit-remaining-requests": "2"})
+    assert load.current == 52  # growth by a tenth would be 55: the window has room for 2
+    _round(load, 1.0, headers={"x-ratelimit-remaining-requests": "many"})  # not a count: as if unsaid
+    assert load.current == 57  # no cap this round (the last round's room is not kept): a tenth
 
 
 def test_a_spent_rate_window_holds_the_limit_and_a_fixed_limit_never_moves():

@@ -54,8 +54,9 @@ MAX_LIMIT = 1024
 _GROW = 0.9  # gradient at or above which the server keeps up
 _SHRINK = 0.75  # gradient below which requests queue
 _CUT = 0.75  # the limit after a throttle, as a share of what it was
-# The limit after a 429 that says the rate window is spent: the limit overshot the window by a request or
-# two (a rate is a ceiling, not a queue that fills), so a quarter off would leave a tenth of it unused.
+# The limit after a 429 that says the rate window is spent: the limit went just past what the window
+# sustains (a rate is a ceiling, not a queue that fills), so a quarter off would leave most of that quarter
+# of the window unused until the limit grew back.
 _RATE_CUT = 0.9
 _RECENT = 0.3  # weight of a new answer in a role's recent latency
 _LONG_RUN_ROUNDS = 8  # a role's long-run latency follows a change over about this many rounds
@@ -204,7 +205,7 @@ class EndpointLoad:
         self._read_senders()  # (also while long requests run and no new one asks for a place)
         if status in (429, 503):
             self.throttled += 1
-            self._throttle(_RATE_CUT if _window_spent(headers) else _CUT)
+            self._throttle(_RATE_CUT if status == 429 and _window_spent(headers) else _CUT)
             self._count_answer()  # refusals end rounds too, so a wall of them is cut again each round
         elif status is None:
             self.timeouts += 1
@@ -236,7 +237,7 @@ class EndpointLoad:
             self.limit = max(1.0, min(self.limit, share))
         # (a reading that has not seen every request sent yet says nothing of the room left)
         elif not self._server_full and self._slow_start and self.current <= self.in_flight <= running:
-            self.limit = min(MAX_LIMIT, self.limit * 2)
+            self.limit = min(MAX_LIMIT, self._within_window(self.limit * 2))
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
 
@@ -280,7 +281,8 @@ class EndpointLoad:
             if not self._queue_read and self._gradient < _SHRINK:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit * max(0.5, self._gradient / _GROW))
-            elif keeps_up and self._busy_at_peak and self._window_room != 0:
+            # (no growth in a round that was cut: it would undo the cut before the server showed its effect)
+            elif keeps_up and self._busy_at_peak and self._window_room != 0 and not self._cut_this_round:
                 self.limit = min(MAX_LIMIT, self._grown())
             self.peak_limit = max(self.peak_limit, self.limit)
             self._wake()
@@ -330,7 +332,7 @@ def _window_room(headers: Mapping[str, str] | None) -> int | None:
     """How many requests the server's rate window has left, as the answer says (OpenAI's header); None if
     it does not say (or says something that is not a count)."""
     value = (headers or {}).get("x-ratelimit-remaining-requests", "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _window_spent(headers: Mapping[str, str] | None) -> bool:
