@@ -1,5 +1,5 @@
-"""Both engines on the user's entry point at a million rows: ``mergeit run FILE --dry-run`` with
-``--engine datasets`` and ``--engine ray``, side by side in one run.
+"""Both engines on the user's entry point at each row count asked (a million by default):
+``mergeit run FILE --dry-run`` with ``--engine datasets`` and ``--engine ray``, side by side in one run.
 
 The file carries its own 384-d embeddings (the synthetic rows of ``scale.py``, as parquet), so stage 1 is
 loading, topics, selection and pairs; the dry run then prints the planned requests and sends none. Each run

@@ -15,12 +15,13 @@ it is. Otherwise the limit starts modest and moves the way TCP's congestion cont
   used to (gradient ≥ 0.9) and the limit is in use, it doubles every round (slow start) until the first
   sign of load, then grows by a tenth a round;
 - when latency rises (queueing: gradient < 0.75) it shrinks in proportion;
-- a 429 or 503 or a timeout cuts it by a quarter, at most once a round, and growth past that level is
-  additive only; a 429 that says the rate window is spent (``x-ratelimit-remaining-requests: 0``, as
-  OpenAI's do) cuts it by a tenth only: a rate limit is a ceiling the limit just crossed, not a queue of
-  unknown depth. An answer that says the window is spent holds the limit where it is for the round: that
-  is the limit the window allows. Nor does the limit grow by more than the answers of the round said the
-  window has left (``x-ratelimit-remaining-requests``): slow start ends at the window, not at a wall of 429s.
+- a 429 or 503 or a timeout cuts it by a quarter, at most once a round (the round that was cut does not
+  grow), and growth past that level is additive only; a 429 that says the rate window is spent
+  (``x-ratelimit-remaining-requests: 0``, as OpenAI's do) cuts it by a tenth only: a rate limit is a ceiling
+  the limit just crossed, not a queue of unknown depth. An answer that says the window is spent holds the
+  limit where it is for the round: that is the limit the window allows. Nor does the limit grow by more than
+  the answers of the round said the window has left (``x-ratelimit-remaining-requests``): slow start ends at
+  the window, not at a wall of 429s.
 
 A round is as many answers as the limit: the server has had time to show the effect of the last change.
 A server that counts its own queue (vLLM's ``/metrics``) is read while sending: nothing waiting there while
