@@ -253,12 +253,27 @@ def test_a_url_ending_in_v1_reaches_the_same_server(rows, pairs, tmp_path):
     assert set(merged["merge_status"]) == {"accepted"} and not _refused(server)
 
 
+def _hub_routes_by_model_suffix() -> bool:
+    """huggingface_hub 2.5 sends a chat with an ``hf_`` token for a named provider to the router's own
+    ``/v1`` as ``model:provider`` (the router resolves it and speaks OpenAI's dialect); before, to the
+    provider's route under the router, with the model the Hub's mapping names, in the provider's dialect."""
+    import huggingface_hub
+    from packaging.version import Version
+
+    return Version(huggingface_hub.__version__) >= Version("2.5")
+
+
+_ROUTER = "https://router.huggingface.co/v1/chat/completions"
+_TOGETHER = (
+    ("together", _ROUTER, "meta-llama/Llama-3.3-70B-Instruct:together")
+    if _hub_routes_by_model_suffix()
+    else ("together", "https://router.huggingface.co/together/v1/chat/completions", "meta-llama/Llama-3.3-70B-Turbo")
+)
+
+
 @pytest.mark.parametrize(
     ("provider", "url", "sent_model"),
-    [
-        ("auto", "https://router.huggingface.co/v1/chat/completions", "meta-llama/Llama-3.3-70B-Instruct"),
-        ("together", "https://router.huggingface.co/together/v1/chat/completions", "meta-llama/Llama-3.3-70B-Turbo"),
-    ],
+    [("auto", _ROUTER, "meta-llama/Llama-3.3-70B-Instruct"), _TOGETHER],
 )
 def test_hf_inference_providers_requests_at_the_transport(provider, url, sent_model, monkeypatch):
     """No provider is reachable here: the requests huggingface_hub's routing builds are read at its transport."""
@@ -308,10 +323,10 @@ def test_hf_inference_providers_requests_at_the_transport(provider, url, sent_mo
     assert str(request.url) == url and request.headers["authorization"] == f"Bearer {token}"
     body = json.loads(request.content)
     assert body["model"] == sent_model
-    # OpenAI's json_schema as is to the router; huggingface_hub writes it in a provider's own dialect
-    # (Together reads the schema flattened), never as TGI's grammar.
+    # OpenAI's json_schema as is to the router's /v1; huggingface_hub writes it in a provider's own dialect
+    # for the provider's route (Together reads the schema flattened), never as TGI's grammar.
     flattened = {"type": "json_schema", "schema": MERGE_SCHEMA}
-    assert body["response_format"] == (params["response_format"] if provider == "auto" else flattened)
+    assert body["response_format"] == (params["response_format"] if url == _ROUTER else flattened)
     assert body["seed"] == params["seed"]
     assert reply.usage == (12, 7) and backend.describe()["kind"] == f"hf-inference-providers:{provider}"
     assert "HTTP 401" in str(refused) and "HF_TOKEN" in str(refused) and token not in str(refused)
