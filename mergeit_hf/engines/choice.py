@@ -4,14 +4,17 @@ chosen, so it stays an optional extra (``pip install 'mergeit-hf[ray]'``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from datasets import Dataset
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines import datasets_engine
 from mergeit_hf.errors import ConfigError
+from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage2.merge.merger import Merger
 from mergeit_hf.stage2.merge.results import MergeBatch
@@ -63,7 +66,26 @@ class Engine:
 
         return ray_session(self.ray_address)  # joined already: only describes it
 
-    def run_stage1(self, rows: Dataset, config: MergeItConfig) -> Stage1Result:
+    def load(
+        self,
+        source: str | Path | Dataset,
+        *,
+        input_format: InputFormat = "auto",
+        column_map: Mapping[str, str] | None = None,
+        on_driver: bool = False,
+    ) -> tuple[Any, LoadReport]:
+        """The validated rows and what reading found. With Ray, a parquet file is read and checked by the
+        cluster (the rows stay there, for ``run_stage1``); other sources, and rows needed on the driver
+        (``on_driver``: the prefilter scores them there), are read by ``load_rows`` into a Dataset."""
+        if self.name == "ray" and not on_driver:
+            from mergeit_hf.engines.ray import cluster_readable, read_on_cluster
+
+            if (path := cluster_readable(source)) is not None:
+                return read_on_cluster(path, input_format, column_map)
+        return load_rows(source, input_format=input_format, column_map=column_map)
+
+    def run_stage1(self, rows: Any, config: MergeItConfig) -> Stage1Result:
+        """Stage 1 over what ``load`` returned (or any validated Dataset)."""
         if self.name == "datasets":
             return datasets_engine.run_stage1(rows, config)
         from mergeit_hf.engines.ray import run_stage1_ray

@@ -10,6 +10,7 @@ instance becomes a row). Every record read is either a row of the result or a co
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,15 +64,9 @@ def load_rows(
     report; a missing column, a non-string value or an unreadable file raises ``InputError``.
     """
     records, columns, report = read_source(source, split)
-    fmt = _detect_format(columns, input_format, column_map, _first(records))
+    fmt = detect_format(columns, input_format, column_map, _first(records))
     report.input_format = fmt
-    if fmt == "alpaca":
-        mapping = _resolve_column_map(columns, column_map, report.source)
-        candidates = _alpaca_rows(records, mapping, id_column, report)
-    elif fmt in _CONVERSATION_SHAPES:
-        candidates = _conversation_rows(records, columns, fmt, column_map, id_column, report)
-    else:
-        candidates = _seed_task_rows(records, report)
+    candidates = shape_candidates(records, columns, fmt, column_map, id_column, report)
     # Straight to Arrow with the schema known: Dataset.from_dict would encode a million rows value by value.
     rows = Dataset(pa.Table.from_pydict(_validate(candidates, report), schema=ROW_FEATURES.arrow_schema))
     if len(rows) == 0 and report.dropped and fmt in _CONVERSATION_SHAPES:
@@ -95,11 +90,11 @@ def _with_given_embeddings(records: Iterable[dict], rows: Dataset, source: str) 
     if isinstance(records, Dataset):
         return _join_arrow_embeddings(records, rows, indices, source)
     values = [records[i].get(EMBEDDING_COLUMN) for i in indices]  # type: ignore[index]
-    vectors = _checked_vectors(values, source)
+    vectors = checked_vectors(values, source)
     return rows.add_column(EMBEDDING_COLUMN, list(vectors), feature=Sequence(Value("float32")))
 
 
-def _checked_vectors(values: Any, source: str) -> np.ndarray:
+def checked_vectors(values: Any, source: str) -> np.ndarray:
     try:
         vectors = np.asarray(values, dtype=np.float32)
     except (ValueError, TypeError):
@@ -121,7 +116,7 @@ def _join_arrow_embeddings(records: Dataset, rows: Dataset, indices: np.ndarray,
         embeddings = embeddings.select(indices).flatten_indices()
     width = None
     for chunk in embeddings.with_format("numpy").iter(batch_size=_READ_BATCH_ROWS):
-        vectors = _checked_vectors(list(chunk[EMBEDDING_COLUMN]), source)
+        vectors = checked_vectors(list(chunk[EMBEDDING_COLUMN]), source)
         if width is not None and vectors.shape[1] != width:
             raise InputError(
                 f"{source}: the {EMBEDDING_COLUMN!r} column must hold one list of numbers of one length per row; "
@@ -136,7 +131,24 @@ def _join_arrow_embeddings(records: Dataset, rows: Dataset, indices: np.ndarray,
 # -- shapes -------------------------------------------------------------------------------------------
 
 
-def _detect_format(
+def shape_candidates(
+    records: Iterable[dict],
+    columns: list[str],
+    fmt: str,
+    column_map: Mapping[str, str] | None,
+    id_column: str,
+    report: LoadReport,
+) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
+    """(record index, given id, values) of every row the records hold in shape ``fmt``; a record that holds
+    none (a conversation that cannot be used, a seed task without instances) is counted in ``report``."""
+    if fmt == "alpaca":
+        return _alpaca_rows(records, _resolve_column_map(columns, column_map, report.source), id_column, report)
+    if fmt in _CONVERSATION_SHAPES:
+        return _conversation_rows(records, columns, fmt, column_map, id_column, report)
+    return _seed_task_rows(records, report)
+
+
+def detect_format(
     columns: list[str], requested: InputFormat, column_map: Mapping[str, str] | None, first: Mapping[str, Any]
 ) -> str:
     if requested != "auto":
@@ -247,6 +259,51 @@ def _seed_task_rows(records: Iterable[dict], report: LoadReport) -> Iterator:
 # -- validation ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CheckedRow:
+    """A candidate that passed the per-record checks: its row (``ROW_FEATURES``), its content fingerprint, and
+    what a duplicate of it is called ("conversation" or "instruction, input and output")."""
+
+    row: dict[str, Any]
+    fingerprint: str
+    what: str
+
+
+def check_candidate(
+    source_index: int, given_id: str | None, values: dict[str, Any]
+) -> CheckedRow | DroppedRow | list[str]:
+    """One candidate on its own, as every engine checks it: its type problems (a list, the run stops), a drop
+    (empty instruction or output), or the row. Duplicates and repeated ids need every row: the caller's."""
+    text, problems = {}, []
+    for name in ROW_FIELDS:
+        value = values.get(name)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"record {source_index} field {name!r} holds {type(value).__name__} {value!r:.40}")
+        text[name] = value.strip() if isinstance(value, str) else ""
+    if problems:
+        return problems
+    conversation = {
+        "system": values.get("system", ""),
+        "messages": values.get("messages", []),
+        "multi_turn": values.get("multi_turn", False),
+    }
+    fingerprint = _fingerprint(text, conversation["messages"])
+    row_id = given_id or fingerprint
+    for name in ("instruction", "output"):
+        if not text[name]:
+            return DroppedRow(source_index, f"empty {name}", "", row_id)
+    row = {"id": row_id, **text, "source_index": source_index, **conversation}
+    return CheckedRow(row, fingerprint, "conversation" if conversation["messages"] else "instruction, input and output")
+
+
+def type_problems_error(source: str, problems: list[str], count: int) -> InputError:
+    shown = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
+    return InputError(
+        f"{source}: {count} value(s) are not strings ({shown}). "
+        "instruction, input and output must be text; convert or map other columns."
+    )
+
+
 def _validate(candidates: Iterator, report: LoadReport) -> dict[str, list]:
     rows: dict[str, list] = {name: [] for name in ROW_FEATURES}
     first_seen: dict[str, str] = {}  # content fingerprint -> id of the row kept
@@ -254,36 +311,28 @@ def _validate(candidates: Iterator, report: LoadReport) -> dict[str, list]:
     type_problems: list[str] = []
     for source_index, given_id, values in candidates:
         report.rows_extracted += 1
-        text = {}
-        for name in ROW_FIELDS:
-            value = values.get(name)
-            if value is not None and not isinstance(value, str):
-                type_problems.append(f"record {source_index} field {name!r} holds {type(value).__name__} {value!r:.40}")
-            text[name] = value.strip() if isinstance(value, str) else ""
+        checked = check_candidate(source_index, given_id, values)
+        if isinstance(checked, list):
+            type_problems += checked
         if type_problems:
             continue
-        conversation = {
-            "system": values.get("system", ""),
-            "messages": values.get("messages", []),
-            "multi_turn": values.get("multi_turn", False),
-        }
-        fingerprint = _fingerprint(text, conversation["messages"])
-        row_id = given_id or fingerprint
-        what = "conversation" if conversation["messages"] else "instruction, input and output"
-        # Content first: a record repeated whole, id and all, is a duplicate to drop, not a clash of ids.
-        if not _keep(source_index, row_id, text, (fingerprint, what), first_seen, report):
+        if isinstance(checked, DroppedRow):
+            report.dropped.append(checked)
             continue
+        # Content first: a record repeated whole, id and all, is a duplicate to drop, not a clash of ids.
+        row_id = checked.row["id"]
+        if checked.fingerprint in first_seen:
+            detail = f"same {checked.what} as row {first_seen[checked.fingerprint]}"
+            report.dropped.append(DroppedRow(source_index, "exact duplicate", detail, row_id))
+            continue
+        first_seen[checked.fingerprint] = row_id
         if given_id is not None and given_id in seen_ids:
             raise InputError(f"{report.source}: id {given_id!r} appears more than once (record {source_index})")
         seen_ids.add(row_id)
-        for name, value in (("id", row_id), *text.items(), ("source_index", source_index), *conversation.items()):
+        for name, value in checked.row.items():
             rows[name].append(value)
     if type_problems:
-        shown = "; ".join(type_problems[:_MAX_LISTED_PROBLEMS])
-        raise InputError(
-            f"{report.source}: {len(type_problems)} value(s) are not strings ({shown}). "
-            "instruction, input and output must be text; convert or map other columns."
-        )
+        raise type_problems_error(report.source, type_problems, len(type_problems))
     return rows
 
 
@@ -293,19 +342,3 @@ def _fingerprint(text: dict[str, str], messages: list[dict[str, str]]) -> str:
     if messages:
         return content_id(*(f"{turn['role']}:{turn['content']}" for turn in messages))
     return content_id(text["instruction"], text["input"], text["output"])
-
-
-def _keep(index: int, row_id: str, text: dict, identity: tuple[str, str], first_seen: dict, report: LoadReport) -> bool:
-    fingerprint, what = identity
-    if not text["instruction"]:
-        report.dropped.append(DroppedRow(index, "empty instruction", "", row_id))
-        return False
-    if not text["output"]:
-        report.dropped.append(DroppedRow(index, "empty output", "", row_id))
-        return False
-    if fingerprint in first_seen:
-        detail = f"same {what} as row {first_seen[fingerprint]}"
-        report.dropped.append(DroppedRow(index, "exact duplicate", detail, row_id))
-        return False
-    first_seen[fingerprint] = row_id
-    return True

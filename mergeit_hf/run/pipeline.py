@@ -14,7 +14,7 @@ from datasets import Dataset
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.engines.choice import Engine
 from mergeit_hf.errors import ConfigError, EndpointError, QualityScoringError
-from mergeit_hf.inputs.loading import InputFormat, LoadReport, load_rows
+from mergeit_hf.inputs.loading import InputFormat, LoadReport
 from mergeit_hf.run.batch_rounds import check_batch_api, merge_in_rounds
 from mergeit_hf.run.finish import PipelineResult, finish_run, publish, save, token_totals
 from mergeit_hf.stage1.result import Stage1Result
@@ -44,8 +44,9 @@ def plan(
     engine: Engine | None = None,
 ) -> tuple[LoadReport, Stage1Result]:
     """Load and run stage 1 only: what ``--dry-run`` reports before any LLM call."""
-    rows, report = load_rows(source, input_format=input_format, column_map=column_map)
-    return report, (engine or Engine()).run_stage1(rows, config)
+    engine = engine or Engine()
+    rows, report = engine.load(source, input_format=input_format, column_map=column_map)
+    return report, engine.run_stage1(rows, config)
 
 
 def run_pipeline(
@@ -79,7 +80,8 @@ def run_pipeline(
         show_progress=True,
         shared_cache=engine.shares_cache,
     )
-    rows, report = load_rows(source, input_format=input_format, column_map=column_map)
+    prefiltering = config.prefilter_top is not None  # the prefilter scores the rows on the driver
+    rows, report = engine.load(source, input_format=input_format, column_map=column_map, on_driver=prefiltering)
     if on_loaded is not None:  # the CLI prints what was read before the long stages start
         on_loaded(report)
     if config.batch:  # before the probes: the embedded model would load only to be refused

@@ -72,6 +72,17 @@ def fit_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(config.seed).permutation(n_rows)[:KMEANS_SAMPLE_ROWS])
 
 
+def _pca_rows(n_rows: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).permutation(n_rows)[:_PCA_SAMPLE_ROWS])
+
+
+def read_rows(n_rows: int, config: MergeItConfig) -> np.ndarray:
+    """Every position (ascending) whose embedding ``fit_from_sample`` reads: ``fit_rows``, and the PCA's
+    sample when ``pca_variance`` is set."""
+    rows = fit_rows(n_rows, config)
+    return np.union1d(rows, _pca_rows(n_rows, config.seed)) if config.pca_variance else rows
+
+
 def fit_from_sample(
     embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, config: MergeItConfig
 ) -> TopicClusters:
@@ -101,7 +112,7 @@ def _fit_pca(embeddings_at: Callable[[np.ndarray], np.ndarray], n_rows: int, var
     ``_PCA_SAMPLE_ROWS`` rows drawn at random: the components of a million rows need no more."""
     from sklearn.decomposition import PCA
 
-    rows = np.sort(np.random.default_rng(seed).permutation(n_rows)[:_PCA_SAMPLE_ROWS])
+    rows = _pca_rows(n_rows, seed)
     pca = PCA(n_components=variance, svd_solver="full", random_state=seed).fit(embeddings_at(rows))
     return pca.mean_.astype(np.float32), pca.components_.T.astype(np.float32)
 

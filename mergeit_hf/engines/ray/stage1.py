@@ -1,160 +1,123 @@
-"""Stage 1 on Ray Data.
+"""Stage 1 on Ray Data, in the cluster: the rows stay there from reading to the written results.
 
-What Ray spreads (over the actors and nodes of the cluster ``ray_session`` joins):
-  embedding      ``map_batches`` through an actor pool, each actor holding the model (one GPU each where
-                 the cluster has GPUs);
-  topics         assigned in ``map_batches``, from centroids fitted on the driver on the rows ``fit_rows``
-                 picks (every row up to ``minibatch_kmeans_above``, else a random sample), so the fit is the
-                 datasets engine's own;
-  selection      facility location per topic, ``groupby("cluster_id").map_groups``;
-  pairs          the τ search per topic, ``groupby("cluster_id").map_groups``.
-What stays on the driver: validation and accounting of the input (``load_rows``, memory-mapped Arrow), the
-k-means fit and the budget split.
+  embedding   the input's own column, checked and L2-normalised in ``map_batches``; else an actor pool, each
+              actor holding the model (one GPU each where the cluster has GPUs);
+  topics      centroids fitted on the driver on the embeddings of the rows ``read_rows`` picks (every row up
+              to ``minibatch_kmeans_above``, else a sample of 100,000: the fit is the datasets engine's
+              own), then assigned in ``map_batches``;
+  selection   facility location per topic, ``groupby("cluster_id").map_groups``, on the topic sizes counted
+              by ``groupby`` and the budget split on the driver;
+  pairs       the τ search per topic and system prompt, ``groupby(["cluster_id", "system"]).map_groups``.
+The rows, the selected rows and the pairs are written by the cluster as parquet into a work folder and opened
+on the driver as memory-mapped datasets (``Dataset.from_parquet``), in the datasets engine's order. The
+driver holds the fit's sample, the topic sizes and one int64 a row (the positions, for the sample).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, concatenate_datasets
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset, Features, Value
 
 from mergeit_hf.config import MergeItConfig
-from mergeit_hf.embeddings.arrow import column_values, matrix
-from mergeit_hf.embeddings.embedder import Embedder, given_embeddings
-from mergeit_hf.inputs.loading import EMBEDDING_COLUMN
-from mergeit_hf.stage1.pairs import (
-    PAIR_FEATURES,
-    PairMatch,
-    match_cluster,
-    pair_columns,
-    pairing_keys,
-    source_values,
-)
+from mergeit_hf.embeddings.arrow import matrix
+from mergeit_hf.embeddings.embedder import Embedder, embedding_dimension
+from mergeit_hf.endpoints.sending.request_cache import default_cache_dir
+from mergeit_hf.engines.ray.reading import ValidRows
+from mergeit_hf.errors import InputError
+from mergeit_hf.inputs.loading import EMBEDDING_COLUMN, checked_vectors
+from mergeit_hf.progress import datasets_bars_off
+from mergeit_hf.stage1.pairs import PAIR_FEATURES, SOURCE_COLUMNS, PairMatch, match_cluster, pair_columns
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
-from mergeit_hf.stage1.topics import TopicClusters, fit_from_sample, fit_rows
+from mergeit_hf.stage1.topics import TopicClusters, fit_from_sample, read_rows
 
-POSITION = "_position"  # a row's place in the input: every result is put back in this order
-PAIR_GROUP = "_pair_group"  # the topic and system prompt a row pairs inside (``stage1.pairs.pairing_keys``)
-EMBED_BATCH_ROWS = 1024
-
-
-class _EmbeddingActor:
-    """One embedding model per actor; Ray's numpy batches in, the same batch with ``embedding`` out."""
-
-    def __init__(self, embedder: Embedder) -> None:
-        self.embedder = embedder
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = {column: batch[column].tolist() for column in self.embedder.text_columns}
-        batch[EMBEDDING_COLUMN] = np.asarray(self.embedder(texts)[EMBEDDING_COLUMN], dtype=np.float32)
-        return batch
+EMBED_BATCH_ROWS = 1024  # the datasets engine's ``map`` batch
+_EMBED_BATCH = "_embed_batch"
+MATCH_INDEX = "_match_index"  # a group's place among its topic's groups: the datasets engine's pair order
+_VECTOR = pa.list_(pa.float32())
+_MATCHED_FEATURES = Features({**PAIR_FEATURES, MATCH_INDEX: Value("int64")})
+_NORM_TOLERANCE = 1e-4  # given_embeddings' own: vectors this close to length 1 are kept as they came
 
 
-@dataclass(frozen=True)
-class _AssignTopics:
-    topics: TopicClusters
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {POSITION: batch[POSITION], "cluster_id": self.topics.assign(matrix(batch[EMBEDDING_COLUMN]))}
-
-
-def _select_in_topic(group: dict[str, np.ndarray], quotas: dict[int, int], seed: int) -> dict[str, np.ndarray]:
-    order = np.argsort(group[POSITION], kind="stable")  # the datasets engine's order inside a topic
-    vectors = matrix(group[EMBEDDING_COLUMN])[order]
-    ranks = np.full(len(order), -1, dtype=np.int64)
-    ranking = facility_location_ranking(vectors, quotas[int(group["cluster_id"][0])], seed)
-    ranks[np.asarray(ranking, dtype=np.int64)] = np.arange(len(ranking))
-    return {POSITION: group[POSITION][order], "selection_rank": ranks}
-
-
-@dataclass(frozen=True)
-class _Selected:
-    kept: np.ndarray  # by position
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = self.kept[batch[POSITION]]
-        return {name: values[mask] for name, values in batch.items()}
-
-
-def _pair_in_topic(group: dict[str, np.ndarray], tau: float, max_group_size: int) -> dict[str, np.ndarray]:
-    order = np.argsort(group[POSITION], kind="stable")
-    positions = group[POSITION][order]
-    matches = match_cluster(matrix(group[EMBEDDING_COLUMN])[order], tau, max_group_size)
-    members = np.full((len(matches), max_group_size), -1, dtype=np.int64)
-    for i, (local, _) in enumerate(matches):
-        members[i, : len(local)] = positions[list(local)]
-    cluster = int(group["cluster_id"][0]) if len(order) else -1
-    key = int(group[PAIR_GROUP][0]) if len(order) else -1
-    return {
-        PAIR_GROUP: np.full(len(matches), key, dtype=np.int64),
-        "cluster_id": np.full(len(matches), cluster, dtype=np.int64),
-        "match_index": np.arange(len(matches), dtype=np.int64),
-        "similarity": np.asarray([score for _, score in matches], dtype=np.float64),
-        # One column per member (-1 past a group's size): plain Arrow columns, whatever the group size.
-        **{f"member_{k}": members[:, k] for k in range(max_group_size)},
-    }
-
-
-def run_stage1_ray(rows: Dataset, config: MergeItConfig | None = None, embed_actors: int | None = None) -> Stage1Result:
-    """Stage 1 on Ray Data over validated rows (``load_rows``); the result is the datasets engine's shape."""
-    import ray.data
-
+def run_stage1_ray(
+    rows: Dataset | ValidRows, config: MergeItConfig | None = None, work_dir: str | Path | None = None
+) -> Stage1Result:
+    """Stage 1 on Ray Data over validated rows (``read_on_cluster``, or ``load_rows``' Dataset); the result is
+    the datasets engine's, row for row. ``work_dir`` holds the cluster's parquet while the driver opens it: on
+    a cluster of several nodes it must be a folder every node sees (default: under the request cache's)."""
     config = config or MergeItConfig()
-    if len(rows) == 0:
+    valid = rows if isinstance(rows, ValidRows) else ValidRows.from_dataset(rows)
+    if valid.n_rows == 0:
         raise ValueError("stage 1 needs at least one valid row; the input has none")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    rows = rows.add_column(POSITION, np.arange(len(rows), dtype=np.int64))
-    given = EMBEDDING_COLUMN in rows.column_names
-    if given:
-        rows, source = given_embeddings(rows, config)  # checked and normalised as the datasets engine does
-        data = ray.data.from_huggingface(rows.select_columns([POSITION, EMBEDDING_COLUMN]))
+    # Each valid row's position (its place among them, in input order) is its source index's place here: the
+    # driver's one array that grows with rows (an int64 a row), for the embedding batches and the fit's sample.
+    sources = np.sort(_column(valid.data, "source_index"))
+    if valid.given_embeddings:
+        data, source = _given(valid.data, config)
     else:
-        data, source = _embedded(rows, config, embed_actors)
+        data, source = _embedded(valid.data, sources, config)
     data = data.materialize()
     seconds["embed"] = _lap(started)
 
     started = time.perf_counter()
-    topics = _fit_topics(data, len(rows), config)
-    clusters = _collect(data.map_batches(_AssignTopics(topics), batch_format="numpy"), len(rows), "cluster_id")
-    data = _with_column(data, "cluster_id", clusters)
+    topics = _fit_topics(data, sources, config)
+    data = data.map_batches(_AssignTopics(topics), batch_format="pyarrow").materialize()
     seconds["cluster"] = _lap(started)
 
     started = time.perf_counter()
-    sizes = {int(c): int(n) for c, n in zip(*np.unique(clusters, return_counts=True), strict=True)}
+    sizes = _topic_sizes(data)
     quotas = allocate_budget(sizes, config.selection_budget, config.per_cluster_budget)
     partitions = _partitions(len(sizes))
-    ranked = data.groupby("cluster_id", num_partitions=partitions).map_groups(
-        _select_in_topic, fn_kwargs={"quotas": quotas, "seed": config.seed}, batch_format="numpy"
+    ranked = (
+        data.groupby("cluster_id", num_partitions=partitions)
+        .map_groups(_select_in_topic, fn_kwargs={"quotas": quotas, "seed": config.seed}, batch_format="pyarrow")
+        .materialize()
     )
-    ranks = _collect(ranked, len(rows), "selection_rank")
     seconds["select"] = _lap(started)
 
     started = time.perf_counter()
-    # Pairs form inside a topic and a system prompt; multi-turn conversations pair with nothing (key -1).
-    keys = pairing_keys(clusters, _conversation_column(rows, "system"), _conversation_column(rows, "multi_turn"))
-    chosen = _with_column(
-        data.map_batches(_Selected((ranks >= 0) & (keys >= 0)), batch_format="numpy"), PAIR_GROUP, keys
+    found = (
+        ranked.map_batches(_pairable, batch_format="pyarrow")
+        .groupby(["cluster_id", "system"], num_partitions=partitions)
+        .map_groups(
+            _pairs_in_group,
+            fn_kwargs={"tau": config.tau, "max_group_size": config.max_group_size},
+            batch_format="pyarrow",
+        )
     )
-    found = chosen.groupby(PAIR_GROUP, num_partitions=partitions).map_groups(
-        _pair_in_topic, fn_kwargs={"tau": config.tau, "max_group_size": config.max_group_size}, batch_format="numpy"
-    )
-    matches = _pair_matches(found)
+    folder = Path(tempfile.mkdtemp(prefix="stage1-", dir=_work_root(work_dir)))
+    try:
+        all_rows = _opened(ranked.sort("source_index"), folder / "rows", ["source_index"], None)
+        selected = _opened(
+            ranked.map_batches(_selected_only, batch_format="pyarrow").sort("source_index"),
+            folder / "selected",
+            ["source_index"],
+            all_rows.features,
+        )
+        order = ["cluster_id", "system", MATCH_INDEX]
+        pairs = _opened(found.sort(order), folder / "pairs", order, _MATCHED_FEATURES).remove_columns(MATCH_INDEX)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     seconds["pair"] = _lap(started)
+    return Stage1Result(all_rows, selected, pairs, topics, _plan(selected, quotas, sizes), config, seconds, source)
 
-    rows = _with_stage1_columns(rows, clusters, ranks, None if given else data)
-    selected = rows.select(np.flatnonzero(ranks >= 0))
-    pairs = _pairs(selected, matches)
-    ids = column_values(rows, "id")
-    plan = SelectionPlan({ids[i]: int(ranks[i]) for i in np.flatnonzero(ranks >= 0)}, quotas, sizes)
-    return Stage1Result(
-        rows.remove_columns(POSITION), selected.remove_columns(POSITION), pairs, topics, plan, config, seconds, source
-    )
+
+def _work_root(work_dir: str | Path | None) -> Path:
+    root = Path(work_dir) if work_dir else default_cache_dir() / "ray-work"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _partitions(n_topics: int) -> int:
@@ -165,108 +128,202 @@ def _partitions(n_topics: int) -> int:
     return max(1, min(n_topics, 4 * int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _embedded(rows: Dataset, config: MergeItConfig, actors: int | None) -> tuple[Any, str]:
+# -- embeddings ---------------------------------------------------------------------------------------
+
+
+def _given(data: Any, config: MergeItConfig) -> tuple[Any, str]:
+    """The input's embeddings, checked as ``given_embeddings`` checks them; normalised only when some vector
+    is not of length 1 already (then all are, as the datasets engine does)."""
+    expected = embedding_dimension(config.embedding_model)
+    checked = data.map_batches(_CheckVectors(expected, config.embedding_model), batch_format="pyarrow").materialize()
+    shortest, farthest = checked.min("_norm"), checked.max("_norm_off")
+    if shortest == 0:
+        raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
+    normalise = farthest > _NORM_TOLERANCE
+    data = checked.map_batches(_Vectors(normalise), batch_format="pyarrow")
+    return data, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
+
+
+@dataclass(frozen=True)
+class _CheckVectors:
+    expected: int
+    model: str
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = checked_vectors(batch[EMBEDDING_COLUMN].to_pylist(), "the input")
+        if vectors.shape[1] != self.expected:
+            raise InputError(
+                f"the input's {EMBEDDING_COLUMN!r} column has {vectors.shape[1]} dimensions, but {self.model} "
+                f"makes {self.expected}: embed with the configured model, or drop the column"
+            )
+        norms = np.linalg.norm(vectors, axis=1)
+        return batch.append_column("_norm", pa.array(norms)).append_column("_norm_off", pa.array(np.abs(norms - 1)))
+
+
+@dataclass(frozen=True)
+class _Vectors:
+    normalise: bool
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = matrix(batch[EMBEDDING_COLUMN])
+        if self.normalise:
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        batch = batch.drop_columns(["_norm", "_norm_off", EMBEDDING_COLUMN])
+        return batch.append_column(EMBEDDING_COLUMN, _vector_column(vectors))
+
+
+def _vector_column(vectors: np.ndarray) -> pa.Array:
+    rows, width = vectors.shape if vectors.ndim == 2 else (len(vectors), 0)
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * width), flat, type=_VECTOR)
+
+
+class _EmbeddingActor:
+    """One embedding model per actor; one embedding batch of rows in, in input order, with ``embedding`` out."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = batch.sort_by("source_index").drop_columns([_EMBED_BATCH])
+        texts = {column: batch[column].to_pylist() for column in self.embedder.text_columns}
+        vectors = np.asarray(self.embedder(texts)[EMBEDDING_COLUMN], dtype=np.float32)
+        return batch.append_column(EMBEDDING_COLUMN, _vector_column(vectors))
+
+
+@dataclass(frozen=True)
+class _EmbedBatchOf:
+    sources: np.ndarray  # every valid row's source index, ascending
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        positions = np.searchsorted(self.sources, batch["source_index"].to_numpy())
+        return batch.append_column(_EMBED_BATCH, pa.array(positions // EMBED_BATCH_ROWS))
+
+
+def _embedded(data: Any, sources: np.ndarray, config: MergeItConfig) -> tuple[Any, str]:
+    """Embedded by an actor pool in the datasets engine's batches (rows 0-1023, 1024-2047, ... of the valid
+    rows): the model pads a batch to its longest text, so other batches would change the vectors in their
+    last digits, and a tie in the selection with them."""
     import ray
-    import ray.data
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    size = actors or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)) // 2)
+    size = max(1, gpus or int(ray.cluster_resources().get("CPU", 1)) // 2)
     embedder = Embedder(config.embedding_model, config.text_columns, config.embedding_batch_size)
-    data = ray.data.from_huggingface(rows.select_columns([POSITION, *config.text_columns])).map_batches(
-        _EmbeddingActor,
-        fn_constructor_args=(embedder,),
-        compute=ray.data.ActorPoolStrategy(size=size),
-        batch_size=EMBED_BATCH_ROWS,
-        batch_format="numpy",
-        num_gpus=1 if gpus else 0,
+    data = (
+        data.map_batches(_EmbedBatchOf(sources), batch_format="pyarrow")
+        .groupby(_EMBED_BATCH, num_partitions=_partitions(-(-len(sources) // EMBED_BATCH_ROWS)))
+        .map_groups(
+            _EmbeddingActor,
+            fn_constructor_args=(embedder,),
+            compute=ray.data.ActorPoolStrategy(size=size),
+            batch_format="pyarrow",
+            num_gpus=1 if gpus else 0,
+        )
     )
     device = "GPU" if gpus else "CPU"
-    return data.drop_columns(list(config.text_columns)), f"{config.embedding_model} on Ray ({size} {device} actors)"
+    return data, f"{config.embedding_model} on Ray ({size} {device} actors)"
 
 
-def _fit_topics(data: Any, n_rows: int, config: MergeItConfig) -> TopicClusters:
-    """The datasets engine's fit, on the embeddings of ``fit_rows`` gathered to the driver."""
-    wanted = fit_rows(n_rows, config)
+# -- topics and selection -----------------------------------------------------------------------------
 
-    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = np.isin(batch[POSITION], wanted)
-        return {POSITION: batch[POSITION][mask], EMBEDDING_COLUMN: matrix(batch[EMBEDDING_COLUMN][mask])}
 
-    positions, vectors = [], []
-    for batch in data.map_batches(keep, batch_format="numpy").iter_batches(batch_format="numpy", batch_size=None):
-        positions.append(batch[POSITION])
+def _fit_topics(data: Any, sources: np.ndarray, config: MergeItConfig) -> TopicClusters:
+    """The datasets engine's fit: the rows at the positions ``read_rows`` picks, their embeddings gathered to
+    the driver."""
+    n_rows = len(sources)
+    positions = read_rows(n_rows, config)
+    wanted = sources[positions]
+
+    def keep(batch: pa.Table) -> pa.Table:
+        mask = np.isin(batch["source_index"].to_numpy(), wanted)
+        return batch.select(["source_index", EMBEDDING_COLUMN]).filter(pa.array(mask))
+
+    at, vectors = [], []
+    for batch in data.map_batches(keep, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
+        at.append(batch["source_index"].to_numpy())
         vectors.append(matrix(batch[EMBEDDING_COLUMN]))
-    order = np.argsort(np.concatenate(positions))
-    gathered_positions, gathered = np.concatenate(positions)[order], np.concatenate(vectors)[order]
-    return fit_from_sample(lambda at: gathered[np.searchsorted(gathered_positions, at)], n_rows, config)
+    order = np.argsort(np.concatenate(at))
+    gathered = np.concatenate(vectors)[order]  # in the order of ``wanted``, so of ``positions``
+    return fit_from_sample(lambda rows: gathered[np.searchsorted(positions, rows)], n_rows, config)
 
 
-def _collect(data: Any, n_rows: int, column: str) -> np.ndarray:
-    """One column of a Ray dataset, put in input order (every position present once)."""
-    values = np.full(n_rows, -1, dtype=np.int64)
-    seen = 0
-    for batch in data.iter_batches(batch_format="numpy", batch_size=None):
-        values[batch[POSITION]] = batch[column]
-        seen += len(batch[POSITION])
-    if seen != n_rows:
-        raise RuntimeError(f"Ray returned {seen} rows of {column!r} for {n_rows} input rows")
-    return values
+def _column(data: Any, name: str) -> np.ndarray:
+    batches = data.select_columns([name]).iter_batches(batch_format="pyarrow", batch_size=None)
+    return np.concatenate([batch[name].to_numpy() for batch in batches])
 
 
-def _with_column(data: Any, name: str, values: np.ndarray) -> Any:
-    def add(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch[name] = values[batch[POSITION]]
-        return batch
+@dataclass(frozen=True)
+class _AssignTopics:
+    topics: TopicClusters
 
-    return data.map_batches(add, batch_format="numpy")
-
-
-def _pair_matches(found: Any) -> list[tuple[int, int, tuple[int, ...], float]]:
-    """(pairing group, match index, member positions, similarity), in the datasets engine's order."""
-    matches = []
-    for batch in found.iter_batches(batch_format="numpy", batch_size=None):
-        members = np.stack([batch[name] for name in sorted(batch) if name.startswith("member_")], axis=1)
-        for key, index, group, score in zip(
-            batch[PAIR_GROUP], batch["match_index"], members, batch["similarity"], strict=True
-        ):
-            matches.append((int(key), int(index), tuple(int(m) for m in group if m >= 0), float(score)))
-    return sorted(matches)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        clusters = self.topics.assign(matrix(batch[EMBEDDING_COLUMN])).astype(np.int32)
+        return batch.append_column("cluster_id", pa.array(clusters, pa.int32()))
 
 
-def _conversation_column(rows: Dataset, name: str) -> Any:
-    """A conversation column of the rows (defaults for rows built without one), as the datasets engine reads it."""
-    if name in rows.column_names:
-        values = column_values(rows, name)
-    else:
-        values = [False if name == "multi_turn" else ""] * len(rows)
-    return np.asarray(values, dtype=bool) if name == "multi_turn" else values
+def _topic_sizes(data: Any) -> dict[int, int]:
+    counts = data.groupby("cluster_id").count().take_all()
+    return {int(row["cluster_id"]): int(row["count()"]) for row in sorted(counts, key=lambda r: r["cluster_id"])}
 
 
-def _with_stage1_columns(rows: Dataset, clusters: np.ndarray, ranks: np.ndarray, embedded: Any) -> Dataset:
-    """The datasets engine's stage 1 columns on the driver's rows: embedding (when Ray computed it),
-    cluster_id, selected, selection_rank."""
-    columns: dict[str, pa.Array] = {}
-    if embedded is not None:
-        n_rows = len(rows)
-        vectors: np.ndarray | None = None
-        for batch in embedded.iter_batches(batch_format="numpy", batch_size=None):
-            chunk = matrix(batch[EMBEDDING_COLUMN])
-            vectors = np.zeros((n_rows, chunk.shape[1]), np.float32) if vectors is None else vectors
-            vectors[batch[POSITION]] = chunk
-        assert vectors is not None
-        columns[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-    columns["cluster_id"] = pa.array(clusters.astype(np.int32))
-    columns["selected"] = pa.array(ranks >= 0)
-    columns["selection_rank"] = pa.array(ranks)
-    return concatenate_datasets([rows, Dataset(pa.table(columns))], axis=1)
+def _select_in_topic(group: pa.Table, quotas: dict[int, int], seed: int) -> pa.Table:
+    group = group.sort_by("source_index")  # the datasets engine's order inside a topic
+    ranks = np.full(group.num_rows, -1, dtype=np.int64)
+    ranking = facility_location_ranking(matrix(group[EMBEDDING_COLUMN]), quotas[group["cluster_id"][0].as_py()], seed)
+    ranks[np.asarray(ranking, dtype=np.int64)] = np.arange(len(ranking))
+    return group.append_column("selected", pa.array(ranks >= 0)).append_column("selection_rank", pa.array(ranks))
 
 
-def _pairs(selected: Dataset, matches: list[tuple[int, int, tuple[int, ...], float]]) -> Dataset:
-    positions = np.asarray(column_values(selected, POSITION))
-    found = [
-        PairMatch(tuple(int(i) for i in np.searchsorted(positions, members)), score) for _, _, members, score in matches
+def _selected_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch["selected"])
+
+
+def _plan(selected: Dataset, quotas: dict[int, int], sizes: dict[int, int]) -> SelectionPlan:
+    table = selected.with_format("arrow", columns=["id", "selection_rank"])[:]
+    ranks = dict(zip(table["id"].to_pylist(), table["selection_rank"].to_pylist(), strict=True))
+    return SelectionPlan(ranks, quotas, sizes)
+
+
+# -- pairs --------------------------------------------------------------------------------------------
+
+
+def _pairable(batch: pa.Table) -> pa.Table:
+    """Selected rows that may pair: multi-turn conversations are kept whole, never merged."""
+    return batch.filter(pc.and_(batch["selected"], pc.invert(batch["multi_turn"])))
+
+
+def _pairs_in_group(group: pa.Table, tau: float, max_group_size: int) -> pa.Table:
+    group = group.sort_by("source_index")
+    matches = [
+        PairMatch(tuple(members), score)
+        for members, score in match_cluster(matrix(group[EMBEDDING_COLUMN]), tau, max_group_size)
     ]
-    return Dataset.from_dict(pair_columns(found, source_values(selected)), features=PAIR_FEATURES)
+    source = {name: group[name].to_pylist() for name in SOURCE_COLUMNS}
+    table = pa.Table.from_pydict(pair_columns(matches, source), schema=PAIR_FEATURES.arrow_schema)
+    return table.append_column(MATCH_INDEX, pa.array(np.arange(len(matches), dtype=np.int64)))
+
+
+# -- written by the cluster, opened on the driver -----------------------------------------------------
+
+
+def _opened(data: Any, folder: Path, order: list[str], features: Features | None) -> Dataset:
+    """A sorted Ray dataset written as parquet by the cluster and opened as one memory-mapped Dataset (of
+    ``features`` where given): each file holds one range of the sort, so the files in the order of their
+    first rows are the whole order."""
+    data.write_parquet(str(folder))
+    files = [path for path in folder.glob("*.parquet") if pq.ParquetFile(path).metadata.num_rows]
+    if not files and features is not None:
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    if not files:
+        raise RuntimeError(f"the cluster wrote no rows to {folder}: is the work folder on storage every node sees?")
+    files.sort(key=lambda path: _first_row(path, order))
+    with datasets_bars_off():
+        return Dataset.from_parquet([str(path) for path in files], features=features)
+
+
+def _first_row(path: Path, order: list[str]) -> tuple:
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=order))
+    return tuple(batch.column(name)[0].as_py() for name in order)
 
 
 def _lap(started: float) -> float:
