@@ -116,3 +116,15 @@ def test_an_id_given_twice_stops_the_cluster_read_naming_its_second_record(tmp_p
     pq.write_table(table, source, row_group_size=200)
     with pytest.raises(InputError, match=r"id 'row-3' appears more than once \(record 600\)"):
         ray_engine.load(source)
+
+
+def test_seed_tasks_whose_instances_share_a_record_agree_on_ray(ray_engine):
+    source = shared("alpaca_seed_tasks.jsonl")  # read on the driver; a task's instances share source_index
+    plain_report, plain = plan(source, MergeItConfig())
+    ray_report, ray = plan(source, MergeItConfig(), engine=ray_engine)
+    assert ray_report.summary() == plain_report.summary()
+    assert (
+        ray.rows.select_columns(["id", "cluster_id", "selected"]).to_list()
+        == plain.rows.select_columns(["id", "cluster_id", "selected"]).to_list()
+    )
+    assert ray.pairs["pair_id"] == plain.pairs["pair_id"]

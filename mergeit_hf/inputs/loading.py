@@ -229,13 +229,13 @@ def _conversation_rows(
         report.dropped.append(DroppedRow(index, reason, detail, row_id))
 
     shape = _CONVERSATION_SHAPES[fmt]
-    if fmt == "messages" and _first_turn_keys(_first(records).get(column)) >= {"from", "value"}:
+    if fmt == "messages" and first_turn_keys(_first(records).get(column)) >= {"from", "value"}:
         shape = SHAREGPT  # a column named by --column messages=NAME that holds ShareGPT's from / value turns
     records = _records(records, [column, id_column])
     yield from conversation_candidates(records, column, shape, id_column, dropped)
 
 
-def _first_turn_keys(turns: Any) -> set[str]:
+def first_turn_keys(turns: Any) -> set[str]:
     if isinstance(turns, list) and turns and isinstance(turns[0], Mapping):
         return set(turns[0])
     return set()

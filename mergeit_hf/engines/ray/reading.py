@@ -29,6 +29,8 @@ from mergeit_hf.inputs.loading import (
     InputFormat,
     check_candidate,
     detect_format,
+    first_turn_keys,
+    load_rows,
     shape_candidates,
     type_problems_error,
 )
@@ -37,6 +39,9 @@ from mergeit_hf.inputs.report import DroppedRow, LoadReport
 #: What a checked record carries besides its row: the content fingerprint (for duplicates), what a
 #: duplicate of it is called, and for a record that is not a row, why (null for a row).
 FINGERPRINT, WHAT, REASON, DETAIL, PROBLEMS = "_fingerprint", "_what", "_drop_reason", "_drop_detail", "_problems"
+#: A row's place in input order, unique (a seed task's instances share their record's ``source_index``):
+#: every step of the Ray engine orders rows by it.
+ROW = "_row"
 #: The reason of a marker row standing for one row group's type problems (the run stops on them).
 TYPE_PROBLEMS = "_type_problems"
 _LISTED_PROBLEMS = 5
@@ -57,13 +62,17 @@ class ValidRows:
         """Rows ``load_rows`` read on the driver, put into the cluster's object store."""
         import ray.data
 
+        rows = rows.add_column(ROW, np.arange(len(rows), dtype=np.int64))
+        for name, default in (("system", ""), ("multi_turn", False)):  # a Dataset built by hand may lack them
+            if name not in rows.column_names:
+                rows = rows.add_column(name, [default] * len(rows))
         return cls(ray.data.from_huggingface(rows), len(rows), EMBEDDING_COLUMN in rows.column_names)
 
 
 def cluster_readable(source: object) -> Path | None:
     """The parquet file the cluster reads itself, or None for a source the driver reads."""
     if isinstance(source, str | Path) and Path(source).suffix == ".parquet" and Path(source).is_file():
-        return Path(source).resolve()
+        return Path(source)
     return None
 
 
@@ -71,19 +80,23 @@ def read_on_cluster(
     path: Path, input_format: InputFormat = "auto", column_map: Mapping[str, str] | None = None, id_column: str = "id"
 ) -> tuple[ValidRows, LoadReport]:
     """Validated rows of a parquet file, read and checked by the cluster; the same rows and report as
-    ``load_rows`` (drops in input order)."""
+    ``load_rows`` (drops in input order). Seed tasks (several rows a record) are read by ``load_rows``."""
     import ray.data
 
     footer = _open(path)
     columns = footer.schema_arrow.names
     first = next(footer.iter_batches(batch_size=1), pa.RecordBatch.from_pylist([])).to_pylist()
     fmt = detect_format(columns, input_format, column_map, first[0] if first else {})
+    if fmt == "seed_tasks":
+        rows, report = load_rows(path, input_format=input_format, column_map=column_map, id_column=id_column)
+        return ValidRows.from_dataset(rows), report
     report = LoadReport(source=str(path), input_format=fmt, records_read=footer.metadata.num_rows)
     next(iter(shape_candidates([], columns, fmt, column_map, id_column, report)), None)  # a missing column: now
+    shape, shape_map = _batch_shape(fmt, column_map, first[0] if first else {})
     given = fmt == "alpaca" and EMBEDDING_COLUMN in columns
     offsets = np.cumsum([0] + [footer.metadata.row_group(g).num_rows for g in range(footer.num_row_groups)])
     fragments = [{"row_group": g, "offset": int(offsets[g])} for g in range(footer.num_row_groups)]
-    check = _CheckRecords(str(path), columns, fmt, dict(column_map or {}), id_column, given)
+    check = _CheckRecords(str(path.resolve()), columns, shape, shape_map, id_column, given)
     checked = (
         ray.data.from_items(fragments, override_num_blocks=max(1, len(fragments)))
         .map_batches(check, batch_size=1, batch_format="pyarrow")
@@ -99,7 +112,10 @@ def read_on_cluster(
         kept = kept.map_batches(_Without(np.asarray([d.source_index for d in duplicates])), batch_format="pyarrow")
     if id_column in columns:
         _refuse_repeated_ids(kept, str(path))
-    kept = kept.drop_columns([FINGERPRINT, WHAT, REASON, DETAIL, PROBLEMS]).materialize()
+    kept = kept.drop_columns([FINGERPRINT, WHAT, REASON, DETAIL, PROBLEMS]).map_batches(
+        _numbered, batch_format="pyarrow"
+    )
+    kept = kept.materialize()
     if report.rows_valid == 0 and report.dropped and fmt in ("messages", "sharegpt"):
         first_drop = report.dropped[0]
         raise InputError(
@@ -107,6 +123,20 @@ def read_on_cluster(
             f"{first_drop.source_index}: {first_drop.reason} ({first_drop.detail})"
         )
     return ValidRows(kept, report.rows_valid, given), report
+
+
+def _batch_shape(fmt: str, column_map: Mapping[str, str] | None, first: dict) -> tuple[str, dict[str, str]]:
+    """The shape every batch is read in, decided once from the file's first record as ``load_rows`` does: a
+    ``messages`` column holding ShareGPT's from / value turns is read as ShareGPT."""
+    mapping = dict(column_map or {})
+    column = mapping.get("messages") or "messages"
+    if fmt == "messages" and first_turn_keys(first.get(column)) >= {"from", "value"}:
+        return "sharegpt", {**mapping, "messages": column}
+    return fmt, mapping
+
+
+def _numbered(batch: pa.Table) -> pa.Table:
+    return batch.append_column(ROW, batch["source_index"])  # one row a record: its index is its place
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -159,7 +189,7 @@ class _CheckRecords:
             at.append(0)
         table = pa.table(out, schema=_CHECKED_SCHEMA)
         if self.given_embeddings:
-            table = table.append_column(EMBEDDING_COLUMN, batch.column(EMBEDDING_COLUMN).take(pa.array(at)))
+            table = table.append_column(EMBEDDING_COLUMN, batch.column(EMBEDDING_COLUMN).take(pa.array(at, pa.int64())))
         return table
 
 

@@ -32,7 +32,7 @@ from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import matrix
 from mergeit_hf.embeddings.embedder import Embedder, embedding_dimension
 from mergeit_hf.endpoints.sending.request_cache import default_cache_dir
-from mergeit_hf.engines.ray.reading import ValidRows
+from mergeit_hf.engines.ray.reading import ROW, ValidRows
 from mergeit_hf.errors import InputError
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN, checked_vectors
 from mergeit_hf.progress import datasets_bars_off
@@ -63,7 +63,7 @@ def run_stage1_ray(
     started = time.perf_counter()
     # Each valid row's position (its place among them, in input order) is its source index's place here: the
     # driver's one array that grows with rows (an int64 a row), for the embedding batches and the fit's sample.
-    sources = np.sort(_column(valid.data, "source_index"))
+    sources = np.sort(_column(valid.data, ROW))
     if valid.given_embeddings:
         data, source = _given(valid.data, config)
     else:
@@ -99,11 +99,11 @@ def run_stage1_ray(
     )
     folder = Path(tempfile.mkdtemp(prefix="stage1-", dir=_work_root(work_dir)))
     try:
-        all_rows = _opened(ranked.sort("source_index"), folder / "rows", ["source_index"], None)
+        all_rows = _opened(ranked.sort(ROW), folder / "rows", [ROW], None)
         selected = _opened(
-            ranked.map_batches(_selected_only, batch_format="pyarrow").sort("source_index"),
+            ranked.map_batches(_selected_only, batch_format="pyarrow").sort(ROW),
             folder / "selected",
-            ["source_index"],
+            [ROW],
             all_rows.features,
         )
         order = ["cluster_id", "system", MATCH_INDEX]
@@ -111,7 +111,10 @@ def run_stage1_ray(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     seconds["pair"] = _lap(started)
-    return Stage1Result(all_rows, selected, pairs, topics, _plan(selected, quotas, sizes), config, seconds, source)
+    plan = _plan(selected, quotas, sizes)
+    return Stage1Result(
+        all_rows.remove_columns(ROW), selected.remove_columns(ROW), pairs, topics, plan, config, seconds, source
+    )
 
 
 def _work_root(work_dir: str | Path | None) -> Path:
@@ -137,9 +140,10 @@ def _given(data: Any, config: MergeItConfig) -> tuple[Any, str]:
     expected = embedding_dimension(config.embedding_model)
     checked = data.map_batches(_CheckVectors(expected, config.embedding_model), batch_format="pyarrow").materialize()
     shortest, farthest = checked.min("_norm"), checked.max("_norm_off")
+    # ``given_embeddings`` asks np.allclose(norms, 1, atol=1e-4): its rtol of 1e-5 counts too.
     if shortest == 0:
         raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
-    normalise = farthest > _NORM_TOLERANCE
+    normalise = farthest > _NORM_TOLERANCE + 1e-5
     data = checked.map_batches(_Vectors(normalise), batch_format="pyarrow")
     return data, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
 
@@ -185,7 +189,7 @@ class _EmbeddingActor:
         self.embedder = embedder
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = batch.sort_by("source_index").drop_columns([_EMBED_BATCH])
+        batch = batch.sort_by(ROW).drop_columns([_EMBED_BATCH])
         texts = {column: batch[column].to_pylist() for column in self.embedder.text_columns}
         vectors = np.asarray(self.embedder(texts)[EMBEDDING_COLUMN], dtype=np.float32)
         return batch.append_column(EMBEDDING_COLUMN, _vector_column(vectors))
@@ -196,7 +200,7 @@ class _EmbedBatchOf:
     sources: np.ndarray  # every valid row's source index, ascending
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        positions = np.searchsorted(self.sources, batch["source_index"].to_numpy())
+        positions = np.searchsorted(self.sources, batch[ROW].to_numpy())
         return batch.append_column(_EMBED_BATCH, pa.array(positions // EMBED_BATCH_ROWS))
 
 
@@ -235,12 +239,12 @@ def _fit_topics(data: Any, sources: np.ndarray, config: MergeItConfig) -> TopicC
     wanted = sources[positions]
 
     def keep(batch: pa.Table) -> pa.Table:
-        mask = np.isin(batch["source_index"].to_numpy(), wanted)
-        return batch.select(["source_index", EMBEDDING_COLUMN]).filter(pa.array(mask))
+        mask = np.isin(batch[ROW].to_numpy(), wanted)
+        return batch.select([ROW, EMBEDDING_COLUMN]).filter(pa.array(mask))
 
     at, vectors = [], []
     for batch in data.map_batches(keep, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
-        at.append(batch["source_index"].to_numpy())
+        at.append(batch[ROW].to_numpy())
         vectors.append(matrix(batch[EMBEDDING_COLUMN]))
     order = np.argsort(np.concatenate(at))
     gathered = np.concatenate(vectors)[order]  # in the order of ``wanted``, so of ``positions``
@@ -267,7 +271,7 @@ def _topic_sizes(data: Any) -> dict[int, int]:
 
 
 def _select_in_topic(group: pa.Table, quotas: dict[int, int], seed: int) -> pa.Table:
-    group = group.sort_by("source_index")  # the datasets engine's order inside a topic
+    group = group.sort_by(ROW)  # the datasets engine's order inside a topic
     ranks = np.full(group.num_rows, -1, dtype=np.int64)
     ranking = facility_location_ranking(matrix(group[EMBEDDING_COLUMN]), quotas[group["cluster_id"][0].as_py()], seed)
     ranks[np.asarray(ranking, dtype=np.int64)] = np.arange(len(ranking))
@@ -293,7 +297,7 @@ def _pairable(batch: pa.Table) -> pa.Table:
 
 
 def _pairs_in_group(group: pa.Table, tau: float, max_group_size: int) -> pa.Table:
-    group = group.sort_by("source_index")
+    group = group.sort_by(ROW)
     matches = [
         PairMatch(tuple(members), score)
         for members, score in match_cluster(matrix(group[EMBEDDING_COLUMN]), tau, max_group_size)
