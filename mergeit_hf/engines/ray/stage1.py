@@ -8,16 +8,20 @@
   selection   facility location per topic, ``groupby("cluster_id").map_groups``, on the topic sizes counted
               by ``groupby`` and the budget split on the driver;
   pairs       the τ search per topic and system prompt, ``groupby(["cluster_id", "system"]).map_groups``.
-The rows, the selected rows and the pairs are written by the cluster as parquet into a work folder and opened
-on the driver as memory-mapped datasets (``Dataset.from_parquet``), in the datasets engine's order. The
-driver holds the fit's sample, the topic sizes and one int64 a row (the positions, for the sample).
+The rows, the selected rows and the pairs are written by the cluster as Arrow files into a work folder (kept
+while the process runs) and opened on the driver as memory-mapped datasets (``Dataset.from_file``), in the
+datasets engine's order, never read or copied there. The driver holds the fit's sample, the topic sizes and
+one int64 a row (the positions, for the sample).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, Value, concatenate_datasets
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import matrix
@@ -35,7 +38,6 @@ from mergeit_hf.endpoints.sending.request_cache import default_cache_dir
 from mergeit_hf.engines.ray.reading import ROW, ValidRows
 from mergeit_hf.errors import InputError
 from mergeit_hf.inputs.loading import EMBEDDING_COLUMN, checked_vectors
-from mergeit_hf.progress import datasets_bars_off
 from mergeit_hf.stage1.pairs import PAIR_FEATURES, SOURCE_COLUMNS, PairMatch, match_cluster, pair_columns
 from mergeit_hf.stage1.result import Stage1Result
 from mergeit_hf.stage1.selection import SelectionPlan, allocate_budget, facility_location_ranking
@@ -97,19 +99,18 @@ def run_stage1_ray(
             batch_format="pyarrow",
         )
     )
+    # The files stay while the process runs: the Datasets are memory-mapped views of them.
     folder = Path(tempfile.mkdtemp(prefix="stage1-", dir=_work_root(work_dir)))
-    try:
-        all_rows = _opened(ranked.sort(ROW), folder / "rows", [ROW], None)
-        selected = _opened(
-            ranked.map_batches(_selected_only, batch_format="pyarrow").sort(ROW),
-            folder / "selected",
-            [ROW],
-            all_rows.features,
-        )
-        order = ["cluster_id", "system", MATCH_INDEX]
-        pairs = _opened(found.sort(order), folder / "pairs", order, _MATCHED_FEATURES).remove_columns(MATCH_INDEX)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    all_rows = _opened(ranked.sort(ROW), folder / "rows", [ROW], None)
+    selected = _opened(
+        ranked.map_batches(_selected_only, batch_format="pyarrow").sort(ROW),
+        folder / "selected",
+        [ROW],
+        all_rows.features,
+    )
+    order = ["cluster_id", "system", MATCH_INDEX]
+    pairs = _opened(found.sort(order), folder / "pairs", order, _MATCHED_FEATURES).remove_columns(MATCH_INDEX)
     seconds["pair"] = _lap(started)
     plan = _plan(selected, quotas, sizes)
     return Stage1Result(
@@ -233,7 +234,7 @@ def _embedded(data: Any, sources: np.ndarray, config: MergeItConfig) -> tuple[An
 
 def _fit_topics(data: Any, sources: np.ndarray, config: MergeItConfig) -> TopicClusters:
     """The datasets engine's fit: the rows at the positions ``read_rows`` picks, their embeddings gathered to
-    the driver."""
+    the driver into one array in their order (filled in place: the sample is the driver's largest array)."""
     n_rows = len(sources)
     positions = read_rows(n_rows, config)
     wanted = sources[positions]
@@ -242,13 +243,22 @@ def _fit_topics(data: Any, sources: np.ndarray, config: MergeItConfig) -> TopicC
         mask = np.isin(batch[ROW].to_numpy(), wanted)
         return batch.select([ROW, EMBEDDING_COLUMN]).filter(pa.array(mask))
 
-    at, vectors = [], []
+    gathered: np.ndarray | None = None
+    filled = 0
     for batch in data.map_batches(keep, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
-        at.append(batch[ROW].to_numpy())
-        vectors.append(matrix(batch[EMBEDDING_COLUMN]))
-    order = np.argsort(np.concatenate(at))
-    gathered = np.concatenate(vectors)[order]  # in the order of ``wanted``, so of ``positions``
-    return fit_from_sample(lambda rows: gathered[np.searchsorted(positions, rows)], n_rows, config)
+        vectors = matrix(batch[EMBEDDING_COLUMN])
+        if gathered is None:
+            gathered = np.empty((len(wanted), vectors.shape[1]), dtype=np.float32)
+        gathered[np.searchsorted(wanted, batch[ROW].to_numpy())] = vectors
+        filled += batch.num_rows
+    if gathered is None or filled != len(wanted):
+        raise RuntimeError(f"the topic fit asked the cluster for {len(wanted)} embeddings and got {filled}")
+
+    def embeddings_at(rows: np.ndarray) -> np.ndarray:
+        # The fit's own rows are the sample itself (no copy); the PCA's are a subset of it.
+        return gathered if np.array_equal(rows, positions) else gathered[np.searchsorted(positions, rows)]
+
+    return fit_from_sample(embeddings_at, n_rows, config)
 
 
 def _column(data: Any, name: str) -> np.ndarray:
@@ -309,25 +319,53 @@ def _pairs_in_group(group: pa.Table, tau: float, max_group_size: int) -> pa.Tabl
 
 # -- written by the cluster, opened on the driver -----------------------------------------------------
 
+_WRITTEN = pa.schema([("path", pa.string()), ("rows", pa.int64()), ("first", pa.string())])
+_FILE_BATCH_ROWS = 1000  # the record batches of an Arrow file: what datasets reads at a time
+
+
+@dataclass(frozen=True)
+class _ArrowFile:
+    """One batch of a sorted Ray dataset (one range of its order) written as one Arrow stream file, the
+    format ``Dataset.from_file`` memory-maps: the driver opens the cluster's rows without reading them.
+    Returns the file's path, its row count and its first row's sort key (JSON)."""
+
+    folder: str
+    order: tuple[str, ...]
+    schema: pa.Schema | None  # features' schema, with datasets' metadata; else the batch's own
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return _WRITTEN.empty_table()
+        if self.schema is not None:
+            batch = batch.select(self.schema.names).cast(self.schema)
+        path = f"{self.folder}/{uuid.uuid4().hex}.arrow"
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch, max_chunksize=_FILE_BATCH_ROWS)
+        first = json.dumps([batch[name][0].as_py() for name in self.order])
+        return pa.table({"path": [path], "rows": [batch.num_rows], "first": [first]}, schema=_WRITTEN)
+
 
 def _opened(data: Any, folder: Path, order: list[str], features: Features | None) -> Dataset:
-    """A sorted Ray dataset written as parquet by the cluster and opened as one memory-mapped Dataset (of
-    ``features`` where given): each file holds one range of the sort, so the files in the order of their
-    first rows are the whole order."""
-    data.write_parquet(str(folder))
-    files = [path for path in folder.glob("*.parquet") if pq.ParquetFile(path).metadata.num_rows]
-    if not files and features is not None:
+    """A sorted Ray dataset written by the cluster as Arrow files and opened as one memory-mapped Dataset
+    (of ``features`` where given): each file holds one range of the sort, so the files in the order of their
+    first rows are the whole order. The driver gets one small record a file."""
+    folder.mkdir()
+    schema = features.arrow_schema if features is not None else None
+    writer = _ArrowFile(str(folder), tuple(order), schema)
+    written = data.map_batches(writer, batch_size=None, batch_format="pyarrow").take_all()
+    unseen = [file["path"] for file in written if not Path(file["path"]).is_file()]
+    if unseen:
+        raise RuntimeError(
+            f"{len(unseen)} of the {len(written)} files the cluster wrote are not in {folder} on this machine "
+            f"(the first: {unseen[0]}): put the work folder (--cache-dir) on storage every node sees"
+        )
+    if not written:
+        if features is None:
+            raise RuntimeError(f"the cluster wrote no rows to {folder}")
         return Dataset.from_dict({name: [] for name in features}, features=features)
-    if not files:
-        raise RuntimeError(f"the cluster wrote no rows to {folder}: is the work folder on storage every node sees?")
-    files.sort(key=lambda path: _first_row(path, order))
-    with datasets_bars_off():
-        return Dataset.from_parquet([str(path) for path in files], features=features)
-
-
-def _first_row(path: Path, order: list[str]) -> tuple:
-    batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=order))
-    return tuple(batch.column(name)[0].as_py() for name in order)
+    written.sort(key=lambda file: json.loads(file["first"]))
+    parts = [Dataset.from_file(file["path"]) for file in written]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def _lap(started: float) -> float:
