@@ -6,6 +6,7 @@ here (2 CPUs)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,10 @@ def _assert_same(source, ray_engine) -> None:
     assert ray.selected["id"] == plain.selected["id"]
     assert ray.pairs.features == plain.pairs.features and ray.pairs.to_list() == plain.pairs.to_list()
     assert ray.plan.rank_by_id == plain.plan.rank_by_id and ray.summary() == plain.summary()
+    # Memory-mapped from the files the cluster wrote, not copied into the datasets cache by the driver.
+    for opened in (ray.rows, ray.selected, ray.pairs):
+        files = [Path(entry["filename"]) for entry in opened.cache_files]
+        assert files and all(path.parent.parent.parent.name == "ray-work" for path in files), files
 
 
 def test_the_cluster_reads_alpaca_rows_with_embeddings_as_load_rows_does(tmp_path, ray_engine):
@@ -128,3 +133,47 @@ def test_seed_tasks_whose_instances_share_a_record_agree_on_ray(ray_engine):
         == plain.rows.select_columns(["id", "cluster_id", "selected"]).to_list()
     )
     assert ray.pairs["pair_id"] == plain.pairs["pair_id"]
+
+
+class _WrittenElsewhere:
+    """What a cluster's write looks like to a driver that does not see the node's disk: a record of a file
+    written on another machine."""
+
+    def map_batches(self, *args, **kwargs):
+        return self
+
+    def take_all(self):
+        return [{"path": "/on/another/node/0.arrow", "rows": 10, "first": "[0]"}]
+
+
+def test_a_file_the_driver_cannot_see_stops_stage1_naming_the_shared_cache_dir(tmp_path):
+    pytest.importorskip("ray")
+    from mergeit_hf.engines.ray.stage1 import _opened
+
+    with pytest.raises(RuntimeError, match=r"1 of the 1 files .* \(--cache-dir\) on storage every node sees"):
+        _opened(_WrittenElsewhere(), tmp_path / "rows", ["_row"], None)
+
+
+def _wrong_width(vectors: np.ndarray) -> np.ndarray:
+    return vectors[:, :100]
+
+
+def _one_zero(vectors: np.ndarray) -> np.ndarray:
+    vectors[7] = 0
+    return vectors
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(_wrong_width, r"has 100 dimensions, but .*all-MiniLM-L6-v2 makes 384"), (_one_zero, "holds all-zero vectors")],
+)
+def test_given_embeddings_are_refused_on_the_cluster_as_by_the_datasets_engine(tmp_path, ray_engine, change, message):
+    rows = json.loads(shared("gpteacher_toolformer.json").read_text())[:60]
+    vectors = change(np.random.default_rng(1).normal(size=(len(rows), 384)).astype(np.float32))
+    source = tmp_path / "rows.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "embedding": v.tolist()} for r, v in zip(rows, vectors, strict=True)]), source
+    )
+    for engine in (Engine(), ray_engine):
+        with pytest.raises(InputError, match=message):
+            plan(source, MergeItConfig(n_clusters=2), engine=engine)

@@ -146,23 +146,46 @@ def given_embeddings(rows: Dataset, config: MergeItConfig) -> tuple[Dataset, str
     expected = embedding_dimension(config.embedding_model)
     norms = []
     for chunk in iter_embeddings(rows):
-        if chunk.shape[1] != expected:
-            raise InputError(
-                f"the input's {EMBEDDING_COLUMN!r} column has {chunk.shape[1]} dimensions, but "
-                f"{config.embedding_model} makes {expected}: embed with the configured model, or drop the column"
-            )
+        check_dimension(chunk.shape[1], expected, config.embedding_model)
         norms.append(np.linalg.norm(chunk, axis=1))
     lengths = np.concatenate(norms)
-    if (lengths == 0).any():
-        raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
-    if not np.allclose(lengths, 1.0, atol=1e-4):
+    if normalise_needed(float(lengths.min()), float(np.abs(lengths - 1).max())):
         rows = rows.with_format("numpy", columns=[EMBEDDING_COLUMN], output_all_columns=True).map(
             _normalised, batched=True, batch_size=8192, desc="Normalising the given embeddings"
         )
         rows = rows.with_format(None)
-    return rows, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
+    return rows, given_source(expected)
+
+
+# Vectors this close to length 1 are kept as they came: np.allclose(lengths, 1, atol=1e-4), rtol 1e-5 included.
+_LENGTH_TOLERANCE = 1e-4 + 1e-5
+
+
+def check_dimension(width: int, expected: int, model: str) -> None:
+    """The given vectors' width against ``expected``, the configured model's (``embedding_dimension``)."""
+    if width != expected:
+        raise InputError(
+            f"the input's {EMBEDDING_COLUMN!r} column has {width} dimensions, but {model} makes {expected}: "
+            "embed with the configured model, or drop the column"
+        )
+
+
+def normalise_needed(shortest: float, farthest_from_one: float) -> bool:
+    """Whether the given vectors are normalised (all of them, as one decision), from their shortest length
+    and the largest distance of a length from 1; all-zero vectors are refused."""
+    if shortest == 0:
+        raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
+    return farthest_from_one > _LENGTH_TOLERANCE
+
+
+def given_source(width: int) -> str:
+    """What the run record says the embeddings came from, when the input brought them."""
+    return f"the input's {EMBEDDING_COLUMN!r} column ({width} dimensions, L2-normalised)"
+
+
+def unit_vectors(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def _normalised(batch: dict[str, Any]) -> dict[str, Any]:
-    vectors = np.asarray(batch[EMBEDDING_COLUMN], dtype=np.float32)
-    return {EMBEDDING_COLUMN: vectors / np.linalg.norm(vectors, axis=1, keepdims=True)}
+    return {EMBEDDING_COLUMN: unit_vectors(np.asarray(batch[EMBEDDING_COLUMN], dtype=np.float32))}

@@ -33,7 +33,14 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 
 from mergeit_hf.config import MergeItConfig
 from mergeit_hf.embeddings.arrow import matrix
-from mergeit_hf.embeddings.embedder import Embedder, embedding_dimension
+from mergeit_hf.embeddings.embedder import (
+    Embedder,
+    check_dimension,
+    embedding_dimension,
+    given_source,
+    normalise_needed,
+    unit_vectors,
+)
 from mergeit_hf.endpoints.sending.request_cache import default_cache_dir
 from mergeit_hf.engines.ray.reading import ROW, ValidRows
 from mergeit_hf.errors import InputError
@@ -48,7 +55,6 @@ _EMBED_BATCH = "_embed_batch"
 MATCH_INDEX = "_match_index"  # a group's place among its topic's groups: the datasets engine's pair order
 _VECTOR = pa.list_(pa.float32())
 _MATCHED_FEATURES = Features({**PAIR_FEATURES, MATCH_INDEX: Value("int64")})
-_NORM_TOLERANCE = 1e-4  # given_embeddings' own: vectors this close to length 1 are kept as they came
 
 
 def run_stage1_ray(
@@ -136,33 +142,49 @@ def _partitions(n_topics: int) -> int:
 
 
 def _given(data: Any, config: MergeItConfig) -> tuple[Any, str]:
-    """The input's embeddings, checked as ``given_embeddings`` checks them; normalised only when some vector
-    is not of length 1 already (then all are, as the datasets engine does)."""
+    """The input's embeddings, checked by ``given_embeddings``' own rules, batch by batch; normalised only
+    when some vector is not of length 1 already (then all are, as the datasets engine does)."""
     expected = embedding_dimension(config.embedding_model)
     checked = data.map_batches(_CheckVectors(expected, config.embedding_model), batch_format="pyarrow").materialize()
-    shortest, farthest = checked.min("_norm"), checked.max("_norm_off")
-    # ``given_embeddings`` asks np.allclose(norms, 1, atol=1e-4): its rtol of 1e-5 counts too.
-    if shortest == 0:
-        raise InputError(f"the input's {EMBEDDING_COLUMN!r} column holds all-zero vectors (no direction to compare)")
-    normalise = farthest > _NORM_TOLERANCE + 1e-5
+    problems = checked.map_batches(_problems_only, batch_format="pyarrow").take_all()
+    if problems:  # the first row's, as the datasets engine, reading in order, would meet it
+        raise InputError(min(problems, key=lambda found: found[ROW])[_PROBLEM])
+    normalise = normalise_needed(checked.min("_norm"), checked.max("_norm_off"))
     data = checked.map_batches(_Vectors(normalise), batch_format="pyarrow")
-    return data, f"the input's {EMBEDDING_COLUMN!r} column ({expected} dimensions, L2-normalised)"
+    return data, given_source(expected)
+
+
+_PROBLEM = "_problem"
 
 
 @dataclass(frozen=True)
 class _CheckVectors:
+    """Each vector's length and its distance from 1; a batch's problem (ragged, NaN, the wrong width) is
+    returned on its first row, not raised: Ray Data replaces a task's exception with its own, so the driver
+    raises it with its message."""
+
     expected: int
     model: str
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = checked_vectors(batch[EMBEDDING_COLUMN].to_pylist(), "the input")
-        if vectors.shape[1] != self.expected:
-            raise InputError(
-                f"the input's {EMBEDDING_COLUMN!r} column has {vectors.shape[1]} dimensions, but {self.model} "
-                f"makes {self.expected}: embed with the configured model, or drop the column"
-            )
-        norms = np.linalg.norm(vectors, axis=1)
-        return batch.append_column("_norm", pa.array(norms)).append_column("_norm_off", pa.array(np.abs(norms - 1)))
+        problems: list[str | None] = [None] * batch.num_rows
+        norms = np.ones(batch.num_rows, dtype=np.float32)
+        if batch.num_rows:
+            try:
+                vectors = checked_vectors(batch[EMBEDDING_COLUMN].to_pylist(), "the input")
+                check_dimension(vectors.shape[1], self.expected, self.model)
+                norms = np.linalg.norm(vectors, axis=1)
+            except InputError as problem:
+                problems[0] = str(problem)
+        return (
+            batch.append_column("_norm", pa.array(norms))
+            .append_column("_norm_off", pa.array(np.abs(norms - 1)))
+            .append_column(_PROBLEM, pa.array(problems, pa.string()))
+        )
+
+
+def _problems_only(batch: pa.Table) -> pa.Table:
+    return batch.select([ROW, _PROBLEM]).filter(pc.is_valid(batch[_PROBLEM]))
 
 
 @dataclass(frozen=True)
@@ -171,9 +193,8 @@ class _Vectors:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = matrix(batch[EMBEDDING_COLUMN])
-        if self.normalise:
-            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        batch = batch.drop_columns(["_norm", "_norm_off", EMBEDDING_COLUMN])
+        batch = batch.drop_columns(["_norm", "_norm_off", _PROBLEM, EMBEDDING_COLUMN])
+        vectors = unit_vectors(vectors) if self.normalise else vectors
         return batch.append_column(EMBEDDING_COLUMN, _vector_column(vectors))
 
 
