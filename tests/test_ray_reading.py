@@ -143,7 +143,7 @@ class _WrittenElsewhere:
         return self
 
     def take_all(self):
-        return [{"path": "/on/another/node/0.arrow", "rows": 10, "first": "[0]"}]
+        return [{"path": "/on/another/node/0.arrow", "first": "[0]"}]
 
 
 def test_a_file_the_driver_cannot_see_stops_stage1_naming_the_shared_cache_dir(tmp_path):

@@ -144,12 +144,15 @@ def _partitions(n_topics: int) -> int:
 def _given(data: Any, config: MergeItConfig) -> tuple[Any, str]:
     """The input's embeddings, checked by ``given_embeddings``' own rules, batch by batch; normalised only
     when some vector is not of length 1 already (then all are, as the datasets engine does)."""
+    from ray.data.aggregate import Max, Min
+
     expected = embedding_dimension(config.embedding_model)
     checked = data.map_batches(_CheckVectors(expected, config.embedding_model), batch_format="pyarrow").materialize()
     problems = checked.map_batches(_problems_only, batch_format="pyarrow").take_all()
     if problems:  # the first row's, as the datasets engine, reading in order, would meet it
         raise InputError(min(problems, key=lambda found: found[ROW])[_PROBLEM])
-    normalise = normalise_needed(checked.min("_norm"), checked.max("_norm_off"))
+    lengths = checked.aggregate(Min("_norm"), Max("_norm_off"))  # one pass for both
+    normalise = normalise_needed(lengths["min(_norm)"], lengths["max(_norm_off)"])
     data = checked.map_batches(_Vectors(normalise), batch_format="pyarrow")
     return data, given_source(expected)
 
@@ -340,7 +343,7 @@ def _pairs_in_group(group: pa.Table, tau: float, max_group_size: int) -> pa.Tabl
 
 # -- written by the cluster, opened on the driver -----------------------------------------------------
 
-_WRITTEN = pa.schema([("path", pa.string()), ("rows", pa.int64()), ("first", pa.string())])
+_WRITTEN = pa.schema([("path", pa.string()), ("first", pa.string())])
 _FILE_BATCH_ROWS = 1000  # the record batches of an Arrow file: what datasets reads at a time
 
 
@@ -348,7 +351,7 @@ _FILE_BATCH_ROWS = 1000  # the record batches of an Arrow file: what datasets re
 class _ArrowFile:
     """One batch of a sorted Ray dataset (one range of its order) written as one Arrow stream file, the
     format ``Dataset.from_file`` memory-maps: the driver opens the cluster's rows without reading them.
-    Returns the file's path, its row count and its first row's sort key (JSON)."""
+    Returns the file's path and its first row's sort key (JSON)."""
 
     folder: str
     order: tuple[str, ...]
@@ -363,7 +366,7 @@ class _ArrowFile:
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_table(batch, max_chunksize=_FILE_BATCH_ROWS)
         first = json.dumps([batch[name][0].as_py() for name in self.order])
-        return pa.table({"path": [path], "rows": [batch.num_rows], "first": [first]}, schema=_WRITTEN)
+        return pa.table({"path": [path], "first": [first]}, schema=_WRITTEN)
 
 
 def _opened(data: Any, folder: Path, order: list[str], features: Features | None) -> Dataset:
