@@ -7,12 +7,17 @@ is a fresh process with an empty datasets cache; Ray starts locally inside it (2
 it. Memory is sampled from /proc every half second: the driver's resident memory, and the sum over every
 other process in its tree (Ray's raylet, object store and workers; pages shared between them are counted
 once per process, so the workers' figure is an upper bound).
-Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 300000,1000000]
+With ``--full-pairs N``, each engine also makes a full run: stage 2 on the first N pairs against the
+scripted 128-slot server of ``_slot_server.py`` (its own process, outside the measured tree), the rest of
+the pairs skipped, and the output folder written: the final dataset, the accounting of every row and the
+card at full size, which is what the driver assembles after the merges.
+Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 300000,1000000] [--full-pairs 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from loading import as_parquet
@@ -70,10 +77,12 @@ def _rss_mib(pid: int) -> float:
     return _memory_mib(pid)["VmRSS"]
 
 
-def dry_run(path: Path, engine: str) -> dict:
+def run_cli(path: Path, engine: str, options: list[str]) -> dict:
     output = tempfile.mkdtemp(prefix="mergeit-bench-out-")
     cache = tempfile.mkdtemp(prefix="mergeit-bench-datasets-")
-    command = [sys.executable, "-m", "mergeit_hf", "run", str(path), "--output", output, "--dry-run"]
+    command = [sys.executable, "-m", "mergeit_hf", "run", str(path), "--output", output, *options]
+    if "--dry-run" not in options:  # the request cache of a full run, in the same throwaway folder
+        command += ["--cache-dir", str(Path(cache) / "requests")]
     env = {**os.environ, "HF_DATASETS_CACHE": cache, "RAY_AUTH_MODE": "disabled"}
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -97,9 +106,13 @@ def dry_run(path: Path, engine: str) -> dict:
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
+    summary = next((line for line in stdout.splitlines() if "topics" in line and "pairs" in line), "")
+    record = Path(output) / "mergeit" / "run.json"
+    if record.exists():  # a full run: what it wrote
+        counts = json.loads(record.read_text())["counts"]
+        summary += f"; {counts['final rows']} final rows ({counts['merges accepted']} merges accepted)"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
-    summary = next((line for line in stdout.splitlines() if "topics" in line and "pairs" in line), "")
     if process.returncode != 0:
         summary = f"exit {process.returncode}: {stderr[-400:]}"
     return {"seconds": seconds, **peaks, "summary": summary}
@@ -108,14 +121,32 @@ def dry_run(path: Path, engine: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1000000", help="comma-separated row counts, each measured in turn")
+    parser.add_argument("--full-pairs", type=int, help="also a full run, merging this many pairs (scripted server)")
     args = parser.parse_args()
     for rows in (int(n) for n in args.rows.split(",")):
-        measure(rows)
+        path = as_parquet(rows)
+        measure(path, rows, ["--dry-run"], "--dry-run")
+        if args.full_pairs:
+            with slot_server() as url:
+                shown = f"--endpoint URL --max-pairs {args.full_pairs}"
+                measure(path, rows, ["--endpoint", url, "--max-pairs", str(args.full_pairs)], shown)
 
 
-def measure(rows: int) -> None:
-    path = as_parquet(rows)
-    print(f"## `mergeit run {path.name} --dry-run`, {rows:,} rows with embeddings, {os.cpu_count()} CPUs\n")
+@contextmanager
+def slot_server(slots: int = 128, latency_s: float = 0.05) -> Iterator[str]:
+    server = subprocess.Popen(
+        [sys.executable, "_slot_server.py", str(slots), str(latency_s)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        yield server.stdout.readline().strip()
+    finally:
+        server.kill()
+        server.wait()
+
+
+def measure(path: Path, rows: int, options: list[str], shown: str) -> None:
+    print(f"## `mergeit run {path.name} {shown}`, {rows:,} rows with embeddings, {os.cpu_count()} CPUs\n")
     print(
         "| engine | seconds | driver peak RSS (MiB) | of it: private / file-mapped / shared memory (MiB) "
         "| other processes' peak RSS, summed (MiB) | stage 1 |"
@@ -123,7 +154,7 @@ def measure(rows: int) -> None:
     print("|---|---|---|---|---|---|")
     results = {}
     for engine in ("datasets", "ray"):
-        results[engine] = result = dry_run(path, engine)
+        results[engine] = result = run_cli(path, engine, options)
         parts = " / ".join(f"{result['parts'][kind]:,.0f}" for kind in _KINDS[1:])
         print(
             f"| {engine} | {result['seconds']:.0f} | {result['driver']:,.0f} | {parts} | {result['workers']:,.0f} "
