@@ -142,7 +142,8 @@ def _resumable() -> Iterator[None]:
 
 def check_scorer_before_merging(stage1: Stage1Result, merger: Merger) -> ScorerCheck | None:
     """The scorer check on a sample of the selected rows, where there is something to gate; warns when it fails."""
-    rows = stage1.selected.select_columns(["instruction", "input", "output"]).to_list()
+    # The Dataset itself: the check reads its sample's rows, not the whole selection as Python dicts.
+    rows = stage1.selected.select_columns(["instruction", "input", "output"])
     if merger.config.scorer_check_rows == 0 or stage1.n_pairs == 0 or len(rows) < 2:
         return None
     check = run_scorer_check(rows, merger)

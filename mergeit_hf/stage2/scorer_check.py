@@ -30,6 +30,8 @@ from mergeit_hf.stage2.scoring.deita import QualityScore
 from mergeit_hf.stage2.scoring.scorer import QualityScorer, ScoreCounts
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+
     from mergeit_hf.stage2.merge.merger import Merger
 
 Row = dict[str, str]
@@ -130,8 +132,9 @@ class ScorerCheck:
         }
 
 
-def sample_rows(rows: Sequence[Row], n_rows: int, seed: int) -> list[Row]:
-    """``n_rows`` rows drawn without replacement, reproducibly; all of them when there are fewer."""
+def sample_rows(rows: Sequence[Row] | Dataset, n_rows: int, seed: int) -> list[Row]:
+    """``n_rows`` rows drawn without replacement, reproducibly; all of them when there are fewer (from a
+    Dataset, only those rows are read)."""
     indices = sorted(random.Random(seed).sample(range(len(rows)), min(n_rows, len(rows))))
     return [{k: rows[i].get(k) or "" for k in ("instruction", "input", "output")} for i in indices]
 
@@ -174,7 +177,7 @@ def _ranked_right(original: Any, corrupted: Any) -> bool:
     return original.value > corrupted.value
 
 
-def run_scorer_check(rows: Sequence[Row], merger: Merger, n_rows: int | None = None) -> ScorerCheck:
+def run_scorer_check(rows: Sequence[Row] | Dataset, merger: Merger, n_rows: int | None = None) -> ScorerCheck:
     """The check through ``merger``'s backend, cache and quality template (what its gate will use)."""
     config = merger.config
     sample = sample_rows(rows, n_rows or config.scorer_check_rows, config.seed)
