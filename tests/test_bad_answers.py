@@ -373,13 +373,16 @@ def test_a_broken_json_line_is_counted_once_not_logged_by_datasets(tmp_path, cap
 
 
 def test_the_accounting_is_built_without_a_deprecation_warning(tmp_path):
+    import pyarrow as pa
+
     from mergeit_hf.inputs.loading import LoadReport
     from mergeit_hf.output.assemble import ACCOUNTING_FEATURES, _accounting
 
     rows = Dataset.from_dict({"id": ["b", "a"], "source_index": [1, 0], "selected": [False, False]})
+    no_fates = pa.table({name: pa.array([], pa.string()) for name in ("id", "fate", "detail", "output_id")})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        accounting = _accounting(rows, LoadReport(source="x", input_format="alpaca"), {}, [])
+        accounting = _accounting(rows, LoadReport(source="x", input_format="alpaca"), no_fates, [])
     assert accounting["source_index"] == [0, 1] and accounting.features == ACCOUNTING_FEATURES
 
 

@@ -1,67 +1,27 @@
-"""The final dataset with provenance on every row, and the fate of every input row.
+"""The final dataset and the fate of every input row, from stage 1's rows and stage 2's merged pairs.
 
-Final rows: accepted merges, both originals of each rejected or failed pair, and the selected rows
-that found no pair (as the authors' scripts keep them). ``accounting`` says for each input row whether
-it was dropped at validation, not selected, merged into row X, or kept as is.
+Final rows (``final_rows``): accepted merges, both originals of each rejected or failed pair, and the
+selected rows that found no pair (as the authors' scripts keep them). ``accounting`` says for each input
+row whether it was dropped at validation, not selected, merged into row X, or kept as is.
 
-``messages`` is what an SFT trainer reads: a conversation leaves with the turns it came with (roles
-normalised, contents as they were), a merge as [system?, user, assistant] under its sources' system prompt,
-an Alpaca row as one user / assistant exchange.
+Built a batch at a time with ``Dataset.map`` and with Arrow compute, never a Python object per input row.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from datasets import Dataset, Features, Sequence, Value
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetInfo, Features, Value, concatenate_datasets
+from datasets.fingerprint import generate_random_fingerprint
 
 from mergeit_hf.inputs.loading import DroppedRow, LoadReport
-from mergeit_hf.stage1.pairs import group_conversations, group_sources
+from mergeit_hf.output.final_rows import PROVENANCE_FEATURES, batch_rows, final_columns, original_row, pair_rows
+from mergeit_hf.progress import datasets_bars_off
 
-PROVENANCE_FEATURES = Features(
-    {
-        "id": Value("string"),
-        "instruction": Value("string"),
-        "input": Value("string"),
-        "output": Value("string"),
-        "messages": [{"role": Value("string"), "content": Value("string")}],
-        "origin": Value("string"),
-        "system": Value("string"),  # the system prompt of a conversation (also messages[0]); "" for none
-        "source_ids": Sequence(Value("string")),
-        "cluster_id": Value("int32"),
-        "pair_id": Value("string"),
-        "similarity": Value("float32"),
-        "merge_status": Value("string"),
-        "merge_reason": Value("string"),
-        "quality_merged": Value("float64"),
-        "quality_a": Value("float64"),
-        "quality_b": Value("float64"),
-        "retention_a": Value("float64"),
-        "retention_b": Value("float64"),
-        "retention_a_question": Value("float64"),
-        "retention_a_answer": Value("float64"),
-        "retention_b_question": Value("float64"),
-        "retention_b_answer": Value("float64"),
-        "judge_p_yes": Value("float64"),
-        "group_size": Value("int32"),
-        "quality_more": [Value("float64")],
-        "retention_more": [Value("float64")],
-        "alpha": Value("float64"),
-        "min_retention": Value("float64"),
-        "min_judge": Value("float64"),
-        "merge_model": Value("string"),
-        "quality_model": Value("string"),
-        "merge_template": Value("string"),
-        "merge_template_sha256": Value("string"),
-        "quality_template_sha256": Value("string"),
-        "generation_params": Value("string"),
-        "created_at": Value("string"),
-        "mergeit_version": Value("string"),
-    }
-)
 ACCOUNTING_FEATURES = Features(
     {
         "id": Value("string"),
@@ -71,6 +31,7 @@ ACCOUNTING_FEATURES = Features(
         "output_id": Value("string"),
     }
 )
+_ACCOUNTING_SCHEMA = ACCOUNTING_FEATURES.arrow_schema
 FATES = (
     "dropped",
     "prefiltered",
@@ -82,48 +43,12 @@ FATES = (
     "kept: unpaired",
     "kept: multi-turn (not merged)",
 )
-_MERGE_COLUMNS = (
-    "merge_model",
-    "quality_model",
-    "merge_template",
-    "merge_template_sha256",
-    "quality_template_sha256",
-    "generation_params",
-    "mergeit_version",
-)
-
-
-PART_COLUMNS = ("retention_a_question", "retention_a_answer", "retention_b_question", "retention_b_answer")
-_PAIR_DECISION_COLUMNS = (
-    "pair_id",
-    "similarity",
-    "merge_status",
-    "merge_reason",
-    "quality_merged",
-    "quality_a",
-    "quality_b",
-    "retention_a",
-    "retention_b",
-    *PART_COLUMNS,
-    "judge_p_yes",
-    "group_size",
-    "quality_more",
-    "retention_more",
-    "alpha",
-    "min_retention",
-    "min_judge",
-    *_MERGE_COLUMNS,
-)
-
-
+#: Pairs turned into final rows at once: a pair carries its sources' texts and turns, often kilobytes each.
+PAIRS_PER_BATCH = 100
+NOT_SELECTED_DETAIL = "facility location kept other rows of its topic"
 UNPAIRED_DETAIL = "no partner with similarity >= tau in its cluster"
 MULTI_TURN_FATE = "kept: multi-turn (not merged)"
 MULTI_TURN_DETAIL = "a conversation of several user turns is kept whole: it is never cut into turns or merged"
-Fate = tuple[str, str, str | None]  # (fate, detail, output row id)
-
-
-def merged_row_id(pair_id: str) -> str:
-    return "merged-" + hashlib.sha256(pair_id.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass
@@ -135,11 +60,18 @@ class Assembly:
 
     @property
     def fate_counts(self) -> dict[str, int]:
-        return dict(Counter(self.accounting["fate"]))
+        return _value_counts(self.accounting, "fate")
 
     @property
     def origin_counts(self) -> dict[str, int]:
-        return dict(Counter(self.final["origin"]))
+        return _value_counts(self.final, "origin")
+
+
+def _value_counts(dataset: Dataset, column: str) -> dict[str, int]:
+    """Each value's count, in order of first appearance (as ``Counter``), counted by Arrow: no Python string
+    per row (the accounting has one row per input row)."""
+    counts = dataset.select_columns([column]).with_format("arrow")[:][column].value_counts()
+    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
 
 
 def assemble(
@@ -157,134 +89,142 @@ def assemble(
     selected: stage 1 rows kept by facility location; all_rows: every valid row (``selected`` column);
     merged_pairs: the pairs dataset after stage 2 (``merge_status`` and the merged fields);
     prefiltered: valid rows the prefilter left out before stage 1 (not in ``all_rows``).
+
+    Built a batch at a time with ``Dataset.map`` and with Arrow compute, never a Python object per input row:
+    the rows stay where their Dataset keeps them (memory-mapped files, for a run's stage 1).
     """
     created_at = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    rows, fate = pair_rows(merged_pairs, created_at, version)
+    with datasets_bars_off():
+        from_pairs = _rows_from_pairs(merged_pairs, created_at, version)
+        pair_fates = _fates_of_pair_sources(from_pairs)
+        unpaired = _unpaired_selected(selected, pair_fates["id"])
+        final = _sorted(concatenate_datasets([from_pairs, _original_rows(unpaired, created_at, version)]))
+        fates = pa.concat_tables([pair_fates, _fates_of_unpaired(unpaired)])
+        return Assembly(final, _accounting(all_rows, report, fates, prefiltered or []))
+
+
+def _rows_from_pairs(merged_pairs: Dataset, created_at: str, version: str) -> Dataset:
+    """The final rows the pairs make (``pair_rows``), a batch of pairs at a time."""
+    needed = merged_pairs.select_columns([name for name in merged_pairs.column_names if name != "embedding"])
+    return needed.map(
+        _pair_batch,
+        batched=True,
+        batch_size=PAIRS_PER_BATCH,
+        remove_columns=needed.column_names,
+        features=PROVENANCE_FEATURES,
+        fn_kwargs={"created_at": created_at, "version": version},
+    )
+
+
+def _pair_batch(batch: dict[str, list], created_at: str, version: str) -> dict[str, list]:
+    rows, _ = pair_rows(batch_rows(batch), created_at, version)
+    return final_columns(rows)
+
+
+def _original_rows(unpaired: Dataset, created_at: str, version: str) -> Dataset:
+    """Each selected row that found no pair, as it came (``_original_row``)."""
+    return unpaired.map(
+        _unpaired_batch,
+        batched=True,
+        remove_columns=unpaired.column_names,
+        features=PROVENANCE_FEATURES,
+        fn_kwargs={"created_at": created_at, "version": version},
+    )
+
+
+def _unpaired_batch(batch: dict[str, list], created_at: str, version: str) -> dict[str, list]:
+    return final_columns([original_row(row, created_at, version) for row in batch_rows(batch)])
+
+
+def _fates_of_pair_sources(from_pairs: Dataset) -> pa.Table:
+    """(id, fate, detail, output_id) of every source in a pair, read off the final rows the pairs made: a
+    merge names its sources in ``source_ids``; an original kept stands for itself, with its pair's status."""
+    rows = from_pairs.select_columns(["id", "source_ids", "merge_status", "merge_reason"]).with_format("arrow")[:]
+    owner = pc.list_parent_indices(rows["source_ids"])
+    status = rows["merge_status"].take(owner)
+    fate = pc.if_else(pc.equal(status, "accepted"), "merged", pc.binary_join_element_wise("kept: merge ", status, ""))
+    return pa.table(
+        {
+            "id": pc.list_flatten(rows["source_ids"]),
+            "fate": fate,
+            "detail": rows["merge_reason"].take(owner),
+            "output_id": rows["id"].take(owner),
+        }
+    )
+
+
+def _unpaired_selected(selected: Dataset, paired_ids: pa.ChunkedArray) -> Dataset:
+    """The selected rows in no pair, with the columns an original row takes."""
     columns = ["id", "instruction", "input", "output", "cluster_id"]
     conversational = [name for name in ("system", "messages", "multi_turn") if name in selected.column_names]
-    for row in selected.select_columns(columns + conversational):
-        if row["id"] not in fate:
-            rows.append(_original_row(row, created_at, version))
-            multi = row.get("multi_turn")
-            fate[row["id"]] = (
-                (MULTI_TURN_FATE, MULTI_TURN_DETAIL, row["id"])
-                if multi
-                else ("kept: unpaired", UNPAIRED_DETAIL, row["id"])
-            )
-    return Assembly(final_dataset(rows), _accounting(all_rows, report, fate, prefiltered or []))
+    rows = selected.select_columns(columns + conversational)
+    ids = rows.select_columns(["id"]).with_format("arrow")[:]["id"]
+    in_a_pair = pc.is_in(ids, value_set=paired_ids.combine_chunks())
+    return rows.select(np.flatnonzero(~np.asarray(in_a_pair, dtype=bool)), new_fingerprint=_unhashed())
 
 
-def final_dataset(rows: list[dict]) -> Dataset:
-    rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
-    for row in rows:
-        row["system"] = row.get("system") or ""
-        if not row.get("messages"):  # a merge, or an Alpaca row: one exchange
-            row["messages"] = to_messages(row["instruction"], row["input"], row["output"], row["system"])
-    return Dataset.from_list(rows, features=PROVENANCE_FEATURES)
-
-
-def to_messages(instruction: str, input: str | None, output: str, system: str = "") -> list[dict[str, str]]:
-    """The row as one user / assistant exchange (TRL's conversational format), after its system prompt if it
-    has one: the input, when there is one, follows the instruction after a blank line, as in Alpaca's prompt."""
-    user = f"{instruction}\n\n{input}" if input else instruction
-    head = [{"role": "system", "content": system}] if system else []
-    return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
-
-
-def pair_rows(merged_pairs: Dataset, created_at: str, version: str) -> tuple[list[dict], dict[str, Fate]]:
-    """Final rows from the pairs (a merge, or every original with the group's decision) and each source's fate."""
-    rows: list[dict] = []
-    fate: dict[str, Fate] = {}
-    for pair in merged_pairs:
-        sources = group_sources(pair)
-        for source, turns in zip(sources, group_conversations(pair), strict=True):
-            source.update(messages=turns, system=pair.get("system") or "")
-        if pair["merge_status"] == "accepted":
-            rows.append(_merged_row(pair, [source["id"] for source in sources]))
-            for source in sources:
-                fate[source["id"]] = ("merged", pair["merge_reason"], rows[-1]["id"])
-            continue
-        kind = f"kept: merge {pair['merge_status']}"  # rejected, failed or skipped
-        for source in sources:
-            row = _original_row({**source, "cluster_id": pair["cluster_id"]}, created_at, version)
-            # The group's whole decision travels with every original: scores, gate, model, template.
-            row.update({name: pair.get(name) for name in _PAIR_DECISION_COLUMNS})
-            rows.append(row)
-            fate[source["id"]] = (kind, pair["merge_reason"], row["id"])
-    return rows, fate
-
-
-def _merged_row(pair: dict, source_ids: list[str]) -> dict:
-    row = {name: None for name in PROVENANCE_FEATURES}
-    row.update(
-        id=merged_row_id(pair["pair_id"]),
-        instruction=pair["merged_instruction"],
-        input=pair["merged_input"],
-        output=pair["merged_output"],
-        system=pair.get("system") or "",
-        origin="merged",
-        source_ids=source_ids,
-        cluster_id=pair["cluster_id"],
-        pair_id=pair["pair_id"],
-        similarity=pair["similarity"],
-        merge_status="accepted",
-        merge_reason=pair["merge_reason"],
-        quality_merged=pair["quality_merged"],
-        quality_a=pair["quality_a"],
-        quality_b=pair["quality_b"],
-        retention_a=pair["retention_a"],
-        retention_b=pair["retention_b"],
-        **{name: pair.get(name) for name in (*PART_COLUMNS, "judge_p_yes", "min_judge")},
-        group_size=pair.get("group_size") or 2,
-        quality_more=pair.get("quality_more") or [],
-        retention_more=pair.get("retention_more") or [],
-        alpha=pair["alpha"],
-        min_retention=pair["min_retention"],
-        created_at=pair["merged_at"],
-        **{name: pair.get(name) for name in _MERGE_COLUMNS},
+def _fates_of_unpaired(unpaired: Dataset) -> pa.Table:
+    ids = unpaired.select_columns(["id"]).with_format("arrow")[:]["id"]
+    if "multi_turn" in unpaired.column_names:
+        multi = unpaired.select_columns(["multi_turn"]).with_format("arrow")[:]["multi_turn"].fill_null(False)
+    else:
+        multi = pa.repeat(False, len(ids))
+    return pa.table(
+        {
+            "id": ids,
+            "fate": pc.if_else(multi, MULTI_TURN_FATE, "kept: unpaired"),
+            "detail": pc.if_else(multi, MULTI_TURN_DETAIL, UNPAIRED_DETAIL),
+            "output_id": ids,
+        }
     )
-    return row
 
 
-def _original_row(source: dict, created_at: str, version: str) -> dict:
-    row = {name: None for name in PROVENANCE_FEATURES}
-    row.update(
-        id=source["id"],
-        instruction=source["instruction"],
-        input=source["input"],
-        output=source["output"],
-        system=source.get("system") or "",
-        messages=source.get("messages") or None,
-        origin="original",
-        source_ids=[source["id"]],
-        cluster_id=source["cluster_id"],
-        merge_status="unpaired",
-        created_at=created_at,
-        mergeit_version=version,
+def _sorted(final: Dataset) -> Dataset:
+    """By topic, then id (as ``final_dataset``): an order of indices, computed by Arrow on the two columns."""
+    keys = final.select_columns(["cluster_id", "id"]).with_format("arrow")[:]
+    order = pc.sort_indices(keys, sort_keys=[("cluster_id", "ascending"), ("id", "ascending")])
+    return final.select(order.to_numpy(), new_fingerprint=_unhashed())
+
+
+def _accounting(all_rows: Dataset, report: LoadReport, fates: pa.Table, prefiltered: list[DroppedRow]) -> Dataset:
+    """One row per input row, in input order: dropped at reading, left out by the prefilter, not selected, or
+    the fate of a selected row (``fates``, by id). Arrow columns throughout: one row per input row."""
+    valid = all_rows.select_columns(["id", "source_index", "selected"]).with_format("arrow")[:]
+    selected = pc.fill_null(valid["selected"], False)
+    where = pc.index_in(valid["id"], value_set=fates["id"].combine_chunks())  # null: the id has no fate
+    lost = pc.sum(pc.and_(selected, pc.is_null(where))).as_py()
+    if lost:  # every selected row is in a pair or kept unpaired: a gap here is a bug, never a silent drop
+        raise RuntimeError(f"{lost} selected rows have no fate: they are in no pair and not kept unpaired")
+    not_selected = pa.table(
+        {"id": [None], "fate": ["not selected"], "detail": [NOT_SELECTED_DETAIL], "output_id": [None]},
+        schema=fates.schema,
     )
-    return row
+    fates = pa.concat_tables([fates, not_selected])
+    chosen = fates.take(pc.if_else(selected, where, len(fates) - 1))
+    parts = [
+        _listed([(d.id, d.source_index, "dropped", f"{d.reason} {d.detail}".strip(), None) for d in report.dropped]),
+        _listed([(d.id, d.source_index, "prefiltered", d.detail, None) for d in prefiltered]),
+        pa.table(
+            {
+                "id": valid["id"],
+                "source_index": valid["source_index"],
+                **{name: chosen[name] for name in ("fate", "detail", "output_id")},
+            }
+        ).cast(_ACCOUNTING_SCHEMA),
+    ]
+    table = pa.concat_tables(parts)
+    # In input order; Arrow's sort is stable, as ``sorted`` was.
+    ordered = table.take(pc.sort_indices(table["source_index"]))
+    return Dataset(ordered, info=DatasetInfo(features=ACCOUNTING_FEATURES), fingerprint=_unhashed())
 
 
-def _accounting(all_rows: Dataset, report: LoadReport, fate: dict[str, Fate], prefiltered: list[DroppedRow]) -> Dataset:
-    columns: dict[str, list] = {name: [] for name in ACCOUNTING_FEATURES}
+def _unhashed() -> str:
+    """A fingerprint for a Dataset made of a table or of indices: without one, datasets hashes them by
+    pickling, a Python copy of every row."""
+    return generate_random_fingerprint()
 
-    def add(row_id: str | None, source_index: int, kind: str, detail: str, output_id: str | None) -> None:
-        for name, value in zip(ACCOUNTING_FEATURES, (row_id, source_index, kind, detail, output_id), strict=True):
-            columns[name].append(value)
 
-    for dropped in report.dropped:
-        add(dropped.id, dropped.source_index, "dropped", f"{dropped.reason} {dropped.detail}".strip(), None)
-    for left_out in prefiltered:
-        add(left_out.id, left_out.source_index, "prefiltered", left_out.detail, None)
-    for row_id, source_index, selected in zip(
-        all_rows["id"], all_rows["source_index"], all_rows["selected"], strict=True
-    ):
-        if not selected:
-            add(row_id, source_index, "not selected", "facility location kept other rows of its topic", None)
-        else:
-            add(row_id, source_index, *fate[row_id])
-    # In input order. Sorted here, not with ``Dataset.sort`` (whose pyarrow call warns of a deprecation).
-    order = sorted(range(len(columns["source_index"])), key=columns["source_index"].__getitem__)
-    return Dataset.from_dict(
-        {name: [values[i] for i in order] for name, values in columns.items()}, features=ACCOUNTING_FEATURES
-    )
+def _listed(rows: list[tuple]) -> pa.Table:
+    """Accounting rows given as tuples (the drops the load report lists), as a table."""
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in ACCOUNTING_FEATURES]
+    return pa.table(dict(zip(ACCOUNTING_FEATURES, columns, strict=True)), schema=_ACCOUNTING_SCHEMA)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from datasets import Dataset, Features
 
-from mergeit_hf.output.assemble import ACCOUNTING_FEATURES, final_dataset, pair_rows
+from mergeit_hf.output.assemble import ACCOUNTING_FEATURES
+from mergeit_hf.output.final_rows import final_dataset, pair_rows
 from mergeit_hf.output.folder import OutputFolder, write_output
 from mergeit_hf.output.sweep import SCORED, attempt_scores, require_measured, scored_pairs
 from mergeit_hf.stage2.gate import best_attempt

@@ -1,0 +1,75 @@
+"""The end of a run holds no Python object per input row: the final rows and the accounting are built a batch
+at a time and with Arrow compute, so at a million rows the driver's memory is the stages', not the output's.
+
+Python's heap is traced (``tracemalloc``; Arrow's own buffers are not in it, numpy's are), and the assembly's
+peak is compared, in the same run, with the cheapest per-row form there is: each row's id and index as a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mergeit_hf import MergeItConfig, load_rows, run_stage1
+from mergeit_hf.output.assemble import assemble
+from mergeit_hf.stage2.merge.columns import outcome_columns, outcome_dataset
+from mergeit_hf.stage2.merge.merger import stage2_templates
+from mergeit_hf.stage2.merge.results import MergeOutcome
+from tests.conftest import shared
+
+COPIES = 4  # of the 7,673 Toolformer rows, each copy's instruction marked so none repeats another
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """30,692 real rows with embeddings brought along (300 topics and noise): stage 1 without the model."""
+    rows = json.loads(shared("gpteacher_toolformer.json").read_text())
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(300, 384))
+    records = []
+    for copy in range(COPIES):
+        for index, row in enumerate(rows):
+            vector = centres[(index * 7 + copy) % 300] + rng.normal(scale=0.6, size=384)
+            records.append(
+                {
+                    "instruction": f"{row['instruction']} (variant {copy})",
+                    "input": row["input"],
+                    "output": row["output"],
+                    "embedding": (vector / np.linalg.norm(vector)).astype(np.float32).tolist(),
+                }
+            )
+    path = tmp_path_factory.mktemp("assembly") / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    loaded, report = load_rows(path)
+    return run_stage1(loaded, MergeItConfig()), report
+
+
+def _traced_peak(work) -> tuple[object, int]:
+    tracemalloc.start()
+    try:
+        result = work()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_assembly_holds_less_python_memory_than_one_small_dict_per_row(stage1):
+    result, report = stage1
+    config = MergeItConfig()
+    reason = "not merged: this run was limited to 0 pairs"
+    skipped = outcome_columns([MergeOutcome("skipped", reason)] * len(result.pairs), config, stage2_templates(config))
+    from datasets import concatenate_datasets
+
+    merged_pairs = concatenate_datasets([result.pairs, outcome_dataset(skipped, config)], axis=1)
+    ids = result.rows.select_columns(["id", "source_index"])
+    _, per_row = _traced_peak(ids.to_list)
+    assembly, peak = _traced_peak(lambda: assemble(result.selected, result.rows, merged_pairs, report, version="t"))
+    assert len(assembly.accounting) == len(result.rows) == COPIES * 7673
+    assert len(assembly.final) == result.n_selected and assembly.fate_counts["kept: merge skipped"] > 1000
+    # The old assembly (rows as dicts, the accounting as Python lists) peaked above ``per_row``.
+    assert peak < per_row / 2, f"assembly {peak / 2**20:.1f} MiB, ids as dicts {per_row / 2**20:.1f} MiB"
