@@ -73,3 +73,20 @@ def test_the_assembly_holds_less_python_memory_than_one_small_dict_per_row(stage
     assert len(assembly.final) == result.n_selected and assembly.fate_counts["kept: merge skipped"] > 1000
     # The old assembly (rows as dicts, the accounting as Python lists) peaked above ``per_row``.
     assert peak < per_row / 2, f"assembly {peak / 2**20:.1f} MiB, ids as dicts {per_row / 2**20:.1f} MiB"
+
+
+def test_the_card_shows_the_first_accepted_merges_else_one_rejected():
+    from datasets import Dataset
+
+    from mergeit_hf.output.card import examples
+
+    def pairs(statuses):
+        numbers = {name: [0.5] * len(statuses) for name in ("quality_a", "quality_b", "quality_merged")}
+        ids = [f"p{i}" for i in range(len(statuses))]
+        return Dataset.from_dict({"pair_id": ids, "merge_status": statuses, **numbers})
+
+    shown = examples(pairs(["rejected", "accepted", "failed", "accepted", "accepted"]))
+    assert [row["pair_id"] for row in shown] == ["p1", "p3"] and shown[0]["title"] == "An accepted merge"
+    shown = examples(pairs(["failed", "rejected", "rejected"]))
+    assert [row["pair_id"] for row in shown] == ["p1"] and shown[0]["quality_a"] == "0.50"
+    assert examples(pairs(["failed", "skipped"])) == []
