@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasets import concatenate_datasets
 
 from mergeit_hf import MergeItConfig, load_rows, run_stage1
 from mergeit_hf.output.assemble import assemble
@@ -63,8 +64,6 @@ def test_the_assembly_holds_less_python_memory_than_one_small_dict_per_row(stage
     config = MergeItConfig()
     reason = "not merged: this run was limited to 0 pairs"
     skipped = outcome_columns([MergeOutcome("skipped", reason)] * len(result.pairs), config, stage2_templates(config))
-    from datasets import concatenate_datasets
-
     merged_pairs = concatenate_datasets([result.pairs, outcome_dataset(skipped, config)], axis=1)
     ids = result.rows.select_columns(["id", "source_index"])
     _, per_row = _traced_peak(ids.to_list)
@@ -73,6 +72,22 @@ def test_the_assembly_holds_less_python_memory_than_one_small_dict_per_row(stage
     assert len(assembly.final) == result.n_selected and assembly.fate_counts["kept: merge skipped"] > 1000
     # The old assembly (rows as dicts, the accounting as Python lists) peaked above ``per_row``.
     assert peak < per_row / 2, f"assembly {peak / 2**20:.1f} MiB, ids as dicts {per_row / 2**20:.1f} MiB"
+
+
+def test_a_run_without_pairs_keeps_every_selected_row_unpaired(stage1):
+    result, report = stage1
+    config = MergeItConfig()
+    no_pairs = result.pairs.select(range(0))
+    merged_pairs = concatenate_datasets(
+        [no_pairs, outcome_dataset(outcome_columns([], config, stage2_templates(config)), config)], axis=1
+    )
+    assembly = assemble(result.selected, result.rows, merged_pairs, report, version="t")
+    assert len(assembly.final) == result.n_selected and assembly.origin_counts == {"original": result.n_selected}
+    assert assembly.fate_counts == {
+        "not selected": len(result.rows) - result.n_selected,
+        "kept: unpaired": result.n_selected,
+    }
+    assert assembly.accounting["source_index"] == sorted(assembly.accounting["source_index"])
 
 
 def test_the_card_shows_the_first_accepted_merges_else_one_rejected():

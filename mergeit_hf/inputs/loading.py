@@ -19,6 +19,7 @@ import pyarrow as pa
 from datasets import Dataset, Features, List, Sequence, Value
 
 from mergeit_hf.errors import InputError
+from mergeit_hf.inputs.batches import batch_rows
 from mergeit_hf.inputs.conversations import MESSAGES, SHAREGPT, conversation_candidates
 from mergeit_hf.inputs.files import read_source
 from mergeit_hf.inputs.report import DroppedRow, LoadReport, content_id
@@ -198,7 +199,7 @@ def _records(records: Iterable[dict], columns: list[str]) -> Iterator[dict]:
         return
     present = [name for name in dict.fromkeys(columns) if name in records.column_names]
     for batch in records.select_columns(present).iter(batch_size=_READ_BATCH_ROWS):
-        yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+        yield from batch_rows(batch)
 
 
 def _alpaca_rows(records: Iterable[dict], mapping: dict, id_column: str, report: LoadReport) -> Iterator:

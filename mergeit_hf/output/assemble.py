@@ -9,6 +9,7 @@ Built a batch at a time with ``Dataset.map`` and with Arrow compute, never a Pyt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -18,8 +19,9 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetInfo, Features, Value, concatenate_datasets
 from datasets.fingerprint import generate_random_fingerprint
 
+from mergeit_hf.inputs.batches import batch_rows
 from mergeit_hf.inputs.loading import DroppedRow, LoadReport
-from mergeit_hf.output.final_rows import PROVENANCE_FEATURES, batch_rows, final_columns, original_row, pair_rows
+from mergeit_hf.output.final_rows import PROVENANCE_FEATURES, final_columns, original_row, pair_rows
 from mergeit_hf.progress import datasets_bars_off
 
 ACCOUNTING_FEATURES = Features(
@@ -106,11 +108,17 @@ def assemble(
 def _rows_from_pairs(merged_pairs: Dataset, created_at: str, version: str) -> Dataset:
     """The final rows the pairs make (``pair_rows``), a batch of pairs at a time."""
     needed = merged_pairs.select_columns([name for name in merged_pairs.column_names if name != "embedding"])
-    return needed.map(
-        _pair_batch,
+    return _as_final_rows(needed, _pair_batch, created_at, version, batch_size=PAIRS_PER_BATCH)
+
+
+def _as_final_rows(rows: Dataset, batch: Callable, created_at: str, version: str, batch_size: int = 1000) -> Dataset:
+    if len(rows) == 0:  # datasets' map over no rows returns no columns at all, whatever the features given
+        return Dataset.from_dict({name: [] for name in PROVENANCE_FEATURES}, features=PROVENANCE_FEATURES)
+    return rows.map(
+        batch,
         batched=True,
-        batch_size=PAIRS_PER_BATCH,
-        remove_columns=needed.column_names,
+        batch_size=batch_size,
+        remove_columns=rows.column_names,
         features=PROVENANCE_FEATURES,
         fn_kwargs={"created_at": created_at, "version": version},
     )
@@ -122,14 +130,8 @@ def _pair_batch(batch: dict[str, list], created_at: str, version: str) -> dict[s
 
 
 def _original_rows(unpaired: Dataset, created_at: str, version: str) -> Dataset:
-    """Each selected row that found no pair, as it came (``_original_row``)."""
-    return unpaired.map(
-        _unpaired_batch,
-        batched=True,
-        remove_columns=unpaired.column_names,
-        features=PROVENANCE_FEATURES,
-        fn_kwargs={"created_at": created_at, "version": version},
-    )
+    """Each selected row that found no pair, as it came (``original_row``)."""
+    return _as_final_rows(unpaired, _unpaired_batch, created_at, version)
 
 
 def _unpaired_batch(batch: dict[str, list], created_at: str, version: str) -> dict[str, list]:
@@ -164,9 +166,10 @@ def _unpaired_selected(selected: Dataset, paired_ids: pa.ChunkedArray) -> Datase
 
 
 def _fates_of_unpaired(unpaired: Dataset) -> pa.Table:
-    ids = unpaired.select_columns(["id"]).with_format("arrow")[:]["id"]
+    ids = unpaired.select_columns(["id"]).with_format("arrow")[:]["id"].cast(pa.string())
     if "multi_turn" in unpaired.column_names:
-        multi = unpaired.select_columns(["multi_turn"]).with_format("arrow")[:]["multi_turn"].fill_null(False)
+        multi = unpaired.select_columns(["multi_turn"]).with_format("arrow")[:]["multi_turn"]
+        multi = multi.cast(pa.bool_()).fill_null(False)
     else:
         multi = pa.repeat(False, len(ids))
     return pa.table(

@@ -97,11 +97,6 @@ def merged_row_id(pair_id: str) -> str:
     return "merged-" + hashlib.sha256(pair_id.encode("utf-8")).hexdigest()[:16]
 
 
-def batch_rows(batch: dict[str, list]) -> list[dict]:
-    """A batch of ``Dataset.map`` (columns) as rows."""
-    return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-
-
 def final_dataset(rows: list[dict]) -> Dataset:
     rows.sort(key=lambda row: (row["cluster_id"], row["id"]))
     return Dataset.from_dict(final_columns(rows), features=PROVENANCE_FEATURES)

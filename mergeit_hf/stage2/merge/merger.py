@@ -35,6 +35,7 @@ from mergeit_hf.endpoints.sending.sync import run_sync
 from mergeit_hf.endpoints.sending.window import map_windowed
 from mergeit_hf.endpoints.servers.completions import CompletionEndpointBackend
 from mergeit_hf.errors import AnswerPending, TemplateError
+from mergeit_hf.inputs.batches import batch_rows
 from mergeit_hf.prompts import PromptTemplate
 from mergeit_hf.stage2.merge.columns import outcome_columns, typed_for_map
 from mergeit_hf.stage2.merge.pair import PairRun, merge_one, with_complexity
@@ -152,7 +153,7 @@ class Merger:
 
     def _batch(self, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], bool, tuple[PromptTemplate, PromptTemplate]]:
         batched = isinstance(batch["pair_id"], list)
-        return (_rows_of(batch) if batched else [batch]), batched, self.templates()
+        return (batch_rows(batch) if batched else [batch]), batched, self.templates()
 
     def _columns(self, merged: MergeBatch, batched: bool, templates: tuple[PromptTemplate, PromptTemplate]) -> dict:
         columns = outcome_columns(merged.outcomes, self.config, templates, merged.merge_model, merged.quality_model)
@@ -369,11 +370,6 @@ async def _merge_and_track(run: PairRun, pair: dict[str, Any], progress: Any) ->
     progress.set_postfix_str(f"limit {run.merges.concurrency}", refresh=False)  # the endpoint's limit now
     progress.update(1)
     return outcome
-
-
-def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:
-    names = list(batch)
-    return [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
 
 #: ``pairs.map(mergeit_hf.merge_batch, batched=True)``: the default config (the paper's α, the shipped
