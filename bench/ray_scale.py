@@ -8,7 +8,7 @@ it. Memory is sampled from /proc every half second: the driver's resident memory
 other process in its tree (Ray's raylet, object store and workers; pages shared between them are counted
 once per process, so the workers' figure is an upper bound).
 With ``--full-pairs N``, each engine also makes a full run: stage 2 on the first N pairs against the
-scripted 128-slot server of ``_slot_server.py`` (its own process, outside the measured tree), the rest of
+scripted 128-slot server of ``tests/helpers/slot_process.py`` (its own process, outside the measured tree), the rest of
 the pairs skipped, and the output folder written: the final dataset, the accounting of every row and the
 card at full size, which is what the driver assembles after the merges.
 Run: cd bench && ../.venv/bin/python ray_scale.py [--rows 300000,1000000] [--full-pairs 2000]
@@ -25,13 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from loading import as_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the scripted server of the tests
+from tests.helpers.slot_process import slot_server_process  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
@@ -127,22 +127,9 @@ def main() -> None:
         path = as_parquet(rows)
         measure(path, rows, ["--dry-run"], "--dry-run")
         if args.full_pairs:
-            with slot_server() as url:
+            with slot_server_process(128, 0.05) as url:
                 shown = f"--endpoint URL --max-pairs {args.full_pairs}"
                 measure(path, rows, ["--endpoint", url, "--max-pairs", str(args.full_pairs)], shown)
-
-
-@contextmanager
-def slot_server(slots: int = 128, latency_s: float = 0.05) -> Iterator[str]:
-    server = subprocess.Popen(
-        [sys.executable, "_slot_server.py", str(slots), str(latency_s)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert server.stdout is not None
-        yield server.stdout.readline().strip()
-    finally:
-        server.kill()
-        server.wait()
 
 
 def measure(path: Path, rows: int, options: list[str], shown: str) -> None:
