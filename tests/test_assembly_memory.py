@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +89,21 @@ def test_a_run_without_pairs_keeps_every_selected_row_unpaired(stage1):
         "kept: unpaired": result.n_selected,
     }
     assert assembly.accounting["source_index"] == sorted(assembly.accounting["source_index"])
+
+
+def test_the_assembly_leaves_nothing_in_the_datasets_cache(stage1):
+    """Its files go to a folder of the process's (their fingerprints are new every run: in the datasets cache
+    each run would leave a copy of its final rows behind)."""
+    result, report = stage1
+    config = MergeItConfig()
+    skipped = outcome_columns([MergeOutcome("skipped", "x")] * len(result.pairs), config, stage2_templates(config))
+    merged_pairs = concatenate_datasets([result.pairs, outcome_dataset(skipped, config)], axis=1)
+    folders = {Path(file["filename"]).parent for file in result.rows.cache_files}
+    assert folders, "the rows were expected to be read from the datasets cache"
+    before = {path for folder in folders for path in folder.iterdir()}
+    assembly = assemble(result.selected, result.rows, merged_pairs, report, version="t")
+    assert {path for folder in folders for path in folder.iterdir()} == before
+    assert all("mergeit-assembly-" in file["filename"] for file in assembly.final.cache_files)
 
 
 def test_the_card_shows_the_first_accepted_merges_else_one_rejected():

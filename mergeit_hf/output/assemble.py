@@ -9,9 +9,14 @@ Built a batch at a time with ``Dataset.map`` and with Arrow compute, never a Pyt
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -121,6 +126,7 @@ def _as_final_rows(rows: Dataset, batch: Callable, created_at: str, version: str
         remove_columns=rows.column_names,
         features=PROVENANCE_FEATURES,
         fn_kwargs={"created_at": created_at, "version": version},
+        cache_file_name=_work_file(),
     )
 
 
@@ -162,7 +168,8 @@ def _unpaired_selected(selected: Dataset, paired_ids: pa.ChunkedArray) -> Datase
     rows = selected.select_columns(columns + conversational)
     ids = rows.select_columns(["id"]).with_format("arrow")[:]["id"]
     in_a_pair = pc.is_in(ids, value_set=paired_ids.combine_chunks())
-    return rows.select(np.flatnonzero(~np.asarray(in_a_pair, dtype=bool)), new_fingerprint=_unhashed())
+    unpaired = np.flatnonzero(~np.asarray(in_a_pair, dtype=bool))
+    return rows.select(unpaired, new_fingerprint=_unhashed(), indices_cache_file_name=_work_file())
 
 
 def _fates_of_unpaired(unpaired: Dataset) -> pa.Table:
@@ -188,7 +195,8 @@ def _sorted(final: Dataset) -> Dataset:
     order = pc.sort_indices(keys, sort_keys=[("cluster_id", "ascending"), ("id", "ascending")])
     # Flattened once: through an indices mapping, every later read (the parquet files, the card's examples)
     # gathers row by row, and writing 57,000 rows so kept 200 MiB more than writing them flattened (measured).
-    return final.select(order.to_numpy(), new_fingerprint=_unhashed()).flatten_indices(new_fingerprint=_unhashed())
+    ordered = final.select(order.to_numpy(), new_fingerprint=_unhashed(), indices_cache_file_name=_work_file())
+    return ordered.flatten_indices(new_fingerprint=_unhashed(), cache_file_name=_work_file())
 
 
 def _accounting(all_rows: Dataset, report: LoadReport, fates: pa.Table, prefiltered: list[DroppedRow]) -> Dataset:
@@ -221,6 +229,19 @@ def _accounting(all_rows: Dataset, report: LoadReport, fates: pa.Table, prefilte
     # In input order; Arrow's sort is stable, as ``sorted`` was.
     ordered = table.take(pc.sort_indices(table["source_index"]))
     return Dataset(ordered, info=DatasetInfo(features=ACCOUNTING_FEATURES), fingerprint=_unhashed())
+
+
+def _work_file() -> str:
+    """A new file in this process's assembly folder (removed at exit), for a map, an order or a flattening:
+    in the datasets cache, under fingerprints new every run, each run would leave its final rows behind."""
+    global _WORK_FOLDER
+    if _WORK_FOLDER is None:
+        _WORK_FOLDER = Path(tempfile.mkdtemp(prefix="mergeit-assembly-"))
+        atexit.register(shutil.rmtree, _WORK_FOLDER, ignore_errors=True)
+    return str(_WORK_FOLDER / f"{uuid.uuid4().hex}.arrow")
+
+
+_WORK_FOLDER: Path | None = None
 
 
 def _unhashed() -> str:
