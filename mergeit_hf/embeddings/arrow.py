@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset
 
 #: Rows per chunk when a stage streams the embedding column.
@@ -24,7 +25,12 @@ def iter_embeddings(dataset: Dataset, chunk_rows: int = STREAM_CHUNK_ROWS) -> It
 def column_values(dataset: Dataset, name: str) -> list:
     """A whole column as a Python list, read through Arrow (``dataset[name]`` is a lazy column in datasets 4+,
     and indexing it row by row costs a table lookup each time)."""
-    return dataset.with_format("arrow", columns=[name])[:][name].to_pylist()
+    return arrow_columns(dataset, [name])[name].to_pylist()
+
+
+def arrow_columns(dataset: Dataset, names: list[str]) -> pa.Table:
+    """Whole columns as one Arrow table, in the dataset's row order: no Python object per value."""
+    return dataset.with_format("arrow", columns=names)[:]
 
 
 def take_embeddings(dataset: Dataset, rows: np.ndarray) -> np.ndarray:

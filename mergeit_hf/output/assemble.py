@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetInfo, Features, Value, concatenate_datasets
 from datasets.fingerprint import generate_random_fingerprint
 
+from mergeit_hf.embeddings.arrow import arrow_columns
 from mergeit_hf.inputs.batches import batch_rows
 from mergeit_hf.inputs.loading import DroppedRow, LoadReport
 from mergeit_hf.output.final_rows import PROVENANCE_FEATURES, final_columns, original_row, pair_rows
@@ -77,7 +78,7 @@ class Assembly:
 def _value_counts(dataset: Dataset, column: str) -> dict[str, int]:
     """Each value's count, in order of first appearance (as ``Counter``), counted by Arrow: no Python string
     per row (the accounting has one row per input row)."""
-    counts = dataset.select_columns([column]).with_format("arrow")[:][column].value_counts()
+    counts = arrow_columns(dataset, [column])[column].value_counts()
     return {item["values"].as_py(): item["counts"].as_py() for item in counts}
 
 
@@ -147,7 +148,7 @@ def _unpaired_batch(batch: dict[str, list], created_at: str, version: str) -> di
 def _fates_of_pair_sources(from_pairs: Dataset) -> pa.Table:
     """(id, fate, detail, output_id) of every source in a pair, read off the final rows the pairs made: a
     merge names its sources in ``source_ids``; an original kept stands for itself, with its pair's status."""
-    rows = from_pairs.select_columns(["id", "source_ids", "merge_status", "merge_reason"]).with_format("arrow")[:]
+    rows = arrow_columns(from_pairs, ["id", "source_ids", "merge_status", "merge_reason"])
     owner = pc.list_parent_indices(rows["source_ids"])
     status = rows["merge_status"].take(owner)
     fate = pc.if_else(pc.equal(status, "accepted"), "merged", pc.binary_join_element_wise("kept: merge ", status, ""))
@@ -166,16 +167,16 @@ def _unpaired_selected(selected: Dataset, paired_ids: pa.ChunkedArray) -> Datase
     columns = ["id", "instruction", "input", "output", "cluster_id"]
     conversational = [name for name in ("system", "messages", "multi_turn") if name in selected.column_names]
     rows = selected.select_columns(columns + conversational)
-    ids = rows.select_columns(["id"]).with_format("arrow")[:]["id"]
+    ids = arrow_columns(rows, ["id"])["id"]
     in_a_pair = pc.is_in(ids, value_set=paired_ids.combine_chunks())
     unpaired = np.flatnonzero(~np.asarray(in_a_pair, dtype=bool))
     return rows.select(unpaired, new_fingerprint=_unhashed(), indices_cache_file_name=_work_file())
 
 
 def _fates_of_unpaired(unpaired: Dataset) -> pa.Table:
-    ids = unpaired.select_columns(["id"]).with_format("arrow")[:]["id"].cast(pa.string())
+    ids = arrow_columns(unpaired, ["id"])["id"].cast(pa.string())
     if "multi_turn" in unpaired.column_names:
-        multi = unpaired.select_columns(["multi_turn"]).with_format("arrow")[:]["multi_turn"]
+        multi = arrow_columns(unpaired, ["multi_turn"])["multi_turn"]
         multi = multi.cast(pa.bool_()).fill_null(False)
     else:
         multi = pa.repeat(False, len(ids))
@@ -191,7 +192,7 @@ def _fates_of_unpaired(unpaired: Dataset) -> pa.Table:
 
 def _sorted(final: Dataset) -> Dataset:
     """By topic, then id (as ``final_dataset``): an order of indices, computed by Arrow on the two columns."""
-    keys = final.select_columns(["cluster_id", "id"]).with_format("arrow")[:]
+    keys = arrow_columns(final, ["cluster_id", "id"])
     order = pc.sort_indices(keys, sort_keys=[("cluster_id", "ascending"), ("id", "ascending")])
     # Flattened once: through an indices mapping, every later read (the parquet files, the card's examples)
     # gathers row by row, and writing 57,000 rows so kept 200 MiB more than writing them flattened (measured).
@@ -202,7 +203,7 @@ def _sorted(final: Dataset) -> Dataset:
 def _accounting(all_rows: Dataset, report: LoadReport, fates: pa.Table, prefiltered: list[DroppedRow]) -> Dataset:
     """One row per input row, in input order: dropped at reading, left out by the prefilter, not selected, or
     the fate of a selected row (``fates``, by id). Arrow columns throughout: one row per input row."""
-    valid = all_rows.select_columns(["id", "source_index", "selected"]).with_format("arrow")[:]
+    valid = arrow_columns(all_rows, ["id", "source_index", "selected"])
     selected = pc.fill_null(valid["selected"], False)
     where = pc.index_in(valid["id"], value_set=fates["id"].combine_chunks())  # null: the id has no fate
     lost = pc.sum(pc.and_(selected, pc.is_null(where))).as_py()

@@ -14,6 +14,7 @@ import yaml
 from datasets import Dataset
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from mergeit_hf.embeddings.arrow import arrow_columns
 from mergeit_hf.resources import resource_dir
 
 CARD_TEMPLATE = "dataset_card.md.jinja"
@@ -173,7 +174,7 @@ def examples(pairs: Dataset, limit: int = 2) -> list[dict[str, Any]]:
     if len(pairs) == 0 or "merge_status" not in pairs.column_names:
         return []
     # Only the rows shown are read: the statuses tell which (every pair as a dict was 92,000 at a million rows).
-    statuses = pairs.select_columns(["merge_status"]).with_format("arrow")[:]["merge_status"]
+    statuses = arrow_columns(pairs, ["merge_status"])["merge_status"]
     chosen = _first_with(pairs, statuses, "accepted", limit) or _first_with(pairs, statuses, "rejected", 1)
     shown = []
     for row in chosen:
